@@ -1,0 +1,165 @@
+"""The instruction record and the machine state its reference semantics act on.
+
+Every instruction is a fixed record of WORDS int32 words. The first HEADER_WORDS words
+are common to all opcodes (what to wait on, what to signal, which tokens); the rest are
+named per opcode, in the order each opcode module lists them. This module is the single
+definition of that layout: csrc/instruction_layout.h is generated from it (codegen.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+WORDS = 32
+MAX_WAITS = 2
+NO_COUNTER = -1
+
+# Header word names, in order. Waits are (counter index, target per step); a consumer of
+# step `epoch` (1-based) waits until counter >= target * epoch, so counters grow
+# monotonically across steps and never need a reset launch.
+HEADER_FIELDS = (
+    "opcode",
+    "layer",
+    "wait0_counter", "wait0_target",
+    "wait1_counter", "wait1_target",
+    "signal_counter",
+    "token_begin",     # first token (row of the step's token batch) this instruction serves
+    "token_count",     # tokens it serves; 1 for a decode step
+    "block_index",     # index of this block among the opcode's blocks in the layer
+)
+HEADER_WORDS = len(HEADER_FIELDS)
+MAX_ARGS = WORDS - HEADER_WORDS
+
+
+class ScheduleError(RuntimeError):
+    """An instruction ran before the counters it waits on reached their targets."""
+
+
+@dataclass
+class Instruction:
+    opcode: int
+    layer: int = 0
+    waits: tuple[tuple[int, int], ...] = ()
+    signal: int = NO_COUNTER
+    token_begin: int = 0
+    token_count: int = 1
+    block_index: int = 0
+    args: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def spec(self) -> "OpSpec":
+        return OPCODES[self.opcode]
+
+    def encode(self) -> list[int]:
+        spec = self.spec
+        if len(self.waits) > MAX_WAITS:
+            raise ValueError(f"{spec.name}: at most {MAX_WAITS} waits")
+        if set(self.args) != set(spec.args):
+            raise ValueError(f"{spec.name}: args {sorted(self.args)} != {sorted(spec.args)}")
+        waits = list(self.waits) + [(NO_COUNTER, 0)] * (MAX_WAITS - len(self.waits))
+        words = [self.opcode, self.layer, waits[0][0], waits[0][1], waits[1][0], waits[1][1],
+                 self.signal, self.token_begin, self.token_count, self.block_index]
+        words += [int(self.args[name]) for name in spec.args]
+        words += [0] * (WORDS - len(words))
+        return words
+
+    @classmethod
+    def decode(cls, words) -> "Instruction":
+        words = [int(w) for w in words]
+        spec = OPCODES[words[0]]
+        waits = tuple((words[2 + 2 * i], words[3 + 2 * i]) for i in range(MAX_WAITS)
+                      if words[2 + 2 * i] != NO_COUNTER)
+        args = {name: words[HEADER_WORDS + i] for i, name in enumerate(spec.args)}
+        return cls(opcode=words[0], layer=words[1], waits=waits, signal=words[6],
+                   token_begin=words[7], token_count=words[8], block_index=words[9],
+                   args=args)
+
+    def __str__(self) -> str:
+        args = " ".join(f"{k}={v}" for k, v in self.args.items())
+        waits = ",".join(f"c{c}>={t}" for c, t in self.waits) or "-"
+        return (f"{self.spec.name:<20} L{self.layer:<3} wait[{waits}] signal c{self.signal} "
+                f"{args}")
+
+
+@dataclass
+class MachineState:
+    """Everything an instruction may read or write, as plain tensors.
+
+    buffers: activations by name (see scheduler.program.BUFFERS); k_cache, v_cache:
+    [L, num_pages, page_size, n_kv_heads, head_dim]; page_table: [batch, max_pages]
+    int32; token_ids, positions: [T] int64, the step's tokens and their positions;
+    counters: [num_counters] int64; epoch: 1-based step number the counters count in.
+    """
+    config: object
+    weights: object
+    buffers: dict[str, torch.Tensor]
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    page_table: torch.Tensor
+    token_ids: torch.Tensor
+    positions: torch.Tensor
+    counters: torch.Tensor
+    epoch: int = 1
+
+    def check_waits(self, instr: Instruction) -> None:
+        for counter, target in instr.waits:
+            seen = int(self.counters[counter])
+            if seen < target * self.epoch:
+                raise ScheduleError(
+                    f"{instr.spec.name} (layer {instr.layer}, block {instr.block_index}) ran "
+                    f"with counter {counter} at {seen} < {target * self.epoch}")
+
+    def ready(self, instr: Instruction) -> bool:
+        return all(int(self.counters[c]) >= t * self.epoch for c, t in instr.waits)
+
+    def signal(self, instr: Instruction) -> None:
+        if instr.signal != NO_COUNTER:
+            self.counters[instr.signal] += 1
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """One opcode: its number, argument names, reference semantics and cost model.
+
+    reference(instr, state) performs the op on MachineState (waits and signal are done by
+    the interpreter around it). cost(instr, config, dtype_bytes) returns the bytes of
+    device memory the op must move (weights read once + activations + KV).
+    """
+    name: str
+    code: int
+    args: tuple[str, ...]
+    reference: Callable[[Instruction, MachineState], None]
+    cost: Callable[[Instruction, object, int], int]
+    doc: str = ""
+
+    def __post_init__(self):
+        if len(self.args) > MAX_ARGS:
+            raise ValueError(f"{self.name}: too many args")
+
+    def make(self, **kw) -> Instruction:
+        args = {k: kw.pop(k) for k in self.args}
+        return Instruction(opcode=self.code, args=args, **kw)
+
+
+OPCODES: dict[int, OpSpec] = {}
+
+
+def register(spec: OpSpec) -> OpSpec:
+    if spec.code in OPCODES:
+        raise ValueError(f"opcode {spec.code} registered twice")
+    OPCODES[spec.code] = spec
+    return spec
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x: [..., H] float32 -> x / rms(x) * weight, in float32 (the kernel's precision)."""
+    x = x.float()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+
+
+def kv_slot(state: MachineState, position: int) -> tuple[int, int]:
+    """(page, offset in page) of a token position of sequence 0 in the paged cache."""
+    page_size = state.k_cache.shape[2]
+    return int(state.page_table[0, position // page_size]), position % page_size

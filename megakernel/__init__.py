@@ -1,0 +1,21 @@
+"""megakernel: single-prompt Llama decoding in one persistent CUDA kernel.
+
+    import megakernel
+    engine = megakernel.Engine.from_pretrained("random:tiny")
+    print(engine.generate("Hello", max_new_tokens=16).text)
+"""
+__version__ = "0.1.0"
+
+from .config import ModelConfig
+from .engine import (BACKENDS, Engine, GenerationResult, GenerationStats, generate,
+                     megakernel_available)
+from .errors import (BackendUnavailableError, CheckpointError, InvalidRequestError,
+                     KernelFaultError, KVCacheExhaustedError, MegakernelError,
+                     UnsupportedModelError)
+
+__all__ = [
+    "BACKENDS", "Engine", "GenerationResult", "GenerationStats", "ModelConfig", "generate",
+    "megakernel_available", "BackendUnavailableError", "CheckpointError",
+    "InvalidRequestError", "KernelFaultError", "KVCacheExhaustedError", "MegakernelError",
+    "UnsupportedModelError",
+]

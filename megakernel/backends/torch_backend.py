@@ -1,0 +1,110 @@
+"""Per-op PyTorch execution of the same math: the baseline and the prefill path.
+
+Runs on any device. Matmuls run in the weight dtype (what per-op inference does); the
+residual stream, norms and softmax stay in float32, like the megakernel. It writes K/V
+into the same PagedKVCache the other backends read, so a prompt prefilled here can be
+decoded by the megakernel.
+
+`forward(token_ids, positions, context_len)` uses only device tensors and static shapes,
+so one decode step can be captured in a CUDA graph or compiled with torch.compile when
+context_len is fixed (the benchmark does this).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .base import Backend, StepOutput
+
+# Prompt tokens per prefill chunk: bounds the [chunk, context] attention scores in memory.
+PREFILL_CHUNK = 512
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [..., H] float32 -> float32."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, hd] float32, cos/sin [T, hd/2] -> rotate-half RoPE."""
+    half = x.shape[-1] // 2
+    lo, hi = x[..., :half], x[..., half:]
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return torch.cat([lo * cos - hi * sin, hi * cos + lo * sin], dim=-1)
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor,
+                context_len: int) -> torch.Tensor:
+        """token_ids, positions: [T] int64 on the device; context_len: cache positions
+        attended over (>= max(positions) + 1; page-rounded up inside). Appends K/V at
+        `positions`. Returns logits [V] float32 of the last token."""
+        c, w, kv = self.config, self.weights, self.kv_cache
+        dt = w.dtype
+        T, hd, nq, nkv = token_ids.shape[0], c.head_dim, c.num_heads, c.num_kv_heads
+        ps = kv.page_size
+        num_pages = -(-context_len // ps)
+        pages = kv.page_table[0, :num_pages].long()
+        slot_page = kv.page_table[0, positions // ps].long()
+        slot_offset = positions % ps
+        cos, sin = w.rope_cos[positions], w.rope_sin[positions]
+        key_pos = torch.arange(num_pages * ps, device=positions.device)
+        visible = key_pos.unsqueeze(0) <= positions.unsqueeze(1)           # [T, K]
+        written = (key_pos <= positions.max()).view(-1, 1, 1)              # [K, 1, 1]
+
+        x = w.embed[token_ids].float()                                     # [T, H]
+        for layer in range(c.num_layers):
+            xn = rms_norm(x, w.attn_norm[layer], c.rms_norm_eps)
+            qkv = (xn.to(dt) @ w.qkv[layer].t()).float()
+            q = apply_rope(qkv[:, :c.q_size].view(T, nq, hd), cos, sin)
+            k = apply_rope(qkv[:, c.q_size:c.q_size + c.kv_size].view(T, nkv, hd), cos, sin)
+            v = qkv[:, c.q_size + c.kv_size:].view(T, nkv, hd)
+            kv.k[layer, slot_page, slot_offset] = k.to(kv.k.dtype)
+            kv.v[layer, slot_page, slot_offset] = v.to(kv.v.dtype)
+            keys = kv.k[layer, pages].reshape(-1, nkv, hd).float()          # [K, nkv, hd]
+            values = kv.v[layer, pages].reshape(-1, nkv, hd).float()
+            # Slots past the context hold whatever the pool had (NaN when poisoned):
+            # a zero softmax weight times NaN is still NaN, so clear them.
+            keys = torch.where(written, keys, 0.0)
+            values = torch.where(written, values, 0.0)
+            attn = self._attention(q, keys, values, visible)               # [T, nq * hd]
+            x = x + (attn.to(dt) @ w.o_proj[layer].t()).float()
+            xn = rms_norm(x, w.mlp_norm[layer], c.rms_norm_eps)
+            gate_up = (xn.to(dt) @ w.gate_up[layer].t()).float()
+            act = F.silu(gate_up[:, :c.intermediate_size]) * gate_up[:, c.intermediate_size:]
+            x = x + (act.to(dt) @ w.down[layer].t()).float()
+        xn = rms_norm(x[-1], w.final_norm, c.rms_norm_eps)
+        return (xn.to(dt) @ w.lm_head.t()).float()
+
+    def _attention(self, q, keys, values, visible):
+        """q [T, nq, hd], keys/values [K, nkv, hd] float32, visible [T, K] bool."""
+        c = self.config
+        T, g = q.shape[0], c.group_size
+        qg = q.view(T, c.num_kv_heads, g, c.head_dim)
+        scores = torch.einsum("tkgd,skd->tkgs", qg, keys) / math.sqrt(c.head_dim)
+        scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out = torch.einsum("tkgs,skd->tkgd", probs, values)
+        return out.reshape(T, c.q_size)
+
+    def prefill(self, token_ids: torch.Tensor, start_position: int) -> StepOutput:
+        device = self.kv_cache.device
+        token_ids = token_ids.to(device)
+        logits = None
+        for begin in range(0, token_ids.shape[0], PREFILL_CHUNK):
+            chunk = token_ids[begin:begin + PREFILL_CHUNK]
+            first = start_position + begin
+            positions = torch.arange(first, first + chunk.shape[0], device=device)
+            logits = self.forward(chunk, positions, first + chunk.shape[0])
+        return StepOutput(logits=logits, greedy_token=torch.argmax(logits))
+
+    def decode(self, token_id: torch.Tensor, position: int) -> StepOutput:
+        device = self.kv_cache.device
+        ids = token_id.reshape(1).to(device)
+        positions = torch.full((1,), position, dtype=torch.int64, device=device)
+        logits = self.forward(ids, positions, position + 1)
+        return StepOutput(logits=logits, greedy_token=torch.argmax(logits))

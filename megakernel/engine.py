@@ -1,0 +1,326 @@
+"""Engine: load a model once, then generate from single prompts.
+
+    engine = Engine.from_pretrained("random:tiny")
+    result = engine.generate("Hello", max_new_tokens=16)
+
+A generate() call: validate every argument (nothing changes before that), reserve KV
+pages for prompt + new tokens (exhaustion fails here, before any launch), prefill the
+prompt, then decode one token per step. Decode is pipelined: step i+1 is launched with
+the token of step i still on the device, and only then is that token read back for stop
+checks and streaming, so the host never leaves the GPU idle between steps.
+"""
+from __future__ import annotations
+
+import operator
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from .backends.base import Backend
+from .errors import BackendUnavailableError, InvalidRequestError
+from .kv_cache import PagedKVCache
+from .sampling import sample, validate_sampling
+
+BACKENDS = ("megakernel", "torch", "reference")
+DEFAULT_PAGE_SIZE = 16
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int
+    new_tokens: int
+    ttft_ms: float            # prompt in -> first new token on the host
+    ms_per_token: float       # mean decode step after the first token
+    tokens_per_s: float       # 1000 / ms_per_token
+    total_ms: float
+    backend: str
+
+    def line(self) -> str:
+        return (f"[{self.backend}] prompt {self.prompt_tokens} tok, generated "
+                f"{self.new_tokens} tok | TTFT {self.ttft_ms:.2f} ms | "
+                f"{self.ms_per_token:.3f} ms/token | {self.tokens_per_s:.1f} tok/s")
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]                  # new tokens only
+    text: str
+    prompt_token_ids: list[int]
+    finish_reason: str                    # "stop" (stop token) or "length"
+    stats: GenerationStats
+    logits: torch.Tensor | None = field(default=None, repr=False)  # [n_new, V] float32
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def megakernel_available() -> tuple[bool, str]:
+    """(usable, reason) for the CUDA backend on this machine."""
+    if not torch.cuda.is_available():
+        return False, "CUDA is not available (torch.cuda.is_available() is False)"
+    try:
+        from . import _C  # noqa: F401
+    except ImportError as e:
+        return False, f"the CUDA extension megakernel._C is not built ({e})"
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) != (9, 0):
+        return False, (f"the megakernel needs an sm_90 GPU (H100/H200); this GPU is "
+                       f"sm_{major}{minor}")
+    return True, ""
+
+
+class Engine:
+    def __init__(self, weights, tokenizer, backend: Backend, kv_cache: PagedKVCache,
+                 max_seq_len: int, seed: int = 0):
+        self.weights = weights
+        self.config = weights.config
+        self.tokenizer = tokenizer
+        self.backend = backend
+        self.kv_cache = kv_cache
+        self.max_seq_len = max_seq_len
+        self.seed = seed
+        self.device = kv_cache.device
+
+    @property
+    def backend_name(self) -> str:
+        return self.backend.name
+
+    # Construction ------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, model: str, device=None, backend: str | None = None,
+                        dtype=None, max_seq_len: int = 4096, page_size: int | None = None,
+                        seed: int = 0, progress: Callable[[int, int], None] | None = None,
+                        **backend_options) -> "Engine":
+        """Load `model` (a local checkpoint dir, a hub id, or random:<preset>) and build
+        the backend. device: 'cuda'/'cpu' (default: cuda when available). backend:
+        megakernel | torch | reference (default: megakernel where it can run, else torch).
+        dtype: torch dtype or name (default bfloat16 on CUDA, float32 on CPU)."""
+        from .loading import load_model
+
+        device = torch.device(device or default_device())
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise BackendUnavailableError("device 'cuda' requested but CUDA is not available")
+        if backend is None:
+            backend = ("megakernel" if device.type == "cuda" and megakernel_available()[0]
+                       else "torch")
+        if backend not in BACKENDS:
+            raise InvalidRequestError(f"unknown backend '{backend}' (choose from "
+                                      f"{', '.join(BACKENDS)})")
+        dtype = _parse_dtype(dtype, device)
+        if backend == "megakernel":
+            ok, reason = megakernel_available()
+            if not ok:
+                raise BackendUnavailableError(f"backend 'megakernel' unavailable: {reason}")
+            if device.type != "cuda":
+                raise BackendUnavailableError("backend 'megakernel' runs on CUDA devices only")
+            if dtype != torch.bfloat16:
+                raise InvalidRequestError("backend 'megakernel' runs bfloat16 weights; "
+                                          "pass dtype=torch.bfloat16")
+        if backend == "reference" and device.type != "cpu":
+            raise InvalidRequestError("backend 'reference' runs on the CPU; pass device='cpu'")
+        if not isinstance(max_seq_len, int) or max_seq_len < 2:
+            raise InvalidRequestError(f"max_seq_len must be an integer >= 2, got {max_seq_len}")
+        page_size = page_size or DEFAULT_PAGE_SIZE
+        if not isinstance(page_size, int) or page_size < 1:
+            raise InvalidRequestError(f"page_size must be a positive integer, got {page_size}")
+
+        weights, tokenizer = load_model(model, device=device, dtype=dtype,
+                                        max_positions=max_seq_len, seed=seed,
+                                        progress=progress)
+        kv_cache = PagedKVCache(weights.config, max_seq_len=max_seq_len, page_size=page_size,
+                                dtype=dtype, device=device,
+                                shuffle_seed=backend_options.pop("shuffle_pages_seed", None),
+                                poison=backend_options.pop("poison_cache", False))
+        impl = make_backend(backend, weights, kv_cache, max_seq_len, **backend_options)
+        return cls(weights, tokenizer, impl, kv_cache, max_seq_len, seed)
+
+    # Prompt handling -----------------------------------------------------------------
+    def encode_prompt(self, prompt: str | Sequence[int], chat: bool = False) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidRequestError(
+                    "this model has no tokenizer: pass the prompt as a list of token ids")
+            if not prompt:
+                raise InvalidRequestError("the prompt is empty")
+            ids = (self.tokenizer.apply_chat_template(prompt) if chat
+                   else self.tokenizer.encode(prompt))
+        else:
+            if chat:
+                raise InvalidRequestError("chat=True needs a text prompt")
+            try:
+                ids = [operator.index(t) for t in prompt]
+            except TypeError:
+                raise InvalidRequestError(
+                    "the prompt must be a string or a list of integer token ids") from None
+        if not ids:
+            raise InvalidRequestError("the prompt is empty")
+        vocab = self.config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"token id {bad[0]} is out of range [0, {vocab})")
+        return ids
+
+    def decode_text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
+
+    # Generation ------------------------------------------------------------------------
+    def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 128,
+                 temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                 seed: int | None = None, stop_token_ids: Sequence[int] | None = None,
+                 ignore_eos: bool = False, output_logits: bool = False,
+                 stream: Callable[[int, str], None] | None = None,
+                 chat: bool = False) -> GenerationResult:
+        """Generate up to max_new_tokens after `prompt` (text or token ids).
+
+        temperature 0 is greedy; sampling with a seed is reproducible. stream(token_id,
+        text_piece) is called once per new token, in order. Generation stops at the
+        model's EOS (unless ignore_eos) or any of stop_token_ids; that token is included
+        in token_ids.
+        """
+        validate_sampling(temperature, top_p, top_k)
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise InvalidRequestError(f"max_new_tokens must be an integer >= 1, "
+                                      f"got {max_new_tokens}")
+        ids = self.encode_prompt(prompt, chat=chat)
+        if len(ids) > self.max_seq_len:
+            raise InvalidRequestError(f"prompt of {len(ids)} tokens is longer than "
+                                      f"max_seq_len {self.max_seq_len}")
+        if len(ids) + max_new_tokens > self.max_seq_len:
+            raise InvalidRequestError(
+                f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+                f"max_seq_len {self.max_seq_len}")
+        stops = set(int(t) for t in (stop_token_ids or ()))
+        if not ignore_eos:
+            stops |= set(self.config.eos_token_ids)
+            if self.tokenizer is not None:
+                stops |= set(self.tokenizer.eos_token_ids)
+
+        # The last step's K/V lands at position len(ids) + max_new_tokens - 1 at most;
+        # the pipelined extra step may write one further position, which must exist.
+        self.kv_cache.release()
+        self.kv_cache.reserve(min(len(ids) + max_new_tokens + 1, self.max_seq_len))
+        self.backend.reset()
+        generator = None
+        if temperature > 0:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(self.seed if seed is None else seed)
+
+        def choose(out):
+            if temperature == 0:
+                return out.greedy_token.reshape(())
+            return sample(out.logits, temperature, top_k, top_p, generator)
+
+        new_tokens: list[int] = []
+        logits: list[torch.Tensor] = []
+        finish = "length"
+        text_so_far = ""
+        t_start = time.perf_counter()
+        try:
+            prompt_tensor = torch.tensor(ids, dtype=torch.int64, device=self.device)
+            out = self.backend.prefill(prompt_tensor, 0)
+            pending = choose(out)                   # device tensor, not yet read
+            if output_logits:
+                logits.append(out.logits.detach().float().cpu().clone())
+            t_first = None
+            position = len(ids)
+            while True:
+                steps_left = max_new_tokens - len(new_tokens) - 1
+                # Launch the next step before reading `pending` back (pipelining).
+                launched = None
+                if steps_left > 0 and position < self.max_seq_len:
+                    launched = self.backend.decode(pending, position)
+                    nxt = choose(launched)
+                    if output_logits:
+                        step_logits = launched.logits.detach().float().clone()
+                token = int(pending)
+                self._check_backend()
+                if t_first is None:
+                    t_first = time.perf_counter()
+                new_tokens.append(token)
+                if stream is not None:
+                    text = self.decode_text(new_tokens)
+                    stream(token, text[len(text_so_far):])
+                    text_so_far = text
+                if token in stops:
+                    finish = "stop"
+                    break
+                if launched is None:
+                    break
+                if output_logits:
+                    logits.append(step_logits.cpu())
+                pending = nxt
+                position += 1
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self._check_backend()
+        except BaseException:
+            # Ctrl-C, a kernel fault or any other error: leave the engine usable.
+            self._recover()
+            raise
+        t_end = time.perf_counter()
+
+        n = len(new_tokens)
+        ttft_ms = (t_first - t_start) * 1000
+        decode_ms = (t_end - t_first) * 1000
+        ms_per_token = decode_ms / (n - 1) if n > 1 else float("nan")
+        stats = GenerationStats(
+            prompt_tokens=len(ids), new_tokens=n, ttft_ms=ttft_ms, ms_per_token=ms_per_token,
+            tokens_per_s=1000.0 / ms_per_token if n > 1 and ms_per_token > 0 else float("nan"),
+            total_ms=(t_end - t_start) * 1000, backend=self.backend.name)
+        return GenerationResult(
+            token_ids=new_tokens, text=self.decode_text(new_tokens), prompt_token_ids=ids,
+            finish_reason=finish, stats=stats,
+            logits=torch.stack(logits[:n]) if output_logits else None)
+
+    def _check_backend(self) -> None:
+        check = getattr(self.backend, "check_error", None)
+        if check is not None:
+            check()
+
+    def _recover(self) -> None:
+        if self.device.type == "cuda":
+            try:
+                torch.cuda.synchronize(self.device)
+            except Exception:
+                pass
+        self.backend.reset()
+        self.kv_cache.release()
+
+
+def make_backend(name: str, weights, kv_cache, max_seq_len: int, **options) -> Backend:
+    if name == "torch":
+        from .backends.torch_backend import TorchBackend
+        return TorchBackend(weights, kv_cache, **options)
+    if name == "reference":
+        from .backends.reference_backend import ReferenceBackend
+        return ReferenceBackend(weights, kv_cache, **options)
+    if name == "megakernel":
+        from .backends.megakernel_backend import MegakernelBackend
+        return MegakernelBackend(weights, kv_cache, max_seq_len, **options)
+    raise InvalidRequestError(f"unknown backend '{name}'")
+
+
+def _parse_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise InvalidRequestError(f"dtype {dtype} is not supported")
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if str(dtype) not in names:
+        raise InvalidRequestError(f"dtype '{dtype}' is not supported (choose from "
+                                  "float32, bfloat16, float16)")
+    return names[str(dtype)]
+
+
+def generate(model: str, prompt, **kwargs) -> GenerationResult:
+    """One-shot convenience: Engine.from_pretrained(model, ...) then generate(prompt, ...)."""
+    load_keys = {"device", "backend", "dtype", "max_seq_len", "page_size", "seed", "progress"}
+    load_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in load_keys}
+    engine = Engine.from_pretrained(model, **load_kwargs)
+    return engine.generate(prompt, **kwargs)

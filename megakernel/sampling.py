@@ -1,0 +1,40 @@
+"""Token selection from logits: greedy, temperature, top-k and top-p (nucleus).
+
+Everything stays on the logits' device so the engine can launch the next step before
+reading the chosen token back.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .errors import InvalidRequestError
+
+
+def validate_sampling(temperature: float, top_p: float, top_k: int) -> None:
+    if not isinstance(temperature, (int, float)) or math.isnan(temperature) or temperature < 0:
+        raise InvalidRequestError(f"temperature must be >= 0, got {temperature}")
+    if not isinstance(top_p, (int, float)) or not (0.0 < top_p <= 1.0):
+        raise InvalidRequestError(f"top_p must be in (0, 1], got {top_p}")
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
+        raise InvalidRequestError(f"top_k must be an integer >= 0, got {top_k}")
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+           generator: torch.Generator) -> torch.Tensor:
+    """logits [V] float32 -> [] int64 sampled token (temperature > 0)."""
+    scores = logits.float() / temperature
+    if top_k and top_k < scores.shape[-1]:
+        kth = torch.topk(scores, top_k).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=True)
+        probs = torch.softmax(sorted_scores, dim=-1)
+        # Drop a token when the tokens ranked above it already hold top_p of the mass;
+        # the most likely token always stays.
+        drop_sorted = (torch.cumsum(probs, dim=-1) - probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+        scores = scores.masked_fill(drop, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[0]

@@ -1,0 +1,7 @@
+"""Program building and ordering: compile a decode step into an instruction stream."""
+from .program import (BufferSpec, Program, allocate_buffers, attention_partitions,
+                      build_program, split_qkv, split_rows)
+from .interpreter import check_counters, run_step
+
+__all__ = ["BufferSpec", "Program", "allocate_buffers", "attention_partitions",
+           "build_program", "split_qkv", "split_rows", "check_counters", "run_step"]

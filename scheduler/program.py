@@ -1,0 +1,268 @@
+"""Compile one decode step of a Llama model into an instruction stream.
+
+build_program() emits the whole forward pass as a DAG in one topological order:
+
+    embed
+    per layer:  rms_qkv_rope x Nq -> attention_partial x (nkv * P) -> attention_reduce x nq
+                -> o_proj_residual x No -> rms_gate_up_silu x Ng -> down_proj_residual x Nd
+    rms_lm_head x Nl -> argmax_reduce
+
+Each stage signals one counter per layer; every instruction of the next stage waits until
+that counter holds the stage's block count (times the step epoch). These stage barriers
+also order every write-after-read on the shared activations (hidden is updated in place
+only after every reader of the previous value has signalled). Matrices are cut into
+blocks sized from the SM count so that every SM has work and the last wave is full.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from megakernel.instructions import (
+    ARGMAX_REDUCE, ATTENTION_PARTIAL, ATTENTION_REDUCE, DOWN_PROJ_RESIDUAL, EMBED,
+    O_PROJ_RESIDUAL, OPCODES, RMS_GATE_UP_SILU, RMS_LM_HEAD, RMS_QKV_ROPE, WORDS,
+    Instruction,
+)
+
+# Fixed cost of one instruction (claim, waits, signal, pipeline fill), in bytes of weight
+# streaming it is worth on one SM. Trades more, smaller blocks (better balance) against
+# per-instruction overhead when choosing block sizes.
+INSTRUCTION_OVERHEAD_BYTES = 8192
+
+
+@dataclass(frozen=True)
+class BufferSpec:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+@dataclass
+class Program:
+    """A compiled decode step.
+
+    instructions: [N, WORDS] int32 in topological order. counter_targets[c]: signals
+    counter c receives per step (consumers wait for target * epoch). buffers: the
+    activations the stream reads and writes, by name.
+    """
+    config: object
+    num_sms: int
+    num_tokens: int
+    page_size: int
+    attn_partitions: int
+    lm_head_blocks: int
+    instructions: torch.Tensor
+    counter_names: list[str]
+    counter_targets: list[int]
+    buffers: dict[str, BufferSpec]
+    dtype_bytes: int = 2
+    decoded: list[Instruction] = field(default_factory=list, repr=False)
+
+    @property
+    def num_instructions(self) -> int:
+        return int(self.instructions.shape[0])
+
+    @property
+    def num_counters(self) -> int:
+        return len(self.counter_targets)
+
+    def instruction_list(self) -> list[Instruction]:
+        if not self.decoded:
+            self.decoded = [Instruction.decode(row) for row in self.instructions.tolist()]
+        return self.decoded
+
+    def opcode_counts(self) -> dict[str, int]:
+        return dict(Counter(OPCODES[int(op)].name for op in self.instructions[:, 0]))
+
+    def weight_bytes_per_step(self) -> int:
+        """Bytes the stream moves per step, KV reads excluded (see kv_bytes_per_step)."""
+        return sum(i.spec.cost(i, self.config, self.dtype_bytes)
+                   for i in self.instruction_list())
+
+    def kv_bytes_per_step(self, context_len: int) -> int:
+        """K and V bytes attention reads for one token with `context_len` positions."""
+        c = self.config
+        return 2 * c.num_layers * context_len * c.kv_size * self.dtype_bytes
+
+    def bytes_per_step(self, context_len: int) -> int:
+        return self.weight_bytes_per_step() + self.kv_bytes_per_step(context_len)
+
+    def summary(self) -> str:
+        """Human-readable description: instructions per opcode, bytes, counters."""
+        lines = [f"program: {self.num_instructions} instructions, {self.num_counters} counters, "
+                 f"built for {self.num_sms} SMs, {self.num_tokens} token(s) per step",
+                 f"  attention partitions per KV head: {self.attn_partitions}, "
+                 f"page_size {self.page_size}, LM-head blocks {self.lm_head_blocks}"]
+        by_op: dict[str, list[int]] = {}
+        for instr in self.instruction_list():
+            by_op.setdefault(instr.spec.name, []).append(
+                instr.spec.cost(instr, self.config, self.dtype_bytes))
+        lines.append(f"  {'opcode':<20} {'count':>7} {'bytes/step':>14} {'bytes/instr':>12}")
+        for name, costs in by_op.items():
+            lines.append(f"  {name:<20} {len(costs):>7} {sum(costs):>14,} "
+                         f"{sum(costs) // len(costs):>12,}")
+        total = self.weight_bytes_per_step()
+        lines.append(f"  bytes moved per step (weights + activations): {total:,} "
+                     f"({total / 1e9:.3f} GB); KV adds {self.kv_bytes_per_step(1):,} "
+                     f"bytes per token of context")
+        lines.append("  counters (per-step target): " + ", ".join(
+            f"{n}={t}" for n, t in zip(self.counter_names, self.counter_targets)))
+        return "\n".join(lines)
+
+    def without_wait(self, index: int) -> "Program":
+        """A copy with instruction `index`'s waits removed (to prove the checks catch it)."""
+        rows = self.instructions.clone()
+        for w in range(2):
+            rows[index, 2 + 2 * w] = -1
+            rows[index, 3 + 2 * w] = 0
+        return Program(**{**self.__dict__, "instructions": rows, "decoded": []})
+
+
+def split_rows(total: int, num_sms: int, row_bytes: int, unit: int = 1,
+               max_rows: int | None = None) -> list[tuple[int, int]]:
+    """Cut `total` rows into (begin, count) blocks, count a multiple of `unit` (but the
+    last), minimizing the modelled finish time: waves * (block bytes + overhead)."""
+    units = -(-total // unit)
+    best = None
+    for units_per_block in range(1, units + 1):
+        rows = units_per_block * unit
+        if max_rows is not None and rows > max_rows and units_per_block > 1:
+            break
+        blocks = -(-units // units_per_block)
+        waves = -(-blocks // num_sms)
+        t = waves * (rows * row_bytes + INSTRUCTION_OVERHEAD_BYTES)
+        if best is None or t < best[0]:
+            best = (t, rows)
+        if blocks <= num_sms // 4:   # fewer blocks only idles more SMs
+            break
+    rows = best[1]
+    return [(b, min(rows, total - b)) for b in range(0, total, rows)]
+
+
+def split_qkv(cfg, num_sms: int, row_bytes: int) -> list[tuple[int, int, int]]:
+    """(head, pair_begin, pair_count) blocks over the fused QKV heads."""
+    half = cfg.head_dim // 2
+    heads = cfg.num_heads + 2 * cfg.num_kv_heads
+    best = None
+    for pairs in (d for d in range(1, half + 1) if half % d == 0):
+        blocks = heads * (half // pairs)
+        waves = -(-blocks // num_sms)
+        t = waves * (2 * pairs * row_bytes + INSTRUCTION_OVERHEAD_BYTES)
+        if best is None or t < best[0]:
+            best = (t, pairs)
+    pairs = best[1]
+    return [(h, p, pairs) for h in range(heads) for p in range(0, half, pairs)]
+
+
+def attention_partitions(cfg, num_sms: int, max_seq_len: int, page_size: int) -> int:
+    """Partitions per KV head: enough that nkv * P covers the SMs, never more than pages."""
+    max_pages = -(-max_seq_len // page_size)
+    return max(1, min(-(-num_sms // cfg.num_kv_heads), max_pages))
+
+
+def build_program(cfg, num_sms: int, page_size: int, max_seq_len: int,
+                  num_tokens: int = 1, dtype_bytes: int = 2) -> Program:
+    """Compile one decode step for `cfg` on a GPU with `num_sms` SMs.
+
+    num_tokens is the number of tokens the step serves (1 for decode); max_seq_len bounds
+    the context and so the attention partitions.
+    """
+    if num_sms < 1:
+        raise ValueError("num_sms must be >= 1")
+    L, H, I, V = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    T = num_tokens
+    names: list[str] = []
+    targets: list[int] = []
+    instrs: list[Instruction] = []
+
+    def counter(name: str) -> int:
+        names.append(name)
+        targets.append(0)
+        return len(names) - 1
+
+    def emit(spec, layer: int, waits, signal: int, block_index: int, **args):
+        instrs.append(spec.make(layer=layer, waits=tuple(waits), signal=signal,
+                                token_begin=0, token_count=T, block_index=block_index,
+                                **args))
+        targets[signal] += 1
+
+    def done(c: int):
+        """The wait that means: every producer of counter c has signalled this step."""
+        return (c, targets[c])
+
+    qkv_blocks = split_qkv(cfg, num_sms, H * dtype_bytes)
+    parts = attention_partitions(cfg, num_sms, max_seq_len, page_size)
+    o_blocks = split_rows(H, num_sms, cfg.q_size * dtype_bytes)
+    gu_blocks = split_rows(I, num_sms, 2 * H * dtype_bytes)
+    down_blocks = split_rows(H, num_sms, I * dtype_bytes)
+    lm_blocks = split_rows(V, num_sms, H * dtype_bytes)
+
+    c = counter("embed")
+    emit(EMBED, 0, (), c, 0)
+    prev = c
+    for layer in range(L):
+        c_qkv = counter(f"L{layer}.qkv")
+        for b, (head, p0, n) in enumerate(qkv_blocks):
+            emit(RMS_QKV_ROPE, layer, [done(prev)], c_qkv, b, head=head, pair_begin=p0,
+                 pair_count=n)
+        c_attn = counter(f"L{layer}.attention")
+        b = 0
+        for kv_head in range(cfg.num_kv_heads):
+            for part in range(parts):
+                emit(ATTENTION_PARTIAL, layer, [done(c_qkv)], c_attn, b, kv_head=kv_head,
+                     partition=part, num_partitions=parts)
+                b += 1
+        c_red = counter(f"L{layer}.attention_reduce")
+        for h in range(cfg.num_heads):
+            emit(ATTENTION_REDUCE, layer, [done(c_attn)], c_red, h, head_begin=h,
+                 head_count=1, num_partitions=parts)
+        c_o = counter(f"L{layer}.o_proj")
+        for b, (r0, n) in enumerate(o_blocks):
+            emit(O_PROJ_RESIDUAL, layer, [done(c_red)], c_o, b, row_begin=r0, row_count=n)
+        c_gu = counter(f"L{layer}.gate_up")
+        for b, (r0, n) in enumerate(gu_blocks):
+            emit(RMS_GATE_UP_SILU, layer, [done(c_o)], c_gu, b, row_begin=r0, row_count=n)
+        c_down = counter(f"L{layer}.down")
+        for b, (r0, n) in enumerate(down_blocks):
+            emit(DOWN_PROJ_RESIDUAL, layer, [done(c_gu)], c_down, b, row_begin=r0,
+                 row_count=n)
+        prev = c_down
+    c_lm = counter("lm_head")
+    for b, (r0, n) in enumerate(lm_blocks):
+        emit(RMS_LM_HEAD, 0, [done(prev)], c_lm, b, row_begin=r0, row_count=n)
+    c_arg = counter("argmax")
+    emit(ARGMAX_REDUCE, 0, [done(c_lm)], c_arg, 0, num_blocks=len(lm_blocks))
+
+    rows = torch.tensor([i.encode() for i in instrs], dtype=torch.int32)
+    assert rows.shape[1] == WORDS
+    f32 = torch.float32
+    buffers = {
+        "hidden": BufferSpec((T, H), f32),
+        "q": BufferSpec((T, cfg.q_size), f32),
+        "attn_partial_out": BufferSpec((T, cfg.num_heads, parts, cfg.head_dim), f32),
+        "attn_partial_lse": BufferSpec((T, cfg.num_heads, parts), f32),
+        "attn_out": BufferSpec((T, cfg.q_size), f32),
+        "mlp_act": BufferSpec((T, I), f32),
+        "logits": BufferSpec((T, V), f32),
+        "argmax_value": BufferSpec((T, len(lm_blocks)), f32),
+        "argmax_index": BufferSpec((T, len(lm_blocks)), torch.int32),
+        "next_token": BufferSpec((T,), torch.int32),
+    }
+    return Program(config=cfg, num_sms=num_sms, num_tokens=T, page_size=page_size,
+                   attn_partitions=parts, lm_head_blocks=len(lm_blocks), instructions=rows,
+                   counter_names=names, counter_targets=targets, buffers=buffers,
+                   dtype_bytes=dtype_bytes, decoded=list(instrs))
+
+
+def allocate_buffers(program: Program, device=None, poison: bool = True) -> dict[str, torch.Tensor]:
+    """Allocate the program's activation buffers; float ones filled with NaN when poison,
+    so a read of anything no instruction wrote shows up in the output."""
+    out = {}
+    for name, spec in program.buffers.items():
+        if spec.dtype.is_floating_point and poison:
+            out[name] = torch.full(spec.shape, math.nan, dtype=spec.dtype, device=device)
+        else:
+            out[name] = torch.zeros(spec.shape, dtype=spec.dtype, device=device)
+    return out

@@ -1,0 +1,64 @@
+"""Shared fixtures: small Llama checkpoints written by transformers itself."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def _has_cuda_extension() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import megakernel._C  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def pytest_collection_modifyitems(config, items):
+    if _has_cuda_extension():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU and the built megakernel._C extension")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def hf_llama_config(num_heads=4, num_kv_heads=2, head_dim=64, hidden=None, layers=2,
+                    intermediate=96, vocab=300, tied=False, rope_scaling=False,
+                    rope_theta=10000.0):
+    """A transformers LlamaConfig for a small model (rope_scaling=True: llama3)."""
+    from transformers import LlamaConfig
+
+    kwargs = dict(
+        vocab_size=vocab, hidden_size=hidden or num_heads * head_dim,
+        intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=num_heads, num_key_value_heads=num_kv_heads, head_dim=head_dim,
+        rms_norm_eps=1e-5, max_position_embeddings=2048, tie_word_embeddings=tied,
+        bos_token_id=1, eos_token_id=2,
+    )
+    rope = {"rope_type": "default", "rope_theta": rope_theta}
+    if rope_scaling:
+        rope = {"rope_type": "llama3", "rope_theta": rope_theta, "factor": 8.0,
+                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64}
+    kwargs["rope_parameters"] = rope
+    return LlamaConfig(**kwargs)
+
+
+def write_hf_checkpoint(path, hf_config, seed=0, dtype=torch.float32):
+    """Save a randomly initialised LlamaForCausalLM; returns the fp32 model."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(hf_config).to(torch.float32).eval()
+    # The default init (std 0.02) gives nearly flat logits; widen it so greedy choices
+    # are decided by clear margins and the comparison tests real structure.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.08)
+            else:
+                p.uniform_(0.8, 1.2)
+    model.to(dtype).save_pretrained(path)
+    return model.to(torch.float32)
