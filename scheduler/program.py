@@ -30,7 +30,7 @@ from megakernel.instructions import (
 # Fixed cost of one instruction (claim, waits, signal, pipeline fill), in bytes of weight
 # streaming it is worth on one SM. Trades more, smaller blocks (better balance) against
 # per-instruction overhead when choosing block sizes.
-INSTRUCTION_OVERHEAD_BYTES = 8192
+INSTRUCTION_OVERHEAD_BYTES = 32768
 
 
 @dataclass(frozen=True)
@@ -157,9 +157,10 @@ def split_qkv(cfg, num_sms: int, row_bytes: int) -> list[tuple[int, int, int]]:
 
 
 def attention_partitions(cfg, num_sms: int, max_seq_len: int, page_size: int) -> int:
-    """Partitions per KV head: enough that nkv * P covers the SMs, never more than pages."""
+    """Partitions per KV head: nkv * P fills the SMs in one wave (never more than one
+    wave, which would double the attention time), and never more than the pages."""
     max_pages = -(-max_seq_len // page_size)
-    return max(1, min(-(-num_sms // cfg.num_kv_heads), max_pages))
+    return max(1, min(num_sms // cfg.num_kv_heads, max_pages))
 
 
 def build_program(cfg, num_sms: int, page_size: int, max_seq_len: int,

@@ -1,0 +1,152 @@
+"""Command line: low-latency single-prompt decoding and program inspection.
+
+    megakernel generate --model random:tiny --prompt "Hello" --max-new-tokens 32
+    megakernel program --model random:llama-3.2-1b --num-sms 132
+
+Errors the user can fix print one line on stderr and exit with status 2 (1 for faults
+inside the engine, 130 on Ctrl-C); no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+DEFAULT_MODEL = "random:tiny"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megakernel",
+                                description="Llama decoding in one persistent CUDA kernel")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text from one prompt, streaming it")
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help="checkpoint dir, hub id, or random:<tiny|llama-3.2-1b|llama-3.2-3b|"
+                        "llama-3.1-8b> (default: %(default)s)")
+    prompt = g.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="prompt text")
+    prompt.add_argument("--prompt-ids", help="prompt as comma-separated token ids")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="weights seed for random: models and "
+                   "sampling seed")
+    g.add_argument("--backend", choices=["megakernel", "torch", "reference"], default=None,
+                   help="default: megakernel on a supported GPU, else torch")
+    g.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    g.add_argument("--dtype", default=None, help="bfloat16 | float16 | float32 "
+                   "(default: bfloat16 on CUDA, float32 on CPU)")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's "
+                   "chat template")
+    g.add_argument("--max-seq-len", type=int, default=4096)
+    g.add_argument("--page-size", type=int, default=None)
+    g.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS")
+    g.add_argument("--quiet", action="store_true", help="print only the generated text")
+
+    pr = sub.add_parser("program", help="print the compiled instruction stream of a model")
+    pr.add_argument("--model", default=DEFAULT_MODEL)
+    pr.add_argument("--num-sms", type=int, default=None,
+                    help="SM count to compile for (default: this GPU's, else 132)")
+    pr.add_argument("--max-seq-len", type=int, default=4096)
+    pr.add_argument("--page-size", type=int, default=16)
+    pr.add_argument("--list", action="store_true", help="also print every instruction")
+    return p
+
+
+def _generate(args) -> int:
+    import megakernel
+
+    ids = None
+    if args.prompt_ids is not None:
+        try:
+            ids = [int(t) for t in args.prompt_ids.replace(" ", "").split(",") if t]
+        except ValueError:
+            raise megakernel.InvalidRequestError(
+                f"--prompt-ids must be comma-separated integers, got '{args.prompt_ids}'")
+    quiet = args.quiet
+    t0 = time.perf_counter()
+    if not quiet:
+        print(f"loading {args.model} ...", file=sys.stderr, flush=True)
+
+    def progress(done, total):
+        if not quiet:
+            print(f"\r  layers {done}/{total}", end="" if done < total else "\n",
+                  file=sys.stderr, flush=True)
+
+    engine = megakernel.Engine.from_pretrained(
+        args.model, device=args.device, backend=args.backend, dtype=args.dtype,
+        max_seq_len=args.max_seq_len, page_size=args.page_size, seed=args.seed,
+        progress=progress)
+    if not quiet:
+        dtype = str(engine.weights.dtype).replace("torch.", "")
+        print(f"loaded in {time.perf_counter() - t0:.1f} s: backend {engine.backend_name}, "
+              f"device {engine.device}, {dtype}", file=sys.stderr, flush=True)
+
+    def stream(_token, piece):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    try:
+        result = engine.generate(
+            ids if ids is not None else args.prompt, max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+            ignore_eos=args.ignore_eos, stream=stream, chat=args.chat)
+    finally:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    if not quiet:
+        print(result.stats.line(), flush=True)
+    return 0
+
+
+def _program(args) -> int:
+    import torch
+    from megakernel.loading import resolve_model
+    from megakernel.scheduler import build_program
+
+    config, _source = resolve_model(args.model)
+    num_sms = args.num_sms
+    if num_sms is None:
+        num_sms = (torch.cuda.get_device_properties(0).multi_processor_count
+                   if torch.cuda.is_available() else 132)
+    if num_sms < 1 or args.max_seq_len < 1 or args.page_size < 1:
+        from megakernel.errors import InvalidRequestError
+        raise InvalidRequestError("--num-sms, --max-seq-len and --page-size must be >= 1")
+    program = build_program(config, num_sms=num_sms, page_size=args.page_size,
+                            max_seq_len=args.max_seq_len)
+    print(f"model {args.model}: {config.num_layers} layers, hidden {config.hidden_size}, "
+          f"{config.num_heads} heads / {config.num_kv_heads} KV heads x {config.head_dim}, "
+          f"vocab {config.vocab_size}")
+    print(program.summary())
+    if args.list:
+        for i, instr in enumerate(program.instruction_list()):
+            print(f"{i:>6} {instr}")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    from megakernel.errors import KernelFaultError, MegakernelError
+
+    try:
+        if args.command == "generate":
+            return _generate(args)
+        return _program(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except KernelFaultError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except MegakernelError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""The compiled program: topological order, counters, and the random-order check that
+proves every dependency the GPU relies on is declared."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megakernel.config import ModelConfig
+from megakernel.instructions import ScheduleError
+from megakernel.kv_cache import PagedKVCache
+from megakernel.backends.reference_backend import ReferenceBackend
+from megakernel.presets import random_weights
+from megakernel.scheduler import build_program, run_step
+
+CONFIGS = {
+    "gqa1-hd64": dict(num_heads=2, num_kv_heads=2, head_dim=64),
+    "gqa2-hd64": dict(num_heads=4, num_kv_heads=2, head_dim=64),
+    "gqa4-hd128": dict(num_heads=4, num_kv_heads=1, head_dim=128),
+    "gqa8-hd64": dict(num_heads=8, num_kv_heads=1, head_dim=64),
+}
+PROMPT = [5, 9, 1, 30, 77, 12, 4, 100, 18, 3, 64, 2, 8]
+
+
+def small_config(**kw) -> ModelConfig:
+    hidden = kw["num_heads"] * kw["head_dim"]
+    return ModelConfig(vocab_size=211, hidden_size=hidden, intermediate_size=136,
+                       num_layers=2, rms_norm_eps=1e-5, **kw)
+
+
+def run_tokens(weights, tokens, order_seed=None, program=None, num_sms=5):
+    """Feed `tokens` through the instruction stream; returns logits [n, V]."""
+    cache = PagedKVCache(weights.config, max_seq_len=32, page_size=4, dtype=torch.float32,
+                         shuffle_seed=7, poison=True)
+    cache.reserve(len(tokens))
+    backend = ReferenceBackend(weights, cache, num_sms=num_sms, order_seed=order_seed,
+                               program=program)
+    outs = []
+    for pos, tok in enumerate(tokens):
+        outs.append(backend.decode(torch.tensor(tok), pos).logits.clone())
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_random_orders_equal_in_order(name):
+    weights = random_weights(small_config(**CONFIGS[name]), seed=3, init_std=0.1)
+    expected = run_tokens(weights, PROMPT)
+    assert torch.isfinite(expected).all()
+    for seed in range(4):
+        got = run_tokens(weights, PROMPT, order_seed=seed)
+        assert torch.equal(got, expected), f"order seed {seed} changed the result"
+
+
+def _program(weights, num_sms=5):
+    return build_program(weights.config, num_sms=num_sms, page_size=4, max_seq_len=32,
+                         dtype_bytes=4)
+
+
+@pytest.mark.parametrize("opcode", ["attention_partial", "o_proj_residual",
+                                    "down_proj_residual", "rms_lm_head"])
+def test_random_order_catches_a_removed_dependency(opcode):
+    """Drop the wait of one instruction: some random order must now give another answer
+    (or run it before its inputs exist), otherwise the check could not catch a race."""
+    weights = random_weights(small_config(**CONFIGS["gqa2-hd64"]), seed=3, init_std=0.1)
+    program = _program(weights)
+    victim = next(i for i, ins in enumerate(program.instruction_list())
+                  if ins.spec.name == opcode and ins.layer == weights.config.num_layers - 1
+                  or (ins.spec.name == opcode == "rms_lm_head"))
+    broken = program.without_wait(victim)
+    expected = run_tokens(weights, PROMPT[:6], program=program)
+    caught = False
+    for seed in range(8):
+        got = run_tokens(weights, PROMPT[:6], order_seed=seed, program=broken)
+        if not torch.equal(got, expected):
+            caught = True
+            break
+    assert caught, f"removing the wait of {opcode} went unnoticed"
+
+
+def test_in_order_run_checks_waits():
+    """A stream whose order is not topological fails loudly on the in-order run."""
+    weights = random_weights(small_config(**CONFIGS["gqa2-hd64"]), seed=0)
+    program = _program(weights)
+    rows = program.instructions
+    program.instructions = torch.cat([rows[1:2], rows[0:1], rows[2:]])  # qkv before embed
+    program.decoded = []
+    with pytest.raises(ScheduleError, match="rms_qkv_rope"):
+        run_tokens(weights, PROMPT[:2], program=program)
+
+
+def test_counters_are_epoch_scaled_and_never_reset():
+    weights = random_weights(small_config(**CONFIGS["gqa4-hd128"]), seed=0)
+    cache = PagedKVCache(weights.config, max_seq_len=32, page_size=4)
+    cache.reserve(8)
+    backend = ReferenceBackend(weights, cache, num_sms=3)
+    for pos in range(3):
+        backend.decode(torch.tensor(pos + 1), pos)
+    targets = torch.tensor(backend.program.counter_targets)
+    assert torch.equal(backend.state.counters, 3 * targets)
+
+
+@pytest.mark.parametrize("num_sms", [1, 7, 132])
+def test_program_structure(num_sms):
+    cfg = small_config(**CONFIGS["gqa2-hd64"])
+    program = build_program(cfg, num_sms=num_sms, page_size=4, max_seq_len=64)
+    instrs = program.instruction_list()
+    # Every waited-on counter is signalled only by instructions earlier in the stream,
+    # and the wait target is the full per-step signal count (stage barrier).
+    signalled = [0] * program.num_counters
+    for ins in instrs:
+        for counter, target in ins.waits:
+            assert signalled[counter] == target == program.counter_targets[counter]
+        signalled[ins.signal] += 1
+    assert signalled == program.counter_targets
+    # Matrix rows are covered exactly once per layer.
+    rows = [0] * cfg.hidden_size
+    for ins in instrs:
+        if ins.spec.name == "o_proj_residual" and ins.layer == 0:
+            for r in range(ins.args["row_begin"], ins.args["row_begin"] + ins.args["row_count"]):
+                rows[r] += 1
+    assert rows == [1] * cfg.hidden_size
+    assert program.opcode_counts()["argmax_reduce"] == 1
+    assert program.instructions.dtype == torch.int32 and program.instructions.shape[1] == 32
+
+
+def test_blocks_scale_with_sm_count():
+    cfg = small_config(**CONFIGS["gqa2-hd64"])
+    few = build_program(cfg, num_sms=2, page_size=4, max_seq_len=64)
+    many = build_program(cfg, num_sms=64, page_size=4, max_seq_len=64)
+    assert many.num_instructions > few.num_instructions
