@@ -1,0 +1,73 @@
+"""The command line as a user runs it: text and a stats line out, one-line errors."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+
+def run_cli(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "megakernel", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_generate_reference_prints_text_and_stats():
+    r = run_cli("generate", "--model", "random:tiny", "--prompt", "Hello",
+                "--max-new-tokens", "8", "--backend", "reference")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert "ms/token" in lines[-1] and "TTFT" in lines[-1] and "tok/s" in lines[-1]
+    assert "generated 8 tok" in lines[-1] or "generated" in lines[-1]
+    assert "[reference]" in lines[-1]
+
+
+def test_generate_matches_api():
+    import megakernel
+
+    r = run_cli("generate", "--prompt-ids", "1,2,3", "--max-new-tokens", "5", "--quiet",
+                "--device", "cpu", "--ignore-eos")
+    assert r.returncode == 0, r.stderr
+    engine = megakernel.Engine.from_pretrained("random:tiny", device="cpu")
+    expected = engine.generate([1, 2, 3], max_new_tokens=5, ignore_eos=True).text
+    assert r.stdout == expected + "\n"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--prompt", ""], "empty"),
+    (["--prompt", "hi", "--model", "/no/such/dir"], "does not exist"),
+    (["--prompt", "hi", "--model", "random:nope"], "nope"),
+    (["--prompt-ids", "1,x"], "comma-separated"),
+    (["--prompt-ids", "1,99999"], "out of range"),
+    (["--prompt", "hi", "--temperature", "-1"], "temperature"),
+    (["--prompt", "hi", "--top-p", "2"], "top_p"),
+    (["--prompt", "hi", "--top-k", "-3"], "top_k"),
+    (["--prompt", "hi", "--max-seq-len", "8", "--max-new-tokens", "20"], "max_seq_len"),
+    (["--prompt", "hi", "--chat"], "chat template"),
+    (["--prompt", "hi", "--dtype", "int8"], "dtype"),
+    (["--prompt", "hi", "--backend", "reference", "--device", "cuda"], "cuda"),
+])
+def test_errors_are_one_line_without_traceback(args, message):
+    r = run_cli("generate", *args)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    err = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+    assert len(err) == 1 and message.lower() in err[0].lower(), r.stderr
+
+
+def test_megakernel_backend_without_cuda_is_a_clear_error():
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    r = run_cli("generate", "--prompt", "hi", "--backend", "megakernel")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "megakernel" in r.stderr and "CUDA" in r.stderr
+
+
+def test_program_subcommand():
+    r = run_cli("program", "--model", "random:llama-3.2-1b", "--num-sms", "132")
+    assert r.returncode == 0, r.stderr
+    assert "rms_qkv_rope" in r.stdout and "argmax_reduce" in r.stdout
+    assert "bytes moved per step" in r.stdout
+    r = run_cli("program", "--model", "random:tiny", "--num-sms", "4", "--list")
+    assert r.returncode == 0 and r.stdout.count("rms_lm_head") >= 2

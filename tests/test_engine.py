@@ -1,0 +1,186 @@
+"""The public API on the CPU: results, sampling, streaming, stop tokens, and every bad
+input giving a clear error while the engine keeps working."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import megakernel
+from megakernel.errors import (BackendUnavailableError, InvalidRequestError,
+                               KVCacheExhaustedError)
+from megakernel.kv_cache import PagedKVCache
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return megakernel.Engine.from_pretrained("random:tiny", device="cpu", backend="torch",
+                                             max_seq_len=128)
+
+
+@pytest.fixture(scope="module")
+def baseline(engine):
+    return engine.generate("Hello", max_new_tokens=12, ignore_eos=True)
+
+
+def test_result_fields(engine, baseline):
+    r = baseline
+    assert len(r.token_ids) == 12 and r.finish_reason == "length"
+    assert r.prompt_token_ids == engine.tokenizer.encode("Hello")
+    assert r.text == engine.tokenizer.decode(r.token_ids)
+    assert r.stats.new_tokens == 12 and r.stats.prompt_tokens == len(r.prompt_token_ids)
+    assert r.stats.ttft_ms > 0 and r.stats.ms_per_token > 0
+    assert r.stats.tokens_per_s == pytest.approx(1000 / r.stats.ms_per_token)
+    assert r.logits is None
+
+
+def test_greedy_is_argmax_of_logits(engine, baseline):
+    r = engine.generate("Hello", max_new_tokens=12, ignore_eos=True, output_logits=True)
+    assert r.token_ids == baseline.token_ids
+    assert r.logits.shape == (12, engine.config.vocab_size) and r.logits.dtype == torch.float32
+    assert r.logits.argmax(-1).tolist() == r.token_ids
+
+
+def test_token_id_prompt_equals_text_prompt(engine, baseline):
+    r = engine.generate(engine.tokenizer.encode("Hello"), max_new_tokens=12, ignore_eos=True)
+    assert r.token_ids == baseline.token_ids
+
+
+def test_sampling_is_reproducible_and_seeded(engine):
+    kw = dict(max_new_tokens=16, temperature=1.0, ignore_eos=True)
+    a = engine.generate("Hi", seed=1, **kw).token_ids
+    assert engine.generate("Hi", seed=1, **kw).token_ids == a
+    assert engine.generate("Hi", seed=2, **kw).token_ids != a
+
+
+def test_top_k_and_top_p_restrict_the_choice(engine):
+    greedy = engine.generate("Hi", max_new_tokens=8, ignore_eos=True).token_ids
+    assert engine.generate("Hi", max_new_tokens=8, temperature=0.7, top_k=1,
+                           ignore_eos=True, seed=3).token_ids == greedy
+    assert engine.generate("Hi", max_new_tokens=8, temperature=0.7, top_p=1e-6,
+                           ignore_eos=True, seed=3).token_ids == greedy
+    r = engine.generate("Hi", max_new_tokens=8, temperature=5.0, top_k=3, seed=4,
+                        ignore_eos=True, output_logits=True)
+    for token, row in zip(r.token_ids, r.logits):
+        assert token in torch.topk(row, 3).indices.tolist()
+
+
+def test_stream_callback_gets_every_token(engine, baseline):
+    seen, pieces = [], []
+    engine.generate("Hello", max_new_tokens=12, ignore_eos=True,
+                    stream=lambda t, s: (seen.append(t), pieces.append(s)))
+    assert seen == baseline.token_ids
+    assert "".join(pieces) == baseline.text
+
+
+def test_stop_tokens(engine, baseline):
+    stop = baseline.token_ids[4]
+    first = baseline.token_ids.index(stop)
+    r = engine.generate("Hello", max_new_tokens=12, stop_token_ids=[stop], ignore_eos=True)
+    assert r.finish_reason == "stop" and r.token_ids == baseline.token_ids[:first + 1]
+
+
+def test_eos_stops_unless_ignored(engine, baseline):
+    import dataclasses
+
+    eos = baseline.token_ids[3]
+    first = baseline.token_ids.index(eos)
+    with_eos = megakernel.Engine(engine.weights, engine.tokenizer, engine.backend,
+                                 engine.kv_cache, engine.max_seq_len)
+    with_eos.config = dataclasses.replace(engine.config, eos_token_ids=(eos,))
+    r = with_eos.generate("Hello", max_new_tokens=12)
+    assert r.finish_reason == "stop" and r.token_ids == baseline.token_ids[:first + 1]
+    r = with_eos.generate("Hello", max_new_tokens=12, ignore_eos=True)
+    assert r.finish_reason == "length" and r.token_ids == baseline.token_ids
+
+
+BAD_REQUESTS = [
+    (dict(prompt=""), "empty"),
+    (dict(prompt=[]), "empty"),
+    (dict(prompt=[1, 2, 10_000]), "out of range"),
+    (dict(prompt=[1, -1]), "out of range"),
+    (dict(prompt=[1.5]), "integer"),
+    (dict(prompt="x" * 200), "longer than max_seq_len"),
+    (dict(prompt="Hello", max_new_tokens=200), "exceeds max_seq_len"),
+    (dict(prompt="Hello", max_new_tokens=0), "max_new_tokens"),
+    (dict(prompt="Hello", temperature=-0.1), "temperature"),
+    (dict(prompt="Hello", top_p=0.0), "top_p"),
+    (dict(prompt="Hello", top_p=1.5), "top_p"),
+    (dict(prompt="Hello", top_k=-1), "top_k"),
+    (dict(prompt="Hello", chat=True), "chat template"),
+]
+
+
+@pytest.mark.parametrize("kwargs,message", BAD_REQUESTS)
+def test_bad_requests_fail_clearly_and_engine_keeps_working(engine, baseline, kwargs, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        engine.generate(**kwargs)
+    again = engine.generate("Hello", max_new_tokens=12, ignore_eos=True)
+    assert again.token_ids == baseline.token_ids
+
+
+def test_text_prompt_without_tokenizer(tmp_path):
+    from megakernel.loading import save_pretrained
+    from megakernel.presets import PRESETS, random_weights
+
+    save_pretrained(random_weights(PRESETS["tiny"], seed=0), tmp_path)
+    engine = megakernel.Engine.from_pretrained(str(tmp_path), device="cpu", max_seq_len=64)
+    assert engine.tokenizer is None
+    with pytest.raises(InvalidRequestError, match="no tokenizer"):
+        engine.generate("Hello")
+    assert len(engine.generate([1, 2, 3], max_new_tokens=3, ignore_eos=True).token_ids) == 3
+
+
+def test_kv_exhaustion_is_an_error_before_any_work(engine, baseline):
+    small = PagedKVCache(engine.config, max_seq_len=128, page_size=16, num_pages=2)
+    from megakernel.backends.torch_backend import TorchBackend
+    tight = megakernel.Engine(engine.weights, engine.tokenizer,
+                              TorchBackend(engine.weights, small), small, max_seq_len=128)
+    with pytest.raises(KVCacheExhaustedError, match="exhausted"):
+        tight.generate("Hello", max_new_tokens=40)
+    r = tight.generate("Hello", max_new_tokens=12, ignore_eos=True)
+    assert r.token_ids == baseline.token_ids
+
+
+def test_interrupt_leaves_engine_usable(engine, baseline):
+    def stream(token, piece):
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        calls.append(token)
+
+    calls = []
+    with pytest.raises(KeyboardInterrupt):
+        engine.generate("Hello", max_new_tokens=12, ignore_eos=True, stream=stream)
+    assert calls == baseline.token_ids[:3]
+    assert engine.generate("Hello", max_new_tokens=12, ignore_eos=True).token_ids == \
+        baseline.token_ids
+
+
+def test_backend_choice_errors():
+    with pytest.raises(InvalidRequestError, match="unknown backend"):
+        megakernel.Engine.from_pretrained("random:tiny", backend="nope", device="cpu")
+    with pytest.raises(InvalidRequestError, match="max_seq_len"):
+        megakernel.Engine.from_pretrained("random:tiny", device="cpu", max_seq_len=0)
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendUnavailableError, match="megakernel"):
+            megakernel.Engine.from_pretrained("random:tiny", backend="megakernel")
+        with pytest.raises(BackendUnavailableError, match="CUDA"):
+            megakernel.Engine.from_pretrained("random:tiny", device="cuda")
+
+
+def test_default_backend_on_cpu_is_torch():
+    engine = megakernel.Engine.from_pretrained("random:tiny", max_seq_len=64)
+    if not torch.cuda.is_available():
+        assert engine.backend_name == "torch" and engine.weights.dtype == torch.float32
+
+
+def test_backends_agree(baseline):
+    ref = megakernel.Engine.from_pretrained("random:tiny", device="cpu", backend="reference",
+                                            max_seq_len=128)
+    r = ref.generate("Hello", max_new_tokens=12, ignore_eos=True)
+    assert r.token_ids == baseline.token_ids
+
+
+def test_one_shot_generate(baseline):
+    r = megakernel.generate("random:tiny", "Hello", max_new_tokens=12, ignore_eos=True,
+                            device="cpu", backend="torch", max_seq_len=128)
+    assert r.token_ids == baseline.token_ids
