@@ -46,8 +46,9 @@ def hf_llama_config(num_heads=4, num_kv_heads=2, head_dim=64, hidden=None, layer
     return LlamaConfig(**kwargs)
 
 
-def write_hf_checkpoint(path, hf_config, seed=0, dtype=torch.float32):
-    """Save a randomly initialised LlamaForCausalLM; returns the fp32 model."""
+def write_hf_checkpoint(path, hf_config, seed=0, dtype=torch.float32, logit_scale=1.0):
+    """Save a randomly initialised LlamaForCausalLM; returns the fp32 model (with the
+    weights as saved, i.e. rounded to `dtype`). logit_scale > 1 makes logits peaked."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -60,5 +61,6 @@ def write_hf_checkpoint(path, hf_config, seed=0, dtype=torch.float32):
                 p.normal_(0.0, 0.08)
             else:
                 p.uniform_(0.8, 1.2)
+        model.get_output_embeddings().weight.mul_(logit_scale)
     model.to(dtype).save_pretrained(path)
     return model.to(torch.float32)

@@ -1,0 +1,132 @@
+"""Whole-model checks of the megakernel backend on the GPU: parity with transformers,
+token-exact agreement with the reference interpreter, long contexts and long runs."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import megakernel
+from conftest import hf_llama_config, write_hf_checkpoint
+from tolerances import RELATIVE_TOLERANCE, relative_error
+
+pytestmark = pytest.mark.gpu
+
+CONFIGS = {
+    "gqa4-hd64": dict(num_heads=8, num_kv_heads=2, head_dim=64, intermediate=1376),
+    "gqa8-hd128-tied": dict(num_heads=8, num_kv_heads=1, head_dim=128, tied=True,
+                            intermediate=2048),
+    "gqa4-hd128-llama3": dict(num_heads=4, num_kv_heads=1, head_dim=128, rope_scaling=True,
+                              intermediate=1024, vocab=1003),
+    "gqa1-hd64-tied": dict(num_heads=4, num_kv_heads=4, head_dim=64, tied=True),
+}
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def checkpoint(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    hf_config = hf_llama_config(**CONFIGS[request.param])
+    hf_config.max_position_embeddings = 16384
+    model = write_hf_checkpoint(path, hf_config, seed=2, dtype=torch.bfloat16, logit_scale=3.0)
+    return path, model
+
+
+def hf_logits(model, prompt, new_tokens):
+    """Teacher-forced float32 logits at the positions that produced new_tokens."""
+    ids = torch.tensor([prompt + new_tokens[:-1]], device="cuda")
+    with torch.no_grad():
+        logits = model.to("cuda")(ids).logits[0].float()
+    model.to("cpu")
+    return logits[len(prompt) - 1:].cpu()
+
+
+def make_engine(path, max_seq_len):
+    return megakernel.Engine.from_pretrained(str(path), device="cuda", backend="megakernel",
+                                             max_seq_len=max_seq_len, page_size=16,
+                                             shuffle_pages_seed=11, poison_cache=True)
+
+
+@pytest.mark.parametrize("prompt_len", [1, 37, 1500])
+def test_parity_with_transformers(checkpoint, prompt_len):
+    path, model = checkpoint
+    engine = make_engine(path, max_seq_len=2048)
+    prompt = torch.randint(3, 200, (prompt_len,), generator=torch.Generator().manual_seed(
+        prompt_len)).tolist()
+    result = engine.generate(prompt, max_new_tokens=24, ignore_eos=True, output_logits=True)
+    expected = hf_logits(model, prompt, result.token_ids)
+    assert relative_error(result.logits, expected) < RELATIVE_TOLERANCE[torch.bfloat16]
+    # Greedy choices agree wherever transformers' own margin is clear of bf16 noise.
+    top2 = expected.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 0.1
+    chosen = torch.tensor(result.token_ids)
+    assert torch.equal(chosen[clear], expected.argmax(-1)[clear])
+
+
+@pytest.mark.slow
+def test_parity_at_8k_context(checkpoint):
+    path, model = checkpoint
+    engine = make_engine(path, max_seq_len=8300)
+    prompt = torch.randint(3, 200, (8160,), generator=torch.Generator().manual_seed(0)).tolist()
+    result = engine.generate(prompt, max_new_tokens=40, ignore_eos=True, output_logits=True)
+    expected = hf_logits(model, prompt, result.token_ids)
+    assert relative_error(result.logits, expected) < RELATIVE_TOLERANCE[torch.bfloat16]
+
+
+def test_greedy_tokens_equal_reference_over_128_steps(checkpoint):
+    """Same bf16 weights and bf16 KV cache: the CPU interpreter and the kernel differ only
+    in summation order, which must not flip a single greedy token of a peaked model."""
+    path, _ = checkpoint
+    prompt = [1, 5, 9, 33, 7]
+    gpu = make_engine(path, max_seq_len=256).generate(prompt, max_new_tokens=128,
+                                                      ignore_eos=True)
+    ref = megakernel.Engine.from_pretrained(str(path), device="cpu", backend="reference",
+                                            dtype=torch.bfloat16, max_seq_len=256)
+    expected = ref.generate(prompt, max_new_tokens=128, ignore_eos=True)
+    assert gpu.token_ids == expected.token_ids
+
+
+def test_one_launch_per_decode_step(checkpoint):
+    path, _ = checkpoint
+    engine = make_engine(path, max_seq_len=256)
+    before = engine.backend.launches
+    engine.generate([1, 2, 3], max_new_tokens=17, ignore_eos=True)
+    # 16 decode steps after the prefill's token, plus the one pipelined extra step at most.
+    assert engine.backend.launches - before in (16, 17)
+
+
+@pytest.mark.slow
+def test_long_run_to_max_seq_len_on_1b():
+    """Generate up to max_seq_len on the 1B shape: no error, no memory growth, the same
+    tokens twice, and teacher-forced logits at checkpoints that match the torch backend."""
+    max_len = 8192
+    engine = megakernel.Engine.from_pretrained("random:llama-3.2-1b", device="cuda",
+                                               backend="megakernel", max_seq_len=max_len)
+    prompt = list(range(1000, 1032))
+    n_new = max_len - len(prompt)
+    first = engine.generate(prompt, max_new_tokens=n_new, ignore_eos=True)
+    torch.cuda.synchronize()
+    mem = torch.cuda.memory_allocated()
+    second = engine.generate(prompt, max_new_tokens=n_new, ignore_eos=True)
+    torch.cuda.synchronize()
+    assert len(first.token_ids) == n_new
+    assert second.token_ids == first.token_ids
+    assert torch.cuda.memory_allocated() <= mem
+
+    # Teacher forcing: feed the generated sequence through the torch backend and compare
+    # the logits the megakernel produced at a few checkpoints along the run.
+    torch_engine = megakernel.Engine(engine.weights, engine.tokenizer,
+                                     megakernel.engine.make_backend(
+                                         "torch", engine.weights, engine.kv_cache, max_len),
+                                     engine.kv_cache, max_len)
+    sequence = prompt + first.token_ids
+    for checkpoint_pos in (64, 2048, max_len - 2):
+        torch_engine.kv_cache.release()
+        torch_engine.kv_cache.reserve(checkpoint_pos + 1)
+        ref = torch_engine.backend.prefill(torch.tensor(sequence[:checkpoint_pos + 1],
+                                                        device="cuda"), 0).logits.float()
+        engine.kv_cache.release()
+        engine.kv_cache.reserve(checkpoint_pos + 2)
+        engine.backend.reset()
+        engine.backend.prefill(torch.tensor(sequence[:checkpoint_pos], device="cuda"), 0)
+        got = engine.backend.decode(torch.tensor(sequence[checkpoint_pos], device="cuda"),
+                                    checkpoint_pos).logits.float()
+        assert relative_error(got.cpu(), ref.cpu()) < RELATIVE_TOLERANCE[torch.bfloat16]
