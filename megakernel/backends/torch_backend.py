@@ -63,8 +63,11 @@ class TorchBackend(Backend):
             q = apply_rope(qkv[:, :c.q_size].view(T, nq, hd), cos, sin)
             k = apply_rope(qkv[:, c.q_size:c.q_size + c.kv_size].view(T, nkv, hd), cos, sin)
             v = qkv[:, c.q_size + c.kv_size:].view(T, nkv, hd)
-            kv.k[layer, slot_page, slot_offset] = k.to(kv.k.dtype)
-            kv.v[layer, slot_page, slot_offset] = v.to(kv.v.dtype)
+            # index_put_ on the whole pool (not on a per-layer view) so torch.compile
+            # updates it in place instead of copying the pool every step.
+            layer_index = torch.full_like(slot_page, layer)
+            kv.k.index_put_((layer_index, slot_page, slot_offset), k.to(kv.k.dtype))
+            kv.v.index_put_((layer_index, slot_page, slot_offset), v.to(kv.v.dtype))
             keys = kv.k[layer, pages].reshape(-1, nkv, hd).float()          # [K, nkv, hd]
             values = kv.v[layer, pages].reshape(-1, nkv, hd).float()
             # Slots past the context hold whatever the pool had (NaN when poisoned):
