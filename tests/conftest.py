@@ -63,4 +63,6 @@ def write_hf_checkpoint(path, hf_config, seed=0, dtype=torch.float32, logit_scal
                 p.uniform_(0.8, 1.2)
         model.get_output_embeddings().weight.mul_(logit_scale)
     model.to(dtype).save_pretrained(path)
-    return model.to(torch.float32)
+    # Reload rather than upcast: casting the module to bf16 also rounds its RoPE inverse
+    # frequencies, an error that grows with position and is not in the checkpoint.
+    return LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

@@ -1,0 +1,272 @@
+// Torch binding of the persistent kernel: checks tensors, fills the plain KernelParams and
+// calls the launcher on the current stream. All torch glue lives here so the .cu files
+// compile without torch headers.
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <pybind11/stl.h>
+#include <torch/extension.h>
+
+#include <cstring>
+#include <optional>
+#include <string>
+
+#include "instruction_layout.h"
+#include "launcher.h"
+
+namespace {
+
+void check_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t dim,
+                  const at::Device& device) {
+  TORCH_CHECK(t.is_cuda(), "megakernel: '", name, "' must be a CUDA tensor");
+  TORCH_CHECK(t.device() == device, "megakernel: '", name, "' is on ", t.device(),
+              ", expected ", device);
+  TORCH_CHECK(t.scalar_type() == dtype, "megakernel: '", name, "' has dtype ", t.scalar_type(),
+              ", expected ", dtype);
+  TORCH_CHECK(dim < 0 || t.dim() == dim, "megakernel: '", name, "' must have ", dim,
+              " dimensions, got ", t.dim());
+  TORCH_CHECK(t.is_contiguous(), "megakernel: '", name, "' must be contiguous");
+}
+
+template <typename T>
+T* ptr(const at::Tensor& t) {
+  return static_cast<T*>(t.data_ptr());
+}
+
+int as_int(int64_t v, const char* what) {
+  TORCH_CHECK(v >= 0 && v <= INT32_MAX, "megakernel: ", what, " out of range: ", v);
+  return static_cast<int>(v);
+}
+
+// Launches one step of the program (all tensors on one CUDA device, current stream).
+// Mutated: counters, queue, error_record, step_result, profile, host_status, the activations
+// (hidden ... next_token) and k_cache / v_cache.
+void launch(const at::Tensor& instructions, at::Tensor counters, at::Tensor queue,
+            at::Tensor error_record, std::optional<at::Tensor> step_result,
+            std::optional<at::Tensor> profile, std::optional<at::Tensor> host_status,
+            const at::Tensor& step_input, at::Tensor hidden,
+            at::Tensor q, at::Tensor attn_partial_out, at::Tensor attn_partial_lse,
+            at::Tensor attn_out, at::Tensor mlp_act, at::Tensor logits, at::Tensor argmax_value,
+            at::Tensor argmax_index, at::Tensor next_token, const at::Tensor& embed,
+            const at::Tensor& attn_norm, const at::Tensor& qkv, const at::Tensor& o_proj,
+            const at::Tensor& mlp_norm, const at::Tensor& gate_up, const at::Tensor& down,
+            const at::Tensor& final_norm, const at::Tensor& lm_head, const at::Tensor& rope_cos,
+            const at::Tensor& rope_sin, at::Tensor k_cache, at::Tensor v_cache,
+            const at::Tensor& page_table, double rms_norm_eps, int64_t epoch,
+            int64_t timeout_ns, int64_t num_blocks, int64_t prefetch_bytes) {
+  const at::Device device = hidden.device();
+  const auto f32 = at::kFloat, i32 = at::kInt, i64 = at::kLong, bf16 = at::kBFloat16;
+  check_tensor(instructions, "instructions", i32, 2, device);
+  TORCH_CHECK(instructions.size(1) == mk::kInstructionWords,
+              "megakernel: instructions must be [N, ", mk::kInstructionWords, "]");
+  check_tensor(counters, "counters", i64, 1, device);
+  check_tensor(queue, "queue", i64, 1, device);
+  TORCH_CHECK(queue.numel() >= mk::kQueueWords, "megakernel: queue needs ", mk::kQueueWords,
+              " words");
+  check_tensor(error_record, "error_record", i64, 1, device);
+  TORCH_CHECK(error_record.numel() >= mk::kErrorWords, "megakernel: error_record needs ",
+              mk::kErrorWords, " words");
+  if (step_result) check_tensor(*step_result, "step_result", i64, -1, device);
+  if (profile) {
+    check_tensor(*profile, "profile", i64, 2, device);
+    TORCH_CHECK(profile->size(0) >= instructions.size(0) && profile->size(1) == mk::kProfileWords,
+                "megakernel: profile must be [N, ", mk::kProfileWords, "]");
+  }
+  int64_t* host_status_device = nullptr;
+  if (host_status) {
+    TORCH_CHECK(host_status->device().is_cpu() && host_status->scalar_type() == i64 &&
+                    host_status->is_contiguous() && host_status->numel() >= mk::kHostStatusWords,
+                "megakernel: host_status must be a CPU int64 tensor from alloc_host_status()");
+    void* dptr = nullptr;
+    const cudaError_t err = cudaHostGetDevicePointer(&dptr, host_status->data_ptr(), 0);
+    TORCH_CHECK(err == cudaSuccess, "megakernel: host_status is not mapped pinned memory: ",
+                cudaGetErrorString(err));
+    host_status_device = static_cast<int64_t*>(dptr);
+  }
+  check_tensor(step_input, "step_input", i32, 2, device);
+  TORCH_CHECK(step_input.size(0) == 2, "megakernel: step_input must be [2, T]");
+  check_tensor(k_cache, "k_cache", bf16, 5, device);
+  check_tensor(v_cache, "v_cache", bf16, 5, device);
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "megakernel: k_cache and v_cache differ");
+  check_tensor(page_table, "page_table", i32, 2, device);
+  check_tensor(qkv, "qkv", bf16, 3, device);
+  check_tensor(down, "down", bf16, 3, device);
+  check_tensor(lm_head, "lm_head", bf16, 2, device);
+
+  const int64_t T = step_input.size(1);
+  const int64_t L = qkv.size(0), H = qkv.size(2), I = down.size(2), V = lm_head.size(0);
+  const int64_t nkv = k_cache.size(3), hd = k_cache.size(4);
+  const int64_t nq = hd > 0 ? q.size(-1) / hd : 0;
+  const int64_t P = attn_partial_lse.dim() == 3 ? attn_partial_lse.size(2) : 0;
+  const int64_t B = argmax_value.dim() == 2 ? argmax_value.size(1) : 0;
+
+  check_tensor(hidden, "hidden", f32, 2, device);
+  check_tensor(q, "q", f32, 2, device);
+  check_tensor(attn_partial_out, "attn_partial_out", f32, 4, device);
+  check_tensor(attn_partial_lse, "attn_partial_lse", f32, 3, device);
+  check_tensor(attn_out, "attn_out", f32, 2, device);
+  check_tensor(mlp_act, "mlp_act", f32, 2, device);
+  check_tensor(logits, "logits", f32, 2, device);
+  check_tensor(argmax_value, "argmax_value", f32, 2, device);
+  check_tensor(argmax_index, "argmax_index", i32, 2, device);
+  check_tensor(next_token, "next_token", i32, 1, device);
+  TORCH_CHECK(hidden.sizes() == at::IntArrayRef({T, H}), "megakernel: hidden must be [T, H]");
+  TORCH_CHECK(q.sizes() == at::IntArrayRef({T, nq * hd}) && attn_out.sizes() == q.sizes(),
+              "megakernel: q and attn_out must be [T, nq * hd]");
+  TORCH_CHECK(attn_partial_out.sizes() == at::IntArrayRef({T, nq, P, hd}),
+              "megakernel: attn_partial_out must be [T, nq, P, hd]");
+  TORCH_CHECK(attn_partial_lse.size(0) == T && attn_partial_lse.size(1) == nq,
+              "megakernel: attn_partial_lse must be [T, nq, P]");
+  TORCH_CHECK(mlp_act.sizes() == at::IntArrayRef({T, I}), "megakernel: mlp_act must be [T, I]");
+  TORCH_CHECK(logits.sizes() == at::IntArrayRef({T, V}), "megakernel: logits must be [T, V]");
+  TORCH_CHECK(argmax_index.sizes() == argmax_value.sizes() && argmax_value.size(0) == T,
+              "megakernel: argmax buffers must be [T, B]");
+  TORCH_CHECK(next_token.size(0) >= T, "megakernel: next_token must be [T]");
+
+  check_tensor(embed, "embed", bf16, 2, device);
+  check_tensor(attn_norm, "attn_norm", bf16, 2, device);
+  check_tensor(o_proj, "o_proj", bf16, 3, device);
+  check_tensor(mlp_norm, "mlp_norm", bf16, 2, device);
+  check_tensor(gate_up, "gate_up", bf16, 3, device);
+  check_tensor(final_norm, "final_norm", bf16, 1, device);
+  check_tensor(rope_cos, "rope_cos", f32, 2, device);
+  check_tensor(rope_sin, "rope_sin", f32, 2, device);
+  TORCH_CHECK(embed.sizes() == at::IntArrayRef({V, H}), "megakernel: embed must be [V, H]");
+  TORCH_CHECK(lm_head.size(1) == H, "megakernel: lm_head must be [V, H]");
+  TORCH_CHECK(attn_norm.sizes() == at::IntArrayRef({L, H}) && mlp_norm.sizes() == attn_norm.sizes(),
+              "megakernel: attn_norm / mlp_norm must be [L, H]");
+  TORCH_CHECK(final_norm.size(0) == H, "megakernel: final_norm must be [H]");
+  TORCH_CHECK(qkv.size(1) == (nq + 2 * nkv) * hd, "megakernel: qkv must be [L, (nq + 2 nkv) hd, H]");
+  TORCH_CHECK(o_proj.sizes() == at::IntArrayRef({L, H, nq * hd}), "megakernel: o_proj must be [L, H, nq hd]");
+  TORCH_CHECK(gate_up.sizes() == at::IntArrayRef({L, 2 * I, H}), "megakernel: gate_up must be [L, 2 I, H]");
+  TORCH_CHECK(down.sizes() == at::IntArrayRef({L, H, I}), "megakernel: down must be [L, H, I]");
+  TORCH_CHECK(rope_cos.size(1) == hd / 2 && rope_sin.sizes() == rope_cos.sizes(),
+              "megakernel: rope tables must be [max_positions, hd / 2]");
+  TORCH_CHECK(k_cache.size(0) == L, "megakernel: KV cache must have one entry per layer");
+
+  mk::KernelParams p{};
+  p.instructions = ptr<const int32_t>(instructions);
+  p.num_instructions = as_int(instructions.size(0), "instruction count");
+  p.counters = reinterpret_cast<uint64_t*>(counters.data_ptr());
+  p.num_counters = as_int(counters.numel(), "counter count");
+  p.queue = reinterpret_cast<uint64_t*>(queue.data_ptr());
+  p.error_record = ptr<int64_t>(error_record);
+  p.step_result = step_result ? ptr<int64_t>(*step_result) : nullptr;
+  p.profile = profile ? ptr<int64_t>(*profile) : nullptr;
+  p.host_status = host_status_device;
+  p.epoch = epoch;
+  p.timeout_ns = timeout_ns;
+  p.prefetch_bytes = static_cast<uint32_t>(as_int(prefetch_bytes, "prefetch_bytes"));
+  p.step_input = ptr<const int32_t>(step_input);
+  p.num_tokens = as_int(T, "token count");
+  p.hidden = ptr<float>(hidden);
+  p.q = ptr<float>(q);
+  p.attn_partial_out = ptr<float>(attn_partial_out);
+  p.attn_partial_lse = ptr<float>(attn_partial_lse);
+  p.attn_out = ptr<float>(attn_out);
+  p.mlp_act = ptr<float>(mlp_act);
+  p.logits = ptr<float>(logits);
+  p.argmax_value = ptr<float>(argmax_value);
+  p.argmax_index = ptr<int32_t>(argmax_index);
+  p.next_token = ptr<int32_t>(next_token);
+  p.attn_partitions = as_int(P, "attention partitions");
+  p.lm_head_blocks = as_int(B, "LM-head blocks");
+  p.embed = embed.data_ptr();
+  p.attn_norm = attn_norm.data_ptr();
+  p.qkv = qkv.data_ptr();
+  p.o_proj = o_proj.data_ptr();
+  p.mlp_norm = mlp_norm.data_ptr();
+  p.gate_up = gate_up.data_ptr();
+  p.down = down.data_ptr();
+  p.final_norm = final_norm.data_ptr();
+  p.lm_head = lm_head.data_ptr();
+  p.rope_cos = ptr<const float>(rope_cos);
+  p.rope_sin = ptr<const float>(rope_sin);
+  p.rope_max_positions = as_int(rope_cos.size(0), "RoPE positions");
+  p.k_cache = k_cache.data_ptr();
+  p.v_cache = v_cache.data_ptr();
+  p.page_table = ptr<const int32_t>(page_table);
+  p.num_pages = as_int(k_cache.size(1), "page count");
+  p.page_size = as_int(k_cache.size(2), "page size");
+  p.max_pages = as_int(page_table.size(1), "pages per sequence");
+  p.num_layers = as_int(L, "layers");
+  p.hidden_size = as_int(H, "hidden size");
+  p.intermediate_size = as_int(I, "intermediate size");
+  p.vocab_size = as_int(V, "vocab size");
+  p.num_heads = as_int(nq, "query heads");
+  p.num_kv_heads = as_int(nkv, "KV heads");
+  p.head_dim = as_int(hd, "head_dim");
+  p.rms_norm_eps = static_cast<float>(rms_norm_eps);
+
+  const c10::cuda::CUDAGuard guard(device);
+  mk::check_device_supported();
+  mk::launch_megakernel(p, as_int(num_blocks, "num_blocks"),
+                        c10::cuda::getCurrentCUDAStream(device.index()).stream());
+}
+
+// A zeroed CPU int64 tensor [kHostStatusWords] in mapped pinned memory that the kernel
+// writes its error code into, so the host can check for faults without a device sync.
+at::Tensor alloc_host_status() {
+  void* host = nullptr;
+  const size_t bytes = mk::kHostStatusWords * sizeof(int64_t);
+  const cudaError_t err = cudaHostAlloc(&host, bytes, cudaHostAllocMapped);
+  TORCH_CHECK(err == cudaSuccess, "megakernel: cudaHostAlloc failed: ", cudaGetErrorString(err));
+  std::memset(host, 0, bytes);
+  return torch::from_blob(host, {mk::kHostStatusWords}, [](void* ptr) { cudaFreeHost(ptr); },
+                          torch::TensorOptions().dtype(torch::kInt64));
+}
+
+// Number of SMs of the current CUDA device (the grid size of a launch).
+int64_t sm_count() { return mk::device_sm_count(); }
+
+// Raises RuntimeError unless the current device is sm_90 (H100 / H200).
+void check_device() { mk::check_device_supported(); }
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "megakernel: the persistent decode kernel (csrc/interpreter.cu)";
+  m.def("launch", &launch,
+        "Launch one step of the instruction stream on the current stream (mutates counters, "
+        "queue, error_record, step_result, profile, activations and the KV cache).",
+        py::arg("instructions"), py::arg("counters"), py::arg("queue"), py::arg("error_record"),
+        py::arg("step_result"), py::arg("profile"), py::arg("host_status"),
+        py::arg("step_input"), py::arg("hidden"),
+        py::arg("q"), py::arg("attn_partial_out"), py::arg("attn_partial_lse"),
+        py::arg("attn_out"), py::arg("mlp_act"), py::arg("logits"), py::arg("argmax_value"),
+        py::arg("argmax_index"), py::arg("next_token"), py::arg("embed"), py::arg("attn_norm"),
+        py::arg("qkv"), py::arg("o_proj"), py::arg("mlp_norm"), py::arg("gate_up"),
+        py::arg("down"), py::arg("final_norm"), py::arg("lm_head"), py::arg("rope_cos"),
+        py::arg("rope_sin"), py::arg("k_cache"), py::arg("v_cache"), py::arg("page_table"),
+        py::arg("rms_norm_eps"), py::arg("epoch"), py::arg("timeout_ns"),
+        py::arg("num_blocks") = 0,
+        py::arg("prefetch_bytes") = static_cast<int64_t>(mk::kDefaultPrefetchBytes));
+  m.def("alloc_host_status", &alloc_host_status,
+        "Zeroed int64 CPU tensor in mapped pinned memory for launch(host_status=...).");
+  m.def("sm_count", &sm_count, "Number of SMs of the current CUDA device.");
+  m.def("check_device", &check_device, "Raise RuntimeError unless the current device is sm_90.");
+  m.def("profiling_compiled", &mk::profiling_compiled,
+        "Whether the kernel was built with MEGAKERNEL_PROFILE (per-instruction timestamps).");
+  // Layouts of the small int64 state buffers, so Python never hard-codes an offset.
+  m.attr("ERROR_WORDS") = py::dict(
+      py::arg("code") = static_cast<int>(mk::kErrCode),
+      py::arg("instruction") = static_cast<int>(mk::kErrInstruction),
+      py::arg("opcode") = static_cast<int>(mk::kErrOpcode),
+      py::arg("layer") = static_cast<int>(mk::kErrLayer),
+      py::arg("counter") = static_cast<int>(mk::kErrCounter),
+      py::arg("seen") = static_cast<int>(mk::kErrSeen),
+      py::arg("target") = static_cast<int>(mk::kErrTarget),
+      py::arg("block") = static_cast<int>(mk::kErrBlock));
+  m.attr("ERROR_CODES") = py::dict(
+      py::arg("timeout") = static_cast<int>(mk::kErrTimeout),
+      py::arg("unsupported_tokens") = static_cast<int>(mk::kErrUnsupportedTokens),
+      py::arg("bad_opcode") = static_cast<int>(mk::kErrBadOpcode),
+      py::arg("bad_counter") = static_cast<int>(mk::kErrBadCounter),
+      py::arg("bad_token") = static_cast<int>(mk::kErrBadToken),
+      py::arg("bad_position") = static_cast<int>(mk::kErrBadPosition));
+  m.attr("ERROR_RECORD_WORDS") = mk::kErrorWords;
+  m.attr("QUEUE_WORDS") = mk::kQueueWords;
+  m.attr("PROFILE_WORDS") = mk::kProfileWords;
+  m.attr("HOST_STATUS_WORDS") = mk::kHostStatusWords;
+  m.attr("DEFAULT_PREFETCH_BYTES") = static_cast<int64_t>(mk::kDefaultPrefetchBytes);
+  m.attr("INSTRUCTION_WORDS") = mk::kInstructionWords;
+}

@@ -1,0 +1,303 @@
+// Device-side vocabulary shared by the interpreter and every op: block shape, memory
+// access flavours (weights through the non-coherent path with an evict-first L2 hint,
+// activations written during the launch through L2 only), reductions and barriers.
+#pragma once
+
+#include <cstdint>
+#include <cuda_bf16.h>
+
+#include "instruction_layout.h"
+#include "launcher.h"
+
+namespace mk {
+
+// Block shape: kComputeWarps warps run the ops; one controller warp claims, fetches and
+// prefetches the next instruction and does the waits and signals. 15 + 1 warps = 512
+// threads leave 128 registers per thread (attention keeps 8 heads' state in registers).
+constexpr int kWarpSize = 32;
+constexpr int kComputeWarps = 15;
+constexpr int kComputeThreads = kComputeWarps * kWarpSize;
+constexpr int kControllerWarp = kComputeWarps;
+constexpr int kThreads = kComputeThreads + kWarpSize;
+// Named barrier for the compute warps only (barrier 0 is __syncthreads).
+constexpr int kComputeBarrier = 1;
+
+// Mat-vec: a weight chunk is 16 bytes = 8 bf16; each lane keeps kMatvecUnroll chunks of
+// every row it works on in flight (15 warps x 32 lanes x 8 x 16 B = 60 KB per SM).
+constexpr int kChunkElems = 8;
+constexpr int kMatvecUnroll = 8;
+
+// Attention: query heads per KV head handled by one instruction, tokens per warp step.
+constexpr int kMaxGroup = 8;
+constexpr int kAttnTokensPerStep = 4;
+
+// L2 prefetches of the next instruction's weights are issued in pieces of this size.
+constexpr uint32_t kPrefetchPiece = 16 * 1024;
+
+static_assert(kThreads <= 1024, "block too large");
+static_assert(kThreads * 128 <= 64 * 1024, "128 registers per thread must fit one SM");
+static_assert(kComputeWarps <= kWarpSize, "compute_sum reduces one value per warp in a warp");
+
+// ---------------------------------------------------------------------------------------
+// Barriers and reductions.
+
+__device__ __forceinline__ void compute_sync() {
+  asm volatile("barrier.sync %0, %1;" ::"n"(kComputeBarrier), "n"(kComputeThreads) : "memory");
+}
+
+// Whole-block barrier. Not .aligned (unlike __syncthreads): the controller and compute
+// warps reach it from different places in the code.
+__device__ __forceinline__ void block_sync() {
+  asm volatile("barrier.sync 0;" ::: "memory");
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = kWarpSize / 2; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = kWarpSize / 2; o > 0; o /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Sum over the compute threads; every compute thread gets the result. scratch: >= 32 floats.
+__device__ __forceinline__ float compute_sum(float v, float* scratch) {
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  v = warp_sum(v);
+  if (lane == 0) scratch[warp] = v;
+  compute_sync();
+  float total = lane < kComputeWarps ? scratch[lane] : 0.0f;
+  total = warp_sum(total);
+  compute_sync();  // scratch is free again
+  return total;
+}
+
+// ---------------------------------------------------------------------------------------
+// Loads and stores.
+
+// Weights: read-only for the whole launch, streamed once: non-coherent path, no L1
+// allocation, evict-first in L2.
+__device__ __forceinline__ uint64_t evict_first_policy() {
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+  return policy;
+}
+
+__device__ __forceinline__ uint4 load_weight(const uint4* ptr, uint64_t policy) {
+  uint4 v;
+  asm volatile(
+      "ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(ptr), "l"(policy));
+  return v;
+}
+
+// Small read-only vectors (norm gains, RoPE tables, instruction words).
+__device__ __forceinline__ float load_bf16_ro(const __nv_bfloat16* ptr) {
+  return __bfloat162float(__ldg(ptr));
+}
+
+// Activations and KV written by other blocks during this launch: after the acquire wait,
+// read them at L2 (.cg), never through the non-coherent or L1 path.
+__device__ __forceinline__ float load_act(const float* ptr) { return __ldcg(ptr); }
+__device__ __forceinline__ float4 load_act4(const float4* ptr) { return __ldcg(ptr); }
+
+// bf16 pairs packed in a 32-bit word (element 0 in the low half) to float.
+__device__ __forceinline__ float bf16_lo(uint32_t w) { return __uint_as_float(w << 16); }
+__device__ __forceinline__ float bf16_hi(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
+
+// sum_i w[i] * x[i] over 8 bf16 weights and 8 floats of shared memory.
+__device__ __forceinline__ float dot8(uint4 w, const float* x, float acc) {
+  const float4 a = *reinterpret_cast<const float4*>(x);
+  const float4 b = *reinterpret_cast<const float4*>(x + 4);
+  acc = fmaf(bf16_lo(w.x), a.x, acc);
+  acc = fmaf(bf16_hi(w.x), a.y, acc);
+  acc = fmaf(bf16_lo(w.y), a.z, acc);
+  acc = fmaf(bf16_hi(w.y), a.w, acc);
+  acc = fmaf(bf16_lo(w.z), b.x, acc);
+  acc = fmaf(bf16_hi(w.z), b.y, acc);
+  acc = fmaf(bf16_lo(w.w), b.z, acc);
+  acc = fmaf(bf16_hi(w.w), b.w, acc);
+  return acc;
+}
+
+// Dot products of kRows weight rows (bf16, k elements, 16-byte aligned) with a float
+// vector x in shared memory, by one warp. Each lane keeps kMatvecUnroll 16-byte chunks of
+// every row in flight before it consumes any: start() issues the first chunks, finish()
+// consumes them and streams the rest of the rows.
+template <int kRows>
+struct WarpRows {
+  const uint4* rows[kRows];
+  int count;   // rows in use (<= kRows); the others load nothing and sum to 0
+  int chunks;
+  uint4 w[kRows][kMatvecUnroll];
+
+  __device__ __forceinline__ void load(int c0, uint64_t policy) {
+#pragma unroll
+    for (int u = 0; u < kMatvecUnroll; ++u) {
+      const int c = c0 + u * kWarpSize;
+#pragma unroll
+      for (int r = 0; r < kRows; ++r)
+        w[r][u] = r < count && c < chunks ? load_weight(rows[r] + c, policy)
+                                          : make_uint4(0, 0, 0, 0);
+    }
+  }
+
+  __device__ __forceinline__ void start(const __nv_bfloat16* const (&row_ptrs)[kRows],
+                                        int rows_used, int k, uint64_t policy) {
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) rows[r] = reinterpret_cast<const uint4*>(row_ptrs[r]);
+    count = rows_used;
+    chunks = k / kChunkElems;
+    load(threadIdx.x % kWarpSize, policy);
+  }
+
+  // start() on the rows of group i of a run_matvec Groups.
+  template <typename Groups>
+  __device__ __forceinline__ void start_group(const Groups& g, int i, int rows_used, int k,
+                                              uint64_t policy) {
+    const __nv_bfloat16* ptrs[kRows];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) ptrs[r] = g.row(i, r < rows_used ? r : 0);
+    start(ptrs, rows_used, k, policy);
+  }
+
+  // The dot products, in every lane.
+  __device__ __forceinline__ void finish(const float* x, uint64_t policy, float (&out)[kRows]) {
+    const int lane = threadIdx.x % kWarpSize;
+    float acc[kRows];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) acc[r] = 0.0f;
+    for (int c0 = lane; c0 < chunks; c0 += kWarpSize * kMatvecUnroll) {
+      if (c0 != lane) load(c0, policy);
+#pragma unroll
+      for (int u = 0; u < kMatvecUnroll; ++u) {
+        const int c = c0 + u * kWarpSize;
+        if (c < chunks) {
+#pragma unroll
+          for (int r = 0; r < kRows; ++r) acc[r] = dot8(w[r][u], x + c * kChunkElems, acc[r]);
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) out[r] = warp_sum(acc[r]);
+  }
+};
+
+// Rows per warp pass: two rows share the activation reads and double the loads in flight.
+constexpr int kRowsPerPass = 2;
+
+// Norm gain (bf16, read-only) to float shared memory: done before the dependency wait.
+// Norm gain (bf16, read-only) to float shared memory: done before the dependency wait.
+__device__ __forceinline__ void stage_gain(float* dst, const __nv_bfloat16* gain, int n) {
+  for (int i = threadIdx.x; i < n; i += kComputeThreads) dst[i] = load_bf16_ro(gain + i);
+}
+
+// Copy a float vector written during this launch (n % 4 == 0) into shared memory with
+// the compute threads; returns this thread's partial sum of squares.
+__device__ __forceinline__ float stage_vector(float* dst, const float* src, int n) {
+  float sq = 0.0f;
+  for (int i = threadIdx.x; i < n / 4; i += kComputeThreads) {
+    const float4 v = load_act4(reinterpret_cast<const float4*>(src) + i);
+    reinterpret_cast<float4*>(dst)[i] = v;
+    sq += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+  }
+  return sq;
+}
+
+// dst = RMSNorm(src, gain) in float32, as instructions.base.rms_norm:
+// x * rsqrt(mean(x^2) + eps) * gain, with gain already staged (stage_gain) in shared
+// memory. Ends with the compute warps synchronized.
+__device__ __forceinline__ void stage_rms_normed(float* dst, const float* src,
+                                                 const float* gain_s, int n, float eps,
+                                                 float* scratch) {
+  const float sq = compute_sum(stage_vector(dst, src, n), scratch);
+  const float inv_rms = rsqrtf(sq / static_cast<float>(n) + eps);
+  for (int i = threadIdx.x; i < n; i += kComputeThreads) dst[i] = dst[i] * inv_rms * gain_s[i];
+  compute_sync();
+}
+
+__device__ __forceinline__ const __nv_bfloat16* bf16_ptr(const void* p) {
+  return static_cast<const __nv_bfloat16*>(p);
+}
+
+}  // namespace mk
+
+namespace mk {
+
+// What an op sees: the kernel parameters, its instruction's words (shared memory), the
+// block's dynamic shared memory and a small reduction scratch.
+//
+// Every op calls ready() exactly once, on all compute threads, before it reads anything
+// another block writes (activations, the KV cache): it is the block barrier after which
+// the instruction's waits hold. Work that depends on nothing (weight loads into
+// registers, norm gains into shared memory) goes before it and overlaps the wait. When
+// ready() returns false the block is stopping (error or abort): the op returns at once.
+struct OpContext {
+  const KernelParams& p;
+  const int* words;      // kInstructionWords, in shared memory
+  float* smem;           // dynamic shared memory (see interpreter.cu: dynamic_smem_bytes)
+  float* scratch;        // kScratchFloats floats of static shared memory
+  const volatile int* go;  // set by the controller before the barrier: waits hold
+  uint64_t policy;       // L2 evict-first policy for weight loads
+  int token;             // the token (row of the step's batch) this instruction serves
+
+  __device__ int arg(int index) const { return words[index]; }
+  __device__ int layer() const { return words[word::kLayer]; }
+  // kSite: a number unique to the calling op, so each op has its own barrier instruction.
+  template <int kSite>
+  __device__ __forceinline__ bool ready() const {
+    asm volatile("barrier.sync 0; // ready %0" ::"n"(kSite) : "memory");
+    return *go != 0;
+  }
+};
+
+constexpr int kScratchFloats = 2 * kWarpSize;
+
+}  // namespace mk
+
+namespace mk {
+
+// A block's mat-vec, cut into groups of up to kRowsPerPass rows; warp w runs groups w,
+// w + kComputeWarps, ... Groups provides count(i) (rows in group i, 0 past the end, never
+// growing again), row(i, r) (row r's weights) and emit(i, out, count) (out in every lane).
+// After ctx.ready(), stage() fills the input vector in shared memory (ending in
+// compute_sync) and returns it. kSite: the op's number for ctx.ready().
+//
+// The first weights are not loaded into registers before the wait: holding them across the
+// barrier made ptxas spill heavily once several ops share the kernel. The controller's L2
+// prefetch of the instruction's first weight bytes covers most of that latency instead.
+template <int kSite, typename Groups, typename Stage>
+__device__ __forceinline__ bool run_matvec(const OpContext& ctx, Groups& g, int k, Stage stage) {
+  const int warp = threadIdx.x / kWarpSize;
+  WarpRows<kRowsPerPass> rows;
+  if (!ctx.template ready<kSite>()) return false;
+  const float* x = stage();
+  for (int i = warp, count = g.count(i); count > 0; i += kComputeWarps, count = g.count(i)) {
+    rows.start_group(g, i, count, k, ctx.policy);
+    float out[kRowsPerPass];
+    rows.finish(x, ctx.policy, out);
+    g.emit(i, out, count);
+  }
+  return true;
+}
+
+// Groups of rows (i, i + kComputeWarps) of a run of n rows: the warp's two rows are a
+// whole warp-stride apart, so consecutive warps read consecutive rows.
+struct RowPairs {
+  int n;
+  __device__ int first_row(int i) const {
+    return (i / kComputeWarps) * kRowsPerPass * kComputeWarps + i % kComputeWarps;
+  }
+  __device__ int count(int i) const {
+    const int r = first_row(i);
+    return (r < n) + (r + kComputeWarps < n);
+  }
+  __device__ int row_index(int i, int r) const { return first_row(i) + r * kComputeWarps; }
+};
+static_assert(kRowsPerPass == 2, "RowPairs pairs rows");
+
+}  // namespace mk

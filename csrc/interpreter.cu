@@ -1,0 +1,429 @@
+// The persistent megakernel: one block per SM interprets the decode step's instruction
+// stream (scheduler/program.py) until the stream is exhausted.
+//
+// Roles. kComputeWarps warps execute ops (csrc/ops/<opcode>.cuh). One controller warp:
+//   - claims instructions with atomicAdd on queue[0], in the stream's topological order,
+//     one instruction ahead: while the block runs instruction i, the controller has already
+//     claimed i+1, copied its 32 words into the other shared-memory slot and issued L2
+//     prefetches of its first weight bytes (weights depend on no counter);
+//   - before an instruction runs, spins (lane 0) on its waits with ld.acquire.gpu until
+//     counter >= target * epoch, bounded by the %globaltimer watchdog;
+//   - after the compute warps wrote its outputs, signals its counter with red.release.gpu.
+// Per instruction every thread passes two block barriers:
+//   controller: [lane 0 waits] A [claim + fetch + L2-prefetch next] B [lane 0 signals]
+//   compute:    [op: dependency-free work, e.g. norm gains -> smem] A [op proper] B
+// Barrier A is inside the op (OpContext::ready), so work that needs no activation overlaps
+// the wait. Acquire-then-barrier and barrier-then-release carry the producers' writes to
+// the consumers' threads (the CTA semaphore pattern), so no extra fences are needed.
+//
+// Queue head and counters need no reset between launches: launch `epoch` (1-based) makes
+// exactly N + gridDim.x claims (each block stops after its first claim past the end), so
+// the instruction of claim c is c - (epoch - 1) * (N + gridDim.x). Counters only grow.
+//
+// Errors: the first failing block writes the error record (atomicCAS on its code word);
+// the non-zero code is the abort flag every spinning block polls, so all blocks exit.
+// The last block to finish writes step_result: next_token[0], or -code after an error, and
+// the error code into mapped host memory (host_status) for a sync-free check.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+
+#include "common.cuh"
+#include "instruction_layout.h"
+#include "launcher.h"
+#include "ops/argmax_reduce.cuh"
+#include "ops/attention_partial.cuh"
+#include "ops/attention_reduce.cuh"
+#include "ops/down_proj_residual.cuh"
+#include "ops/embed.cuh"
+#include "ops/o_proj_residual.cuh"
+#include "ops/rms_gate_up_silu.cuh"
+#include "ops/rms_lm_head.cuh"
+#include "ops/rms_qkv_rope.cuh"
+
+namespace mk {
+namespace {
+
+constexpr int kNoInstruction = -1;  // the slot holds the claim past the end: stop
+constexpr int kMaxDevices = 64;     // per-device caches of launch checks
+
+static_assert(kInstructionWords == kWarpSize, "the controller warp fetches one word per lane");
+static_assert(kMaxWaits == 2, "header has two waits");
+static_assert(word::kWait1Counter == word::kWait0Counter + 2, "wait pairs are adjacent");
+
+__device__ __forceinline__ uint64_t global_timer_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+__device__ __forceinline__ uint64_t load_acquire(const uint64_t* ptr) {
+  uint64_t v;
+  asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(ptr) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void signal_release(uint64_t* ptr) {
+  asm volatile("red.release.gpu.global.add.u64 [%0], 1;" ::"l"(ptr) : "memory");
+}
+
+__device__ __forceinline__ int64_t load_volatile(const int64_t* ptr) {
+  return *reinterpret_cast<const volatile int64_t*>(ptr);
+}
+
+__device__ __forceinline__ void prefetch_l2(const void* ptr, uint32_t bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(ptr), "r"(bytes) : "memory");
+}
+
+// Writes the error record unless another error was recorded first. Returns nothing: the
+// non-zero code is the abort flag.
+__device__ void record_error(const KernelParams& p, int64_t code, int index, const int* words,
+                             int64_t counter, int64_t seen, int64_t target) {
+  auto* code_word = reinterpret_cast<unsigned long long*>(p.error_record + kErrCode);
+  if (atomicCAS(code_word, 0ull, static_cast<unsigned long long>(code)) != 0ull) return;
+  p.error_record[kErrInstruction] = index;
+  p.error_record[kErrOpcode] = words[word::kOpcode];
+  p.error_record[kErrLayer] = words[word::kLayer];
+  p.error_record[kErrCounter] = counter;
+  p.error_record[kErrSeen] = seen;
+  p.error_record[kErrTarget] = target;
+  p.error_record[kErrBlock] = blockIdx.x;
+  __threadfence();
+}
+
+// Controller lane 0: checks what the instruction needs from the step's inputs, then spins on
+// its waits. Returns false when the block must stop (error recorded here or elsewhere).
+__device__ bool controller_ready(const KernelParams& p, int index, const int* words) {
+  const int op = words[word::kOpcode];
+  if (op <= kOpNone || op >= kNumOpcodes) {
+    record_error(p, kErrBadOpcode, index, words, -1, op, kNumOpcodes);
+    return false;
+  }
+  // Only single-token instructions are implemented: refuse rather than compute wrongly.
+  const int tb = words[word::kTokenBegin], tc = words[word::kTokenCount];
+  if (tc != 1 || tb < 0 || tb + tc > p.num_tokens) {
+    record_error(p, kErrUnsupportedTokens, index, words, -1, tc, 1);
+    return false;
+  }
+  if (op == kOpEmbed) {
+    const int token = p.step_input[tb];
+    if (token < 0 || token >= p.vocab_size) {
+      record_error(p, kErrBadToken, index, words, -1, token, p.vocab_size);
+      return false;
+    }
+  }
+  if (op == kOpRmsQkvRope || op == kOpAttentionPartial) {
+    const int pos = p.step_input[p.num_tokens + tb];
+    const int limit = min(p.rope_max_positions, p.max_pages * p.page_size);
+    if (pos < 0 || pos >= limit) {
+      record_error(p, kErrBadPosition, index, words, -1, pos, limit);
+      return false;
+    }
+  }
+  for (int w = 0; w < kMaxWaits; ++w) {
+    const int counter = words[word::kWait0Counter + 2 * w];
+    if (counter == kNoCounter) continue;
+    const uint64_t goal = static_cast<uint64_t>(words[word::kWait0Target + 2 * w]) * p.epoch;
+    if (counter < 0 || counter >= p.num_counters) {
+      record_error(p, kErrBadCounter, index, words, counter, -1, p.num_counters);
+      return false;
+    }
+    uint64_t seen = load_acquire(p.counters + counter);
+    if (seen >= goal) continue;
+    const uint64_t start = global_timer_ns();
+    while (true) {
+      seen = load_acquire(p.counters + counter);
+      if (seen >= goal) break;
+      if (load_volatile(p.error_record + kErrCode) != 0) return false;
+      if (global_timer_ns() - start > static_cast<uint64_t>(p.timeout_ns)) {
+        record_error(p, kErrTimeout, index, words, counter, static_cast<int64_t>(seen),
+                     static_cast<int64_t>(goal));
+        return false;
+      }
+    }
+  }
+  // The acquire loads, then the block barrier the compute warps pass in ctx.ready(), make
+  // the producers' writes visible to them (the same pattern as a CTA-wide semaphore wait).
+  return true;
+}
+
+// Weight runs an instruction streams, for the L2 prefetch: up to two contiguous runs.
+struct WeightRuns {
+  const void* ptr[2];
+  uint32_t bytes[2];
+};
+
+__device__ WeightRuns weight_runs(const KernelParams& p, const int* words) {
+  WeightRuns r = {{nullptr, nullptr}, {0, 0}};
+  const int64_t H = p.hidden_size, I = p.intermediate_size;
+  const int64_t l = words[word::kLayer];
+  const int64_t q_size = static_cast<int64_t>(p.num_heads) * p.head_dim;
+  const __nv_bfloat16* base = nullptr;
+  switch (words[word::kOpcode]) {
+    case kOpRmsQkvRope: {
+      const int64_t hd = p.head_dim, rows = (p.num_heads + 2 * p.num_kv_heads) * hd;
+      const int64_t lo = words[rms_qkv_rope::kHead] * hd + words[rms_qkv_rope::kPairBegin];
+      const int64_t n = words[rms_qkv_rope::kPairCount];
+      base = bf16_ptr(p.qkv) + l * rows * H;
+      r.ptr[0] = base + lo * H;
+      r.ptr[1] = base + (lo + hd / 2) * H;
+      r.bytes[0] = r.bytes[1] = static_cast<uint32_t>(n * H * 2);
+      break;
+    }
+    case kOpOProjResidual:
+      r.ptr[0] = bf16_ptr(p.o_proj) + (l * H + words[o_proj_residual::kRowBegin]) * q_size;
+      r.bytes[0] = static_cast<uint32_t>(words[o_proj_residual::kRowCount] * q_size * 2);
+      break;
+    case kOpRmsGateUpSilu: {
+      base = bf16_ptr(p.gate_up) + l * 2 * I * H;
+      const int64_t r0 = words[rms_gate_up_silu::kRowBegin];
+      r.ptr[0] = base + r0 * H;
+      r.ptr[1] = base + (I + r0) * H;
+      r.bytes[0] = r.bytes[1] = static_cast<uint32_t>(words[rms_gate_up_silu::kRowCount] * H * 2);
+      break;
+    }
+    case kOpDownProjResidual:
+      r.ptr[0] = bf16_ptr(p.down) + (l * H + words[down_proj_residual::kRowBegin]) * I;
+      r.bytes[0] = static_cast<uint32_t>(words[down_proj_residual::kRowCount] * I * 2);
+      break;
+    case kOpRmsLmHead:
+      r.ptr[0] = bf16_ptr(p.lm_head) + words[rms_lm_head::kRowBegin] * H;
+      r.bytes[0] = static_cast<uint32_t>(words[rms_lm_head::kRowCount] * H * 2);
+      break;
+    default:
+      break;
+  }
+  return r;
+}
+
+// Controller warp: claim the next instruction, copy its words into `slot_words`, and
+// prefetch the first p.prefetch_bytes of its weight runs into L2.
+__device__ void controller_fetch(const KernelParams& p, uint64_t claim_base, int* slot_words,
+                                 int* slot_index) {
+  const int lane = threadIdx.x % kWarpSize;
+  int index = 0;
+  if (lane == 0) {
+    const uint64_t claim = atomicAdd(reinterpret_cast<unsigned long long*>(p.queue), 1ull);
+    const int64_t local = static_cast<int64_t>(claim - claim_base);
+    index = (local >= 0 && local < p.num_instructions) ? static_cast<int>(local) : kNoInstruction;
+  }
+  index = __shfl_sync(0xffffffffu, index, 0);
+  if (lane == 0) *slot_index = index;
+  if (index == kNoInstruction) return;
+  const int word = __ldg(p.instructions + static_cast<int64_t>(index) * kInstructionWords + lane);
+  slot_words[lane] = word;
+  __syncwarp();
+  if (lane < 2) {
+    const WeightRuns runs = weight_runs(p, slot_words);
+    // The instruction's prefetch budget is shared by its runs, in whole 16-byte units.
+    const uint32_t share = runs.bytes[1] > 0 ? p.prefetch_bytes / 2 : p.prefetch_bytes;
+    const uint32_t bytes = min(runs.bytes[lane], share) & ~15u;
+    const char* ptr = static_cast<const char*>(runs.ptr[lane]);
+    for (uint32_t off = 0; off < bytes; off += kPrefetchPiece)
+      prefetch_l2(ptr + off, min(kPrefetchPiece, bytes - off));
+  }
+}
+
+// Compute warps: runs the op, which passes the block barrier (ctx.ready()) once the
+// controller has seen its waits hold. Returns false when the block must stop.
+__device__ bool run_op(const OpContext& ctx) {
+  switch (ctx.words[word::kOpcode]) {
+    case kOpEmbed: return op_embed(ctx);
+    case kOpRmsQkvRope: return op_rms_qkv_rope(ctx);
+    case kOpAttentionPartial: return op_attention_partial(ctx);
+    case kOpAttentionReduce: return op_attention_reduce(ctx);
+    case kOpOProjResidual: return op_o_proj_residual(ctx);
+    case kOpRmsGateUpSilu: return op_rms_gate_up_silu(ctx);
+    case kOpDownProjResidual: return op_down_proj_residual(ctx);
+    case kOpRmsLmHead: return op_rms_lm_head(ctx);
+    case kOpArgmaxReduce: return op_argmax_reduce(ctx);
+    default: return ctx.ready<kOpNone>();  // refused by the controller: ready() is false
+  }
+}
+
+__global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant__ KernelParams p) {
+  extern __shared__ float4 dynamic_smem[];
+  __shared__ int slot_words[2][kInstructionWords];
+  __shared__ int slot_index[2];
+  __shared__ int go;  // 1: the waits of the current instruction hold; 0: stop
+  __shared__ float scratch[kScratchFloats];
+
+  const bool controller = threadIdx.x / kWarpSize == kControllerWarp;
+  const bool leader = threadIdx.x == kControllerWarp * kWarpSize;
+  const uint64_t claim_base =
+      static_cast<uint64_t>(p.epoch - 1) * (static_cast<uint64_t>(p.num_instructions) + gridDim.x);
+
+  if (controller) controller_fetch(p, claim_base, slot_words[0], &slot_index[0]);
+  block_sync();
+
+  const uint64_t policy = evict_first_policy();
+  // Per instruction, every thread passes two block barriers: A (waits hold; inside
+  // ctx.ready() for the compute warps) and B (outputs written), unless it stops after A.
+  for (int slot = 0;; slot ^= 1) {
+    const int index = slot_index[slot];
+    const int* words = slot_words[slot];
+    if (controller) {
+#ifdef MEGAKERNEL_PROFILE
+      int64_t t_start = 0, t_ready = 0;
+      if (leader && p.profile != nullptr) t_start = static_cast<int64_t>(global_timer_ns());
+#endif
+      if (leader) go = index != kNoInstruction && controller_ready(p, index, words);
+#ifdef MEGAKERNEL_PROFILE
+      if (leader && p.profile != nullptr) t_ready = static_cast<int64_t>(global_timer_ns());
+#endif
+      block_sync();  // A
+      if (!go) break;
+      controller_fetch(p, claim_base, slot_words[slot ^ 1], &slot_index[slot ^ 1]);
+      block_sync();  // B: every output of the instruction is written
+      if (leader) {
+        const int counter = words[word::kSignalCounter];
+        if (counter >= 0 && counter < p.num_counters) signal_release(p.counters + counter);
+#ifdef MEGAKERNEL_PROFILE
+        if (p.profile != nullptr) {
+          int64_t* rec = p.profile + static_cast<int64_t>(index) * kProfileWords;
+          unsigned smid;
+          asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
+          rec[0] = smid;
+          rec[1] = blockIdx.x;
+          rec[2] = words[word::kOpcode];
+          rec[3] = words[word::kLayer];
+          rec[4] = t_start;
+          rec[5] = t_ready;
+          rec[6] = static_cast<int64_t>(global_timer_ns());
+          rec[7] = index;
+        }
+#endif
+      }
+    } else {
+      const OpContext ctx{p, words, reinterpret_cast<float*>(dynamic_smem), scratch, &go, policy,
+                          words[word::kTokenBegin]};
+      const bool ran = index != kNoInstruction ? run_op(ctx) : ctx.ready<kNumOpcodes>();
+      if (!ran) break;
+      block_sync();  // B
+    }
+  }
+
+  // The last block to finish publishes the step's result (the greedy token, or -code).
+  if (leader) {
+    __threadfence();
+    const uint64_t done = atomicAdd(reinterpret_cast<unsigned long long*>(p.queue + 1), 1ull);
+    if (done + 1 == static_cast<uint64_t>(p.epoch) * gridDim.x) {
+      __threadfence();
+      const int64_t code = load_volatile(p.error_record + kErrCode);
+      if (p.step_result != nullptr)
+        p.step_result[0] = code != 0 ? -code : static_cast<int64_t>(__ldcg(p.next_token));
+      if (p.host_status != nullptr) {
+        volatile int64_t* status = p.host_status;
+        status[0] = code;
+        status[1] = p.epoch;
+        __threadfence_system();
+      }
+    }
+  }
+}
+
+size_t dynamic_smem_bytes(const KernelParams& p) {
+  // Mat-vec ops: the staged input vector (+ 2 * head_dim outputs for rms_qkv_rope).
+  // o_proj / down_proj: the staged input vector and the block's residual rows (<= H).
+  const size_t vec = static_cast<size_t>(std::max(p.intermediate_size, p.num_heads * p.head_dim)) +
+                     static_cast<size_t>(p.hidden_size);
+  // Mat-vec ops with a fused RMSNorm: normed vector and gain, + 2 * head_dim outputs.
+  const size_t norm = 2 * static_cast<size_t>(p.hidden_size) + 2 * p.head_dim;
+  // attention_partial: q of the group, then per warp m, l and acc.
+  const size_t attn = static_cast<size_t>(kMaxGroup) * p.head_dim +
+                      static_cast<size_t>(kComputeWarps) * kMaxGroup * (2 + p.head_dim);
+  return std::max({vec, norm, attn}) * sizeof(float);
+}
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("megakernel: ") + what + ": " + cudaGetErrorString(err));
+}
+
+void require(bool ok, const std::string& msg) {
+  if (!ok) throw std::runtime_error("megakernel: " + msg);
+}
+
+bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
+
+}  // namespace
+
+void check_device_supported() {
+  int device = 0;
+  check(cudaGetDevice(&device), "cudaGetDevice");
+  // cudaGetDeviceProperties is slow: check each device once (launches call this per step).
+  static bool checked[kMaxDevices] = {};
+  if (device < kMaxDevices && checked[device]) return;
+  cudaDeviceProp prop;
+  check(cudaGetDeviceProperties(&prop, device), "cudaGetDeviceProperties");
+  require(prop.major == 9 && prop.minor == 0,
+          std::string("the kernel is built for sm_90a only (H100/H200); device '") + prop.name +
+              "' is sm_" + std::to_string(prop.major) + std::to_string(prop.minor));
+  if (device < kMaxDevices) checked[device] = true;
+}
+
+int device_sm_count() {
+  int device = 0, sms = 0;
+  check(cudaGetDevice(&device), "cudaGetDevice");
+  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
+        "cudaDeviceGetAttribute");
+  return sms;
+}
+
+bool profiling_compiled() {
+#ifdef MEGAKERNEL_PROFILE
+  return true;
+#else
+  return false;
+#endif
+}
+
+void launch_megakernel(const KernelParams& p, int num_blocks, void* stream) {
+  require(p.head_dim == 64 || p.head_dim == 128,
+          "head_dim " + std::to_string(p.head_dim) + " is not supported (64 or 128)");
+  require(p.num_kv_heads > 0 && p.num_heads % p.num_kv_heads == 0 &&
+              p.num_heads / p.num_kv_heads <= kMaxGroup,
+          "query heads per KV head must divide evenly and be at most " +
+              std::to_string(kMaxGroup));
+  require(p.hidden_size % kChunkElems == 0 && p.intermediate_size % kChunkElems == 0,
+          "hidden_size and intermediate_size must be multiples of 8 (16-byte weight rows)");
+  require(p.epoch >= 1, "epoch must be >= 1");
+  require(p.num_instructions >= 1, "empty program");
+  const void* vectors[] = {p.embed, p.qkv, p.o_proj, p.gate_up, p.down, p.lm_head,
+                           p.hidden, p.q, p.attn_out, p.mlp_act, p.k_cache, p.v_cache};
+  for (const void* ptr : vectors)
+    require(aligned16(ptr), "weights, caches and activations must be 16-byte aligned");
+
+  int device = 0;
+  check(cudaGetDevice(&device), "cudaGetDevice");
+  const int sms = device_sm_count();
+  const int blocks = num_blocks > 0 ? num_blocks : sms;
+  const size_t smem = dynamic_smem_bytes(p);
+  // Setting the shared-memory limit and asking for the occupancy cost microseconds: done
+  // again only when a launch needs more shared memory than any before it on this device.
+  static size_t configured_smem[kMaxDevices] = {};
+  static int blocks_per_sm[kMaxDevices] = {};
+  int per_sm = device < kMaxDevices && smem <= configured_smem[device] ? blocks_per_sm[device] : 0;
+  if (per_sm == 0) {
+    check(cudaFuncSetAttribute(megakernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(smem)),
+          "cudaFuncSetAttribute(max dynamic shared memory)");
+    check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, megakernel, kThreads, smem),
+          "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+    if (device < kMaxDevices && per_sm >= 1) {
+      configured_smem[device] = smem;
+      blocks_per_sm[device] = per_sm;
+    }
+  }
+  require(per_sm >= 1 && blocks <= per_sm * sms,
+          "the persistent kernel needs all " + std::to_string(blocks) +
+              " blocks resident, but only " + std::to_string(per_sm) + " per SM x " +
+              std::to_string(sms) + " SMs fit (" + std::to_string(smem) +
+              " bytes of dynamic shared memory)");
+  megakernel<<<blocks, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p);
+  check(cudaGetLastError(), "kernel launch");
+}
+
+}  // namespace mk

@@ -1,0 +1,135 @@
+// Plain C++ interface between the torch binding (binding.cpp) and the persistent kernel
+// (interpreter.cu). No torch and no CUDA device code here, so both sides compile fast.
+//
+// KernelParams is a POD of raw device pointers and sizes: every tensor is contiguous and
+// row-major with the shapes given beside it (T = tokens per step, L layers, H hidden,
+// I intermediate, V vocab, nq/nkv query/KV heads, hd head_dim, P attention partitions,
+// B LM-head blocks). Weights and the KV cache are bf16; activations float32.
+#pragma once
+
+#include <cstdint>
+
+namespace mk {
+
+// Error record: kErrorWords int64 words; the first error of a launch wins (atomicCAS on
+// word kErrCode), and a non-zero code doubles as the abort flag every block polls.
+constexpr int kErrorWords = 8;
+enum ErrorWord : int {
+  kErrCode = 0,         // ErrorCode
+  kErrInstruction = 1,  // index of the instruction in the program
+  kErrOpcode = 2,
+  kErrLayer = 3,
+  kErrCounter = 4,      // counter index waited on (or -1)
+  kErrSeen = 5,         // counter value seen (or the offending value, e.g. a token id)
+  kErrTarget = 6,       // value waited for: target * epoch (or the allowed bound)
+  kErrBlock = 7,        // blockIdx.x of the block that wrote the record
+};
+enum ErrorCode : int {
+  kErrNone = 0,
+  kErrTimeout = 1,           // a wait did not reach its target within timeout_ns
+  kErrUnsupportedTokens = 2, // token_begin/token_count this kernel does not serve
+  kErrBadOpcode = 3,
+  kErrBadCounter = 4,        // counter index out of range
+  kErrBadToken = 5,          // token id outside [0, V)
+  kErrBadPosition = 6,       // position outside the RoPE table or the page table
+};
+
+// Queue words: [0] instructions claimed, [1] blocks finished. Both grow by a fixed amount
+// per launch (N + grid, grid), so they never need a reset between launches.
+constexpr int kQueueWords = 2;
+
+// Host status words, written by the last block of every launch into mapped pinned host
+// memory so the host can check for errors without a device sync: [0] the error record's
+// code (sticky until the host resets it), [1] the launch's epoch.
+constexpr int kHostStatusWords = 2;
+
+// Default L2 prefetch budget per instruction. Measured on an H100, Llama-3.2-1B shape:
+// 0 or 64 KB 1.22 ms/token, 128 KB 1.26, 256 KB 1.30 (larger budgets evict useful lines).
+constexpr uint32_t kDefaultPrefetchBytes = 64 * 1024;
+
+// Profiling record per executed instruction (MEGAKERNEL_PROFILE builds only), int64 words:
+// SM id, block, opcode, layer, wait start, waits satisfied, end (after signal) in
+// %globaltimer ns, and the instruction's local index.
+constexpr int kProfileWords = 8;
+
+struct KernelParams {
+  // Program and its synchronization state.
+  const int32_t* instructions;   // [N, 32]
+  int num_instructions;
+  uint64_t* counters;            // [num_counters], monotonic across launches
+  int num_counters;
+  uint64_t* queue;               // [kQueueWords]
+  int64_t* error_record;         // [kErrorWords], zero when healthy
+  int64_t* step_result;          // [1] or null: next_token[0], or -code after an error
+  int64_t* host_status;          // [kHostStatusWords] mapped pinned host memory, or null
+  int64_t* profile;              // [N, kProfileWords] or null
+  int64_t epoch;                 // 1-based launch number since the last reset
+  int64_t timeout_ns;            // bound on every spin-wait
+  uint32_t prefetch_bytes;       // L2 prefetch of the next instruction's weights, bytes
+
+  // Step inputs.
+  const int32_t* step_input;     // [2, T]: token ids, then positions
+  int num_tokens;                // T
+
+  // Activations (float32 unless noted).
+  float* hidden;                 // [T, H]
+  float* q;                      // [T, nq * hd]
+  float* attn_partial_out;       // [T, nq, P, hd]
+  float* attn_partial_lse;       // [T, nq, P]
+  float* attn_out;               // [T, nq * hd]
+  float* mlp_act;                // [T, I]
+  float* logits;                 // [T, V]
+  float* argmax_value;           // [T, B]
+  int32_t* argmax_index;         // [T, B]
+  int32_t* next_token;           // [T]
+  int attn_partitions;           // P (the buffers' partition stride)
+  int lm_head_blocks;            // B (the argmax buffers' stride)
+
+  // Weights (bf16, layer-stacked; see megakernel/weights.py).
+  const void* embed;             // [V, H]
+  const void* attn_norm;         // [L, H]
+  const void* qkv;               // [L, (nq + 2 nkv) hd, H]
+  const void* o_proj;            // [L, H, nq hd]
+  const void* mlp_norm;          // [L, H]
+  const void* gate_up;           // [L, 2 I, H]
+  const void* down;              // [L, H, I]
+  const void* final_norm;        // [H]
+  const void* lm_head;           // [V, H]
+  const float* rope_cos;         // [max_positions, hd / 2]
+  const float* rope_sin;         // [max_positions, hd / 2]
+  int rope_max_positions;
+
+  // Paged KV cache (bf16) and page table of sequence 0.
+  void* k_cache;                 // [L, num_pages, page_size, nkv, hd]
+  void* v_cache;                 // [L, num_pages, page_size, nkv, hd]
+  const int32_t* page_table;     // [batch, max_pages]; row 0 is used
+  int num_pages;
+  int page_size;
+  int max_pages;
+
+  // Model shape.
+  int num_layers;
+  int hidden_size;
+  int intermediate_size;
+  int vocab_size;
+  int num_heads;
+  int num_kv_heads;
+  int head_dim;
+  float rms_norm_eps;
+};
+
+// Launches the persistent kernel on `stream` (a cudaStream_t) with `num_blocks` blocks
+// (0: one per SM of the current device). Throws std::runtime_error on an unsupported shape,
+// a non-sm_90 device, or when the blocks cannot all be resident.
+void launch_megakernel(const KernelParams& params, int num_blocks, void* stream);
+
+// Number of SMs of the current CUDA device.
+int device_sm_count();
+
+// Throws std::runtime_error unless the current device is compute capability 9.0.
+void check_device_supported();
+
+// Whether the kernel was compiled with MEGAKERNEL_PROFILE.
+bool profiling_compiled();
+
+}  // namespace mk

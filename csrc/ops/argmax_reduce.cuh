@@ -1,0 +1,37 @@
+// argmax_reduce: next_token[t] = index of the largest of the LM-head blocks' partial maxima,
+// the lowest index among equal maxima (instructions/argmax_reduce.py). One warp.
+#pragma once
+
+#include <math_constants.h>
+
+#include "common.cuh"
+#include "ops/rms_lm_head.cuh"
+
+namespace mk {
+
+__device__ __forceinline__ bool op_argmax_reduce(const OpContext& ctx) {
+  if (!ctx.ready<kOpArgmaxReduce>()) return false;
+  const KernelParams& p = ctx.p;
+  if (threadIdx.x >= kWarpSize) return true;
+  const int t = ctx.token, lane = threadIdx.x;
+  const int n = ctx.arg(argmax_reduce::kNumBlocks);
+  const float* values = p.argmax_value + static_cast<int64_t>(t) * p.lm_head_blocks;
+  const int* indices = p.argmax_index + static_cast<int64_t>(t) * p.lm_head_blocks;
+  float best_v = -CUDART_INF_F;
+  int best_i = INT_MAX;
+  for (int b = lane; b < n; b += kWarpSize) {
+    const float v = load_act(values + b);
+    const int i = __ldcg(indices + b);
+    if (argmax_better(v, i, best_v, best_i)) best_v = v, best_i = i;
+  }
+#pragma unroll
+  for (int o = kWarpSize / 2; o > 0; o /= 2) {
+    const float v = __shfl_xor_sync(0xffffffffu, best_v, o);
+    const int i = __shfl_xor_sync(0xffffffffu, best_i, o);
+    if (argmax_better(v, i, best_v, best_i)) best_v = v, best_i = i;
+  }
+  if (lane == 0) p.next_token[t] = best_i;
+  return true;
+}
+
+}  // namespace mk

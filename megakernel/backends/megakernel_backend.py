@@ -1,0 +1,373 @@
+"""The decode step as ONE persistent CUDA kernel (csrc/interpreter.cu) interpreting the
+compiled instruction stream; prefill goes through the torch per-op path into the same
+paged KV cache.
+
+Per decode step the host writes token and position into a small device tensor (stream
+ordered, no sync) and launches once. The kernel's dependency counters and queue head are
+never reset between steps: launch `epoch` (1-based) waits for target * epoch. After an
+error the backend zeroes them and restarts at epoch 1.
+
+Errors cost no extra sync. The last block of every launch writes (a) the greedy token, or
+-code after a fault, into a ring of result slots (StepOutput.greedy_token is a view of
+this launch's slot, so a token read back after the next launch is still its own), and (b)
+the error code into mapped pinned host memory. So after the engine's one sync per step
+(`token = int(out.greedy_token)`), `backend.check_error()` reads host memory only; the
+full error record is read (one sync) only when there is an error to report.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megakernel.errors import BackendUnavailableError, InvalidRequestError, KernelFaultError
+from megakernel.instructions import OPCODES
+
+from .base import Backend, StepOutput
+
+DEFAULT_TIMEOUT_S = 1.0
+
+# Buffers the kernel reads and writes, in the binding's argument order.
+BUFFER_NAMES = ("hidden", "q", "attn_partial_out", "attn_partial_lse", "attn_out", "mlp_act",
+                "logits", "argmax_value", "argmax_index", "next_token")
+
+
+def load_extension():
+    """The compiled megakernel._C, or BackendUnavailableError with a one-line reason."""
+    if not torch.cuda.is_available():
+        raise BackendUnavailableError("megakernel backend needs CUDA, and torch sees no GPU")
+    try:
+        from megakernel import _C
+    except ImportError as e:
+        raise BackendUnavailableError(
+            f"megakernel CUDA extension is not built ({e}); reinstall with nvcc available: "
+            "pip install --no-build-isolation -e .") from None
+    try:
+        _C.check_device()
+    except RuntimeError as e:
+        raise BackendUnavailableError(str(e).splitlines()[0]) from None
+    return _C
+
+
+# Result slots in the ring StepOutput.greedy_token points into: the engine reads a step's
+# token after launching the next one, so consecutive launches must use different slots.
+RESULT_SLOTS = 4
+
+
+@dataclass
+class KernelState:
+    """Synchronization state of one program on the device (all int64).
+
+    counters [num_counters]; queue [QUEUE_WORDS] (claims, finished blocks); error_record
+    [ERROR_RECORD_WORDS]; results [RESULT_SLOTS]: greedy token or -error code, one slot per
+    launch in turn; host_status [HOST_STATUS_WORDS] mapped pinned CPU memory (error code,
+    epoch). epoch: launches since the last reset (host side).
+    """
+    counters: torch.Tensor
+    queue: torch.Tensor
+    error_record: torch.Tensor
+    results: torch.Tensor
+    host_status: torch.Tensor
+    epoch: int = 0
+
+    @classmethod
+    def create(cls, ext, num_counters: int, device) -> "KernelState":
+        z = lambda n: torch.zeros(n, dtype=torch.int64, device=device)  # noqa: E731
+        with torch.cuda.device(device):
+            host_status = ext.alloc_host_status()
+        return cls(z(max(num_counters, 1)), z(ext.QUEUE_WORDS), z(ext.ERROR_RECORD_WORDS),
+                   z(RESULT_SLOTS), host_status)
+
+    @property
+    def result(self) -> torch.Tensor:
+        """[] int64 view of the last launch's result slot."""
+        return self.results[(self.epoch - 1) % RESULT_SLOTS]
+
+    def host_error_code(self) -> int:
+        """The error code the last finished launch wrote to host memory (no device sync)."""
+        return int(self.host_status[0])
+
+    def reset(self) -> None:
+        """Zero counters, queue and error record and restart at epoch 1. Waits for the
+        device first, so no running launch writes host_status after it is cleared."""
+        torch.cuda.synchronize(self.counters.device)
+        for t in (self.counters, self.queue, self.error_record, self.results):
+            t.zero_()
+        self.host_status.zero_()
+        self.epoch = 0
+
+
+def _instruction_rows(instructions) -> torch.Tensor:
+    if hasattr(instructions, "instructions"):        # a scheduler Program
+        instructions = instructions.instructions
+    if isinstance(instructions, torch.Tensor):
+        return instructions.to(torch.int32)
+    return torch.tensor([i.encode() for i in instructions], dtype=torch.int32)
+
+
+def first_stuck_wait(rows: list[list[int]], counters: list[int], epoch: int):
+    """(instruction, counter, target, seen) of the first instruction in stream order whose
+    wait does not hold with the final counter values, or None.
+
+    After a watchdog stop every instruction that could run has run, so this is the
+    earliest broken dependency: the root cause, where the block that timed out first may
+    be waiting downstream of it."""
+    for i, row in enumerate(rows):
+        for w in range(2):
+            c, t = row[2 + 2 * w], row[3 + 2 * w]
+            if c >= 0 and c < len(counters) and counters[c] < t * epoch:
+                return i, c, t * epoch, counters[c]
+    return None
+
+
+def decode_error(ext, record: list[int], counter_names=None, timeout_s=None,
+                 rows: list[list[int]] | None = None, counters: list[int] | None = None,
+                 epoch: int | None = None) -> KernelFaultError:
+    """KernelFaultError from the kernel's error record (list of int64 words).
+
+    With the program's rows, the final counters and the epoch, a timeout also names the
+    first stuck instruction of the stream (record["root"])."""
+    w = ext.ERROR_WORDS
+    code = record[w["code"]]
+    kinds = {v: k for k, v in ext.ERROR_CODES.items()}
+    opcode = record[w["opcode"]]
+    counter = record[w["counter"]]
+    rec = {
+        "code": code,
+        "kind": kinds.get(code, f"unknown({code})"),
+        "instruction": record[w["instruction"]],
+        "opcode": opcode,
+        "opcode_name": OPCODES[opcode].name if opcode in OPCODES else f"opcode {opcode}",
+        "layer": record[w["layer"]],
+        "counter": counter,
+        "counter_name": (counter_names[counter]
+                         if counter_names and 0 <= counter < len(counter_names) else None),
+        "seen": record[w["seen"]],
+        "target": record[w["target"]],
+        "block": record[w["block"]],
+    }
+    where = (f"instruction {rec['instruction']} ({rec['opcode_name']}, layer {rec['layer']}, "
+             f"block {rec['block']})")
+    def counter_label(c):
+        return f"counter {c} ({counter_names[c]})" if counter_names and 0 <= c < len(
+            counter_names) else f"counter {c}"
+
+    if rec["kind"] == "timeout":
+        limit = f" within {timeout_s:g} s" if timeout_s is not None else ""
+        msg = (f"megakernel watchdog: {where} waited on {counter_label(counter)}: saw "
+               f"{rec['seen']}, needed {rec['target']}{limit}")
+        stuck = (first_stuck_wait(rows, counters, epoch)
+                 if rows is not None and counters is not None and epoch else None)
+        if stuck is not None:
+            i, c, target, seen = stuck
+            op = rows[i][0]
+            rec["root"] = {
+                "instruction": i, "opcode": op,
+                "opcode_name": OPCODES[op].name if op in OPCODES else f"opcode {op}",
+                "layer": rows[i][1], "counter": c,
+                "counter_name": (counter_names[c]
+                                 if counter_names and 0 <= c < len(counter_names) else None),
+                "seen": seen, "target": target}
+            if i != rec["instruction"]:
+                msg += (f"; the first stuck instruction of the stream is {i} "
+                        f"({rec['root']['opcode_name']}, layer {rows[i][1]}) waiting on "
+                        f"{counter_label(c)}: {seen} of {target}")
+    else:
+        msg = (f"megakernel fault '{rec['kind']}' at {where}: value {rec['seen']}, "
+               f"limit {rec['target']}")
+    return KernelFaultError(msg, rec)
+
+
+def launch(ext, rows: torch.Tensor, state: KernelState, buffers: dict, weights, k_cache,
+           v_cache, page_table, step_input: torch.Tensor, rms_norm_eps: float,
+           timeout_s: float = DEFAULT_TIMEOUT_S, profile: torch.Tensor | None = None,
+           num_blocks: int = 0, prefetch_bytes: int | None = None) -> None:
+    """One launch of `rows` [N, 32] int32 on the current stream; advances state.epoch.
+
+    buffers: the program's activations by name (scheduler.program.BUFFERS); step_input
+    [2, T] int32 (token ids, positions). prefetch_bytes: L2 prefetch budget per
+    instruction for the next instruction's weights (None: the extension's default).
+    Mutates buffers, k_cache, v_cache and state.
+    """
+    state.epoch += 1
+    w = weights
+    slot = (state.epoch - 1) % RESULT_SLOTS
+    ext.launch(rows, state.counters, state.queue, state.error_record,
+               state.results[slot:slot + 1], profile, state.host_status, step_input,
+               *(buffers[n] for n in BUFFER_NAMES),
+               w.embed, w.attn_norm, w.qkv, w.o_proj, w.mlp_norm, w.gate_up, w.down,
+               w.final_norm, w.lm_head, w.rope_cos, w.rope_sin, k_cache, v_cache, page_table,
+               float(rms_norm_eps), int(state.epoch), int(timeout_s * 1e9), int(num_blocks),
+               int(ext.DEFAULT_PREFETCH_BYTES if prefetch_bytes is None else prefetch_bytes))
+
+
+def run_program(instructions, *, weights, buffers: dict, k_cache, v_cache, page_table,
+                token_ids, positions, num_counters: int, state: KernelState | None = None,
+                timeout_s: float = DEFAULT_TIMEOUT_S, counter_names=None,
+                num_blocks: int = 0, prefetch_bytes: int | None = None) -> KernelState:
+    """Run a (possibly hand-made) instruction stream once and wait for it.
+
+    instructions: a Program, an [N, 32] int32 tensor or a list of Instruction. buffers,
+    k_cache, v_cache, page_table: device tensors as in MachineState (weights bf16 on the
+    device). token_ids, positions: [T] sequences. Raises KernelFaultError (after resetting
+    `state`) when the kernel reported an error. Returns the state for a further run.
+    """
+    ext = load_extension()
+    device = buffers["hidden"].device
+    rows = _instruction_rows(instructions).to(device).contiguous()
+    if state is None:
+        state = KernelState.create(ext, num_counters, device)
+    step_input = torch.tensor([list(map(int, token_ids)), list(map(int, positions))],
+                              dtype=torch.int32, device=device)
+    launch(ext, rows, state, buffers, weights, k_cache, v_cache, page_table, step_input,
+           weights.config.rms_norm_eps, timeout_s, num_blocks=num_blocks,
+           prefetch_bytes=prefetch_bytes)
+    record = state.error_record.tolist()
+    if record[ext.ERROR_WORDS["code"]] != 0:
+        err = decode_error(ext, record, counter_names, timeout_s, rows.tolist(),
+                           state.counters.tolist(), state.epoch)
+        state.reset()
+        raise err
+    return state
+
+
+class MegakernelBackend(Backend):
+    """Decode through the persistent kernel; prefill through TorchBackend.
+
+    weights: bf16 Weights on an sm_90 GPU; kv_cache: bf16 PagedKVCache on the same device;
+    max_seq_len bounds positions and sets the attention partitions of the program built
+    for this GPU's SM count (or pass `program`). timeout_s bounds every dependency wait
+    inside the kernel. profile=True (MEGAKERNEL_PROFILE builds) records per-instruction
+    timestamps (last_profile()). prefetch_bytes: L2 prefetch budget per instruction.
+    prefill_mode: "torch" (default) runs the prompt through TorchBackend in chunks;
+    "decode" runs it through the kernel one token at a time (slow for long prompts, but
+    every K/V then comes from the same float32-activation math as the reference
+    interpreter's, which token-exact comparisons need).
+    """
+    name = "megakernel"
+
+    def __init__(self, weights, kv_cache, max_seq_len: int, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 program=None, profile: bool = False, prefetch_bytes: int | None = None,
+                 prefill_mode: str = "torch"):
+        super().__init__(weights, kv_cache)
+        if prefill_mode not in ("torch", "decode"):
+            raise ValueError(f"prefill_mode must be 'torch' or 'decode', got {prefill_mode!r}")
+        self.prefill_mode = prefill_mode
+        self.ext = ext = load_extension()
+        if weights.device.type != "cuda" or kv_cache.device.type != "cuda":
+            raise BackendUnavailableError("megakernel backend needs weights and KV cache on CUDA")
+        if weights.dtype != torch.bfloat16 or kv_cache.k.dtype != torch.bfloat16:
+            raise BackendUnavailableError(
+                f"megakernel backend needs bf16 weights and KV cache, got {weights.dtype} / "
+                f"{kv_cache.k.dtype}")
+        from megakernel.scheduler import build_program
+
+        device = weights.device
+        with torch.cuda.device(device):
+            self.num_sms = ext.sm_count()
+        self.max_seq_len = max_seq_len
+        self.timeout_s = timeout_s
+        self.prefetch_bytes = prefetch_bytes
+        self.profiling = profile
+        if profile and not ext.profiling_compiled():
+            raise BackendUnavailableError(
+                "profiling needs the extension built with MEGAKERNEL_PROFILE=1")
+        self.launches = 0          # kernel launches so far (one per decode step)
+        self.load_program(program or build_program(
+            self.config, num_sms=self.num_sms, page_size=kv_cache.page_size,
+            max_seq_len=max_seq_len, dtype_bytes=2))
+        self._prefill_backend = None
+
+    def load_program(self, program) -> None:
+        """Use `program` (a scheduler Program for this model) from now on: new activation
+        buffers and kernel state, epoch restarting at 1."""
+        from megakernel.scheduler import allocate_buffers
+
+        if program.page_size != self.kv_cache.page_size:
+            raise ValueError(f"program built for page_size {program.page_size}, the cache "
+                             f"has {self.kv_cache.page_size}")
+        device = self.weights.device
+        self.program = program
+        self.rows = program.instructions.to(device=device, dtype=torch.int32).contiguous()
+        self.buffers = allocate_buffers(program, device=device, poison=False)
+        self.state = KernelState.create(self.ext, program.num_counters, device)
+        self.step_input = torch.zeros((2, program.num_tokens), dtype=torch.int32, device=device)
+        self.profile = None
+        if self.profiling:
+            self.profile = torch.zeros((program.num_instructions, self.ext.PROFILE_WORDS),
+                                       dtype=torch.int64, device=device)
+
+    # Backend interface ------------------------------------------------------------------
+    def prefill(self, token_ids: torch.Tensor, start_position: int) -> StepOutput:
+        """Prompt tokens [T] through the torch per-op path (or, with prefill_mode="decode",
+        through the kernel token by token), into the same paged KV cache."""
+        if self.prefill_mode == "decode":
+            ids = token_ids.to(self.weights.device).reshape(-1)
+            out = None
+            for i in range(ids.shape[0]):
+                out = self.decode(ids[i], start_position + i)
+            return out
+        if self._prefill_backend is None:
+            try:
+                from .torch_backend import TorchBackend
+            except ImportError as e:
+                raise BackendUnavailableError(f"prefill needs the torch backend: {e}") from None
+            self._prefill_backend = TorchBackend(self.weights, self.kv_cache)
+        return self._prefill_backend.prefill(token_ids, start_position)
+
+    def decode(self, token_id, position: int) -> StepOutput:
+        """One token ([] int64 on the device, or an int) at `position` through the kernel.
+
+        Returns views valid until the next call: logits [V] float32 and greedy_token []
+        int64, which is negative when the kernel faulted (see check_error)."""
+        limit = min(self.max_seq_len, self.weights.rope_cos.shape[0])
+        if not 0 <= position < limit:
+            raise InvalidRequestError(f"position {position} is outside [0, {limit})")
+        if isinstance(token_id, torch.Tensor):
+            self.step_input[0, 0].copy_(token_id.reshape(()), non_blocking=True)
+        else:
+            self.step_input[0, 0].fill_(int(token_id))
+        self.step_input[1, 0].fill_(position)
+        launch(self.ext, self.rows, self.state, self.buffers, self.weights, self.kv_cache.k,
+               self.kv_cache.v, self.kv_cache.page_table, self.step_input,
+               self.config.rms_norm_eps, self.timeout_s, self.profile,
+               prefetch_bytes=self.prefetch_bytes)
+        self.launches += 1
+        return StepOutput(logits=self.buffers["logits"][0], greedy_token=self.state.result)
+
+    def check_error(self, greedy_token: int | None = None) -> None:
+        """Raise KernelFaultError if a finished launch stopped on an error, then reset.
+
+        Reads only host memory (the code the kernel's last block wrote to mapped pinned
+        memory), so it adds no sync: call it after reading a step's token. A launch still
+        running is checked by the next call. greedy_token: optionally the token value just
+        read; a negative one means that launch faulted. On error, the device is
+        synchronized and the full record is read."""
+        if self.state.host_error_code() == 0 and (greedy_token is None or greedy_token >= 0):
+            return
+        torch.cuda.synchronize(self.weights.device)
+        record = self.state.error_record.tolist()
+        if record[self.ext.ERROR_WORDS["code"]] == 0:
+            self.reset()
+            raise KernelFaultError(f"megakernel returned token {greedy_token} without an "
+                                   "error record", {})
+        err = decode_error(self.ext, record, self.program.counter_names, self.timeout_s,
+                           self.program.instructions.tolist(), self.state.counters.tolist(),
+                           self.state.epoch)
+        self.reset()
+        raise err
+
+    def reset(self) -> None:
+        """Zero the kernel's counters, queue head and error record (epoch restarts at 1)."""
+        self.state.reset()
+        if self._prefill_backend is not None:
+            self._prefill_backend.reset()
+
+    def last_profile(self) -> torch.Tensor | None:
+        """[N, PROFILE_WORDS] int64 per-instruction record of the last launch (profile=True):
+        SM id, block, opcode, layer, wait start, waits satisfied, end (ns), index."""
+        return self.profile
+
+
+__all__ = ["MegakernelBackend", "KernelState", "run_program", "launch", "load_extension",
+           "decode_error", "BUFFER_NAMES"]
