@@ -46,13 +46,21 @@ PRESETS: dict[str, ModelConfig] = {
 _NORM_NOISE_STD = 0.05
 
 
+# Logit spread of random models (see random_weights): random weights with the usual
+# init give nearly flat logits over the vocabulary, where bf16 rounding alone flips the
+# greedy token.
+PEAKED_LOGIT_STD = 8.0
+
+
 def random_weights(config: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
                    device=None, max_positions: int = 4096, init_std: float = 0.02,
                    lm_head_std: float | None = None) -> Weights:
     """Seeded random Weights for `config`, generated directly on `device`.
 
-    Matrices are normal(0, init_std) (lm_head: normal(0, lm_head_std or init_std), and the
-    embedding itself when tied); RMSNorm gains are 1 + normal(0, 0.05). All matrices are
+    Matrices are normal(0, init_std); lm_head (and the embedding itself when tied) is
+    normal(0, lm_head_std), by default PEAKED_LOGIT_STD / sqrt(hidden_size) so logits have
+    a standard deviation of about PEAKED_LOGIT_STD: greedy choices are then decided by
+    clear margins, and backends that differ only by rounding pick the same tokens; RMSNorm gains are 1 + normal(0, 0.05). All matrices are
     `dtype` on `device` (default: CPU); rope_cos/rope_sin are [max_positions, head_dim / 2]
     float32. The same seed gives the same weights on the same device type and dtype (CPU
     and CUDA generators produce different streams). Tensors are filled in place from a
@@ -62,7 +70,7 @@ def random_weights(config: ModelConfig, seed: int = 0, dtype: torch.dtype = torc
     device = torch.device(device if device is not None else "cpu")
     c = config
     L, H, I, V = c.num_layers, c.hidden_size, c.intermediate_size, c.vocab_size
-    lm_std = init_std if lm_head_std is None else lm_head_std
+    lm_std = PEAKED_LOGIT_STD / H ** 0.5 if lm_head_std is None else lm_head_std
     gen = None
     if device.type != "meta":
         gen = torch.Generator(device=device)

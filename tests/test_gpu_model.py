@@ -7,7 +7,7 @@ import torch
 
 import megakernel
 from conftest import hf_llama_config, write_hf_checkpoint
-from tolerances import RELATIVE_TOLERANCE, relative_error
+from tolerances import MODEL_RELATIVE_TOLERANCE, RELATIVE_TOLERANCE, relative_error
 
 pytestmark = pytest.mark.gpu
 
@@ -53,10 +53,12 @@ def test_parity_with_transformers(checkpoint, prompt_len):
         prompt_len)).tolist()
     result = engine.generate(prompt, max_new_tokens=24, ignore_eos=True, output_logits=True)
     expected = hf_logits(model, prompt, result.token_ids)
-    assert relative_error(result.logits, expected) < RELATIVE_TOLERANCE[torch.bfloat16]
-    # Greedy choices agree wherever transformers' own margin is clear of bf16 noise.
+    assert relative_error(result.logits, expected) < MODEL_RELATIVE_TOLERANCE[torch.bfloat16]
+    # Greedy choices agree wherever transformers' own margin is clear of bf16 noise
+    # (logits here have a spread of several units).
     top2 = expected.topk(2, dim=-1).values
-    clear = (top2[:, 0] - top2[:, 1]) > 0.1
+    clear = (top2[:, 0] - top2[:, 1]) > 0.5
+    assert clear.sum() >= len(clear) // 2
     chosen = torch.tensor(result.token_ids)
     assert torch.equal(chosen[clear], expected.argmax(-1)[clear])
 
@@ -68,7 +70,7 @@ def test_parity_at_8k_context(checkpoint):
     prompt = torch.randint(3, 200, (8160,), generator=torch.Generator().manual_seed(0)).tolist()
     result = engine.generate(prompt, max_new_tokens=40, ignore_eos=True, output_logits=True)
     expected = hf_logits(model, prompt, result.token_ids)
-    assert relative_error(result.logits, expected) < RELATIVE_TOLERANCE[torch.bfloat16]
+    assert relative_error(result.logits, expected) < MODEL_RELATIVE_TOLERANCE[torch.bfloat16]
 
 
 def test_greedy_tokens_equal_reference_over_128_steps(checkpoint):
