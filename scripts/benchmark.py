@@ -159,6 +159,9 @@ def environment(device: torch.device) -> dict:
 
 
 def _git_commit() -> str:
+    # A copy of the tree without .git (e.g. shipped to a GPU machine) can name its commit.
+    if os.environ.get("MEGAKERNEL_GIT_COMMIT"):
+        return os.environ["MEGAKERNEL_GIT_COMMIT"]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
                               text=True, timeout=10, check=False)
