@@ -71,3 +71,23 @@ def test_program_subcommand():
     assert "bytes moved per step" in r.stdout
     r = run_cli("program", "--model", "random:tiny", "--num-sms", "4", "--list")
     assert r.returncode == 0 and r.stdout.count("rms_lm_head") >= 2
+
+
+def test_ctrl_c_stops_cleanly():
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "megakernel", "generate", "--prompt", "Hi",
+                             "--backend", "reference", "--max-new-tokens", "3000",
+                             "--ignore-eos"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Wait until text is streaming (generation has started), then interrupt.
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        if proc.stdout.read(1):
+            break
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "interrupted" in err and "Traceback" not in err

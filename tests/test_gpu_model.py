@@ -135,3 +135,22 @@ def test_long_run_to_max_seq_len_on_1b():
         got = engine.backend.decode(torch.tensor(sequence[checkpoint_pos], device="cuda"),
                                     checkpoint_pos).logits.float()
         assert relative_error(got.cpu(), ref.cpu()) < MODEL_RELATIVE_TOLERANCE[torch.bfloat16]
+
+
+def test_interrupt_and_bad_input_leave_the_kernel_usable(checkpoint):
+    path, _ = checkpoint
+    engine = make_engine(path, max_seq_len=256)
+    baseline = engine.generate([1, 2, 3], max_new_tokens=20, ignore_eos=True).token_ids
+
+    def stream(token, piece):
+        if len(seen) == 5:
+            raise KeyboardInterrupt
+        seen.append(token)
+
+    seen = []
+    with pytest.raises(KeyboardInterrupt):
+        engine.generate([1, 2, 3], max_new_tokens=20, ignore_eos=True, stream=stream)
+    assert seen == baseline[:5]
+    with pytest.raises(megakernel.InvalidRequestError):
+        engine.generate([1, 2, 10**7], max_new_tokens=20)
+    assert engine.generate([1, 2, 3], max_new_tokens=20, ignore_eos=True).token_ids == baseline
