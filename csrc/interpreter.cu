@@ -73,10 +73,6 @@ __device__ __forceinline__ int64_t load_volatile(const int64_t* ptr) {
   return *reinterpret_cast<const volatile int64_t*>(ptr);
 }
 
-__device__ __forceinline__ void prefetch_l2(const void* ptr, uint32_t bytes) {
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(ptr), "r"(bytes) : "memory");
-}
-
 // Writes the error record unless another error was recorded first. Returns nothing: the
 // non-zero code is the abort flag.
 __device__ void record_error(const KernelParams& p, int64_t code, int index, const int* words,
@@ -149,58 +145,10 @@ __device__ bool controller_ready(const KernelParams& p, int index, const int* wo
   return true;
 }
 
-// Weight runs an instruction streams, for the L2 prefetch: up to two contiguous runs.
-struct WeightRuns {
-  const void* ptr[2];
-  uint32_t bytes[2];
-};
-
-__device__ WeightRuns weight_runs(const KernelParams& p, const int* words) {
-  WeightRuns r = {{nullptr, nullptr}, {0, 0}};
-  const int64_t H = p.hidden_size, I = p.intermediate_size;
-  const int64_t l = words[word::kLayer];
-  const int64_t q_size = static_cast<int64_t>(p.num_heads) * p.head_dim;
-  const __nv_bfloat16* base = nullptr;
-  switch (words[word::kOpcode]) {
-    case kOpRmsQkvRope: {
-      const int64_t hd = p.head_dim, rows = (p.num_heads + 2 * p.num_kv_heads) * hd;
-      const int64_t lo = words[rms_qkv_rope::kHead] * hd + words[rms_qkv_rope::kPairBegin];
-      const int64_t n = words[rms_qkv_rope::kPairCount];
-      base = bf16_ptr(p.qkv) + l * rows * H;
-      r.ptr[0] = base + lo * H;
-      r.ptr[1] = base + (lo + hd / 2) * H;
-      r.bytes[0] = r.bytes[1] = static_cast<uint32_t>(n * H * 2);
-      break;
-    }
-    case kOpOProjResidual:
-      r.ptr[0] = bf16_ptr(p.o_proj) + (l * H + words[o_proj_residual::kRowBegin]) * q_size;
-      r.bytes[0] = static_cast<uint32_t>(words[o_proj_residual::kRowCount] * q_size * 2);
-      break;
-    case kOpRmsGateUpSilu: {
-      base = bf16_ptr(p.gate_up) + l * 2 * I * H;
-      const int64_t r0 = words[rms_gate_up_silu::kRowBegin];
-      r.ptr[0] = base + r0 * H;
-      r.ptr[1] = base + (I + r0) * H;
-      r.bytes[0] = r.bytes[1] = static_cast<uint32_t>(words[rms_gate_up_silu::kRowCount] * H * 2);
-      break;
-    }
-    case kOpDownProjResidual:
-      r.ptr[0] = bf16_ptr(p.down) + (l * H + words[down_proj_residual::kRowBegin]) * I;
-      r.bytes[0] = static_cast<uint32_t>(words[down_proj_residual::kRowCount] * I * 2);
-      break;
-    case kOpRmsLmHead:
-      r.ptr[0] = bf16_ptr(p.lm_head) + words[rms_lm_head::kRowBegin] * H;
-      r.bytes[0] = static_cast<uint32_t>(words[rms_lm_head::kRowCount] * H * 2);
-      break;
-    default:
-      break;
-  }
-  return r;
-}
-
-// Controller warp: claim the next instruction, copy its words into `slot_words`, and
-// prefetch the first p.prefetch_bytes of its weight runs into L2.
-__device__ void controller_fetch(const KernelParams& p, uint64_t claim_base, int* slot_words,
+// Controller warp: claim the next instruction and copy its words into `slot_words`; returns
+// its index (kNoInstruction past the end) in every lane. Staging its weights (and their L2
+// prefetch) is stage_issue's, once the area is free.
+__device__ int controller_fetch(const KernelParams& p, uint64_t claim_base, int* slot_words,
                                  int* slot_index) {
   const int lane = threadIdx.x % kWarpSize;
   int index = 0;
@@ -211,19 +159,11 @@ __device__ void controller_fetch(const KernelParams& p, uint64_t claim_base, int
   }
   index = __shfl_sync(0xffffffffu, index, 0);
   if (lane == 0) *slot_index = index;
-  if (index == kNoInstruction) return;
+  if (index == kNoInstruction) return index;
   const int word = __ldg(p.instructions + static_cast<int64_t>(index) * kInstructionWords + lane);
   slot_words[lane] = word;
   __syncwarp();
-  if (lane < 2) {
-    const WeightRuns runs = weight_runs(p, slot_words);
-    // The instruction's prefetch budget is shared by its runs, in whole 16-byte units.
-    const uint32_t share = runs.bytes[1] > 0 ? p.prefetch_bytes / 2 : p.prefetch_bytes;
-    const uint32_t bytes = min(runs.bytes[lane], share) & ~15u;
-    const char* ptr = static_cast<const char*>(runs.ptr[lane]);
-    for (uint32_t off = 0; off < bytes; off += kPrefetchPiece)
-      prefetch_l2(ptr + off, min(kPrefetchPiece, bytes - off));
-  }
+  return index;
 }
 
 // Compute warps: runs the op, which passes the block barrier (ctx.ready()) once the
@@ -249,16 +189,28 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
   __shared__ int slot_index[2];
   __shared__ int go;  // 1: the waits of the current instruction hold; 0: stop
   __shared__ float scratch[kScratchFloats];
+  __shared__ StageInfo slot_stage[2];      // each slot's staged weights (staging.cuh)
+  __shared__ alignas(8) uint64_t stage_mbar;  // completes the staging copies
 
   const bool controller = threadIdx.x / kWarpSize == kControllerWarp;
   const bool leader = threadIdx.x == kControllerWarp * kWarpSize;
   const uint64_t claim_base =
       static_cast<uint64_t>(p.epoch - 1) * (static_cast<uint64_t>(p.num_instructions) + gridDim.x);
+  const uint64_t policy = evict_first_policy();
+  // The staging area follows the ops' own shared memory (p.stage_offset, 128-byte aligned).
+  const uint32_t stage_area = smem_addr(dynamic_smem) + p.stage_offset;
+  const uint32_t stage_bar = smem_addr(&stage_mbar);
+  uint32_t stage_phases = 0;  // controller lanes: staging phases issued so far
 
-  if (controller) controller_fetch(p, claim_base, slot_words[0], &slot_index[0]);
+  if (controller) {
+    if (leader) mbar_init(stage_bar, 1);  // one arrival (expect_tx) per phase
+    __syncwarp();
+    const int first = controller_fetch(p, claim_base, slot_words[0], &slot_index[0]);
+    stage_issue(p, slot_words[0], first != kNoInstruction, stage_area, stage_bar, policy,
+                &slot_stage[0], stage_phases);
+  }
   block_sync();
 
-  const uint64_t policy = evict_first_policy();
   // Per instruction, every thread passes two block barriers: A (waits hold; inside
   // ctx.ready() for the compute warps) and B (outputs written), unless it stops after A.
   for (int slot = 0;; slot ^= 1) {
@@ -275,12 +227,20 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
 #endif
       block_sync();  // A
       if (!go) break;
-      controller_fetch(p, claim_base, slot_words[slot ^ 1], &slot_index[slot ^ 1]);
+      const int next = controller_fetch(p, claim_base, slot_words[slot ^ 1], &slot_index[slot ^ 1]);
+      // The next instruction's weights go into the staging area as soon as it is free: now,
+      // when this instruction staged nothing (its op never reads the area), else after B.
+      const bool area_free = slot_stage[slot].rows == 0;
+      if (area_free)
+        stage_issue(p, slot_words[slot ^ 1], next != kNoInstruction, stage_area, stage_bar,
+                    policy, &slot_stage[slot ^ 1], stage_phases);
       block_sync();  // B: every output of the instruction is written
       if (leader) {
         const int counter = words[word::kSignalCounter];
         if (counter >= 0 && counter < p.num_counters) signal_release(p.counters + counter);
+      }
 #ifdef MEGAKERNEL_PROFILE
+      if (leader) {
         if (p.profile != nullptr) {
           int64_t* rec = p.profile + static_cast<int64_t>(index) * kProfileWords;
           unsigned smid;
@@ -294,16 +254,30 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
           rec[6] = static_cast<int64_t>(global_timer_ns());
           rec[7] = index;
         }
+      }
 #endif
+      // B also ends every read of the staging area by this instruction's op (the compute
+      // threads read it only through ordinary loads before B), so the copy engine may
+      // overwrite it now; the next instruction's waits then overlap the copies.
+      if (!area_free) {
+        __syncwarp();
+        stage_issue(p, slot_words[slot ^ 1], next != kNoInstruction, stage_area, stage_bar,
+                    policy, &slot_stage[slot ^ 1], stage_phases);
       }
     } else {
-      const OpContext ctx{p, words, reinterpret_cast<float*>(dynamic_smem), scratch, &go, policy,
-                          words[word::kTokenBegin]};
+      const OpContext ctx{p,         words,  reinterpret_cast<float*>(dynamic_smem),
+                          scratch,   &go,    policy,
+                          words[word::kTokenBegin],  &slot_stage[slot],
+                          stage_area, stage_bar};
       const bool ran = index != kNoInstruction ? run_op(ctx) : ctx.ready<kNumOpcodes>();
       if (!ran) break;
       block_sync();  // B
     }
   }
+
+  // A block that stops early may leave one staging phase in flight (claimed, never run):
+  // its copies must land before the block's shared memory is released.
+  if (leader && stage_phases > 0) mbar_wait(stage_bar, (stage_phases - 1) & 1u);
 
   // The last block to finish publishes the step's result (the greedy token, or -code).
   if (leader) {

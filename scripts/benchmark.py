@@ -707,7 +707,9 @@ def write_plot(path: str, rows: list[dict], floors: dict[int, float], title: str
         err = [[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]]
         ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=name)
     fx = sorted(floors)
-    ax.plot(fx, [floors[c] for c in fx], "k--", label="bandwidth floor (measured copy)")
+    # A marker too, so the floor shows when only one context was measured.
+    ax.plot(fx, [floors[c] for c in fx], "k--", marker="_", markersize=18,
+            label="bandwidth floor (measured copy)")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xticks(fx, [str(c) for c in fx])
