@@ -4,13 +4,16 @@
 // Roles. kComputeWarps warps execute ops (csrc/ops/<opcode>.cuh). One controller warp:
 //   - claims instructions with atomicAdd on queue[0], in the stream's topological order,
 //     one instruction ahead: while the block runs instruction i, the controller has already
-//     claimed i+1, copied its 32 words into the other shared-memory slot and issued L2
-//     prefetches of its first weight bytes (weights depend on no counter);
+//     claimed i+1 and copied its 32 words into the other shared-memory slot;
+//   - stages the first weight bytes of i+1 (weights depend on no counter) into shared memory
+//     with bulk copies, as soon as the staging area is free (staging.cuh): right after the
+//     claim when i staged nothing, else right after barrier B of i; so they stream while the
+//     block spins on i+1's waits. The L2 prefetch of the bytes that follow goes with them;
 //   - before an instruction runs, spins (lane 0) on its waits with ld.acquire.gpu until
 //     counter >= target * epoch, bounded by the %globaltimer watchdog;
 //   - after the compute warps wrote its outputs, signals its counter with red.release.gpu.
 // Per instruction every thread passes two block barriers:
-//   controller: [lane 0 waits] A [claim + fetch + L2-prefetch next] B [lane 0 signals]
+//   controller: [lane 0 waits] A [claim + fetch next (+ stage it)] B [signal; (stage next)]
 //   compute:    [op: dependency-free work, e.g. norm gains -> smem] A [op proper] B
 // Barrier A is inside the op (OpContext::ready), so work that needs no activation overlaps
 // the wait. Acquire-then-barrier and barrier-then-release carry the producers' writes to
@@ -27,6 +30,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -298,7 +302,8 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
   }
 }
 
-size_t dynamic_smem_bytes(const KernelParams& p) {
+// The ops' own dynamic shared memory; the staging area follows it (launch_megakernel).
+size_t op_smem_bytes(const KernelParams& p) {
   // Mat-vec ops: the staged input vector (+ 2 * head_dim outputs for rms_qkv_rope).
   // o_proj / down_proj: the staged input vector and the block's residual rows (<= H).
   const size_t vec = static_cast<size_t>(std::max(p.intermediate_size, p.num_heads * p.head_dim)) +
@@ -314,6 +319,33 @@ size_t dynamic_smem_bytes(const KernelParams& p) {
 void check(cudaError_t err, const char* what) {
   if (err != cudaSuccess)
     throw std::runtime_error(std::string("megakernel: ") + what + ": " + cudaGetErrorString(err));
+}
+
+// Dynamic shared memory a block of the kernel may have on `device`: the per-block opt-in
+// limit less the kernel's static shared memory. Queried once per device.
+size_t stage_capacity(int device) {
+  static size_t capacity[kMaxDevices] = {};
+  if (device < kMaxDevices && capacity[device] > 0) return capacity[device];
+  int optin = 0;
+  check(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+        "cudaDeviceGetAttribute(max shared memory per block opt-in)");
+  cudaFuncAttributes attr;
+  check(cudaFuncGetAttributes(&attr, megakernel), "cudaFuncGetAttributes");
+  const size_t cap = static_cast<size_t>(optin) > attr.sharedSizeBytes
+                         ? static_cast<size_t>(optin) - attr.sharedSizeBytes
+                         : 0;
+  if (device < kMaxDevices) capacity[device] = cap;
+  return cap;
+}
+
+// kDefaultStageBytes, or MEGAKERNEL_STAGE_BYTES when set (read once per process).
+uint32_t stage_bytes_cap() {
+  static const uint32_t cap = [] {
+    const char* env = std::getenv("MEGAKERNEL_STAGE_BYTES");
+    return env != nullptr && *env != '\0' ? static_cast<uint32_t>(std::strtoul(env, nullptr, 0))
+                                           : kDefaultStageBytes;
+  }();
+  return cap;
 }
 
 void require(bool ok, const std::string& msg) {
@@ -374,7 +406,16 @@ void launch_megakernel(const KernelParams& p, int num_blocks, void* stream) {
   check(cudaGetDevice(&device), "cudaGetDevice");
   const int sms = device_sm_count();
   const int blocks = num_blocks > 0 ? num_blocks : sms;
-  const size_t smem = dynamic_smem_bytes(p);
+  // The staging area takes what the ops leave of the block's shared-memory limit.
+  KernelParams params = p;
+  const size_t op_bytes = op_smem_bytes(p);
+  const size_t offset = (op_bytes + kStageAlign - 1) / kStageAlign * kStageAlign;
+  const size_t room = stage_capacity(device) > offset ? stage_capacity(device) - offset : 0;
+  const size_t stage = std::min(room, static_cast<size_t>(stage_bytes_cap())) /
+                       kStageIterBytes * kStageIterBytes;
+  params.stage_offset = static_cast<uint32_t>(offset);
+  params.stage_bytes = static_cast<uint32_t>(stage);
+  const size_t smem = stage > 0 ? offset + stage : op_bytes;
   // Setting the shared-memory limit and asking for the occupancy cost microseconds: done
   // again only when a launch needs more shared memory than any before it on this device.
   static size_t configured_smem[kMaxDevices] = {};
@@ -396,7 +437,7 @@ void launch_megakernel(const KernelParams& p, int num_blocks, void* stream) {
               " blocks resident, but only " + std::to_string(per_sm) + " per SM x " +
               std::to_string(sms) + " SMs fit (" + std::to_string(smem) +
               " bytes of dynamic shared memory)");
-  megakernel<<<blocks, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p);
+  megakernel<<<blocks, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(params);
   check(cudaGetLastError(), "kernel launch");
 }
 

@@ -236,7 +236,7 @@ class Engine:
                     if output_logits:
                         step_logits = launched.logits.detach().float().clone()
                 token = int(pending)
-                self._check_backend()
+                self.backend.check_error(token)
                 if t_first is None:
                     t_first = time.perf_counter()
                 new_tokens.append(token)
@@ -255,7 +255,7 @@ class Engine:
                 position += 1
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-            self._check_backend()
+            self.backend.check_error()
         except BaseException:
             # Ctrl-C, a kernel fault or any other error: leave the engine usable.
             self._recover()
@@ -274,11 +274,6 @@ class Engine:
             token_ids=new_tokens, text=self.decode_text(new_tokens), prompt_token_ids=ids,
             finish_reason=finish, stats=stats,
             logits=torch.stack(logits[:n]) if output_logits else None)
-
-    def _check_backend(self) -> None:
-        check = getattr(self.backend, "check_error", None)
-        if check is not None:
-            check()
 
     def _recover(self) -> None:
         if self.device.type == "cuda":

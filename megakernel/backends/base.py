@@ -37,6 +37,10 @@ class Backend:
         """Run one token ([] int64 on the device) at `position`, appending its K/V."""
         raise NotImplementedError
 
+    def check_error(self, greedy_token: int | None = None) -> None:
+        """Raise if a finished step failed on the device (greedy_token: the value just
+        read back for that step). Backends that fail synchronously need nothing here."""
+
     def reset(self) -> None:
         """Forget any per-sequence device state (called when the engine starts a new
         sequence or recovers from an error)."""
