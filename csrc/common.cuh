@@ -109,16 +109,6 @@ __device__ __forceinline__ float4 load_act4(const float4* ptr) { return __ldcg(p
 __device__ __forceinline__ float bf16_lo(uint32_t w) { return __uint_as_float(w << 16); }
 __device__ __forceinline__ float bf16_hi(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
 
-__device__ __forceinline__ const __nv_bfloat16* bf16_ptr(const void* p) {
-  return static_cast<const __nv_bfloat16*>(p);
-}
-
-}  // namespace mk
-
-#include "staging.cuh"
-
-namespace mk {
-
 // sum_i w[i] * x[i] over 8 bf16 weights and 8 floats of shared memory.
 __device__ __forceinline__ float dot8(uint4 w, const float* x, float acc) {
   const float4 a = *reinterpret_cast<const float4*>(x);
@@ -137,52 +127,42 @@ __device__ __forceinline__ float dot8(uint4 w, const float* x, float acc) {
 // Dot products of kRows weight rows (bf16, k elements, 16-byte aligned) with a float
 // vector x in shared memory, by one warp. Each lane keeps kMatvecUnroll 16-byte chunks of
 // every row in flight before it consumes any: start() issues the first chunks, finish()
-// consumes them and streams the rest of the rows. A row's first staged[r] chunks (a whole
-// number of warp passes, or the whole row) come from its staged copy in shared memory at
-// saddr[r] instead (staging.cuh); the lanes sum the same chunks in the same order either way.
+// consumes them and streams the rest of the rows.
 template <int kRows>
 struct WarpRows {
   const uint4* rows[kRows];
-  uint32_t saddr[kRows];
-  int staged[kRows];
   int count;   // rows in use (<= kRows); the others load nothing and sum to 0
   int chunks;
   uint4 w[kRows][kMatvecUnroll];
 
   __device__ __forceinline__ void load(int c0, uint64_t policy) {
-    const int pass = c0 - static_cast<int>(threadIdx.x % kWarpSize);  // warp-uniform
 #pragma unroll
     for (int u = 0; u < kMatvecUnroll; ++u) {
       const int c = c0 + u * kWarpSize;
 #pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-        if (r < count && c < chunks)
-          w[r][u] = pass < staged[r] ? load_staged(saddr[r] + 16u * static_cast<uint32_t>(c))
-                                     : load_weight(rows[r] + c, policy);
-        else
-          w[r][u] = make_uint4(0, 0, 0, 0);
-      }
+      for (int r = 0; r < kRows; ++r)
+        w[r][u] = r < count && c < chunks ? load_weight(rows[r] + c, policy)
+                                          : make_uint4(0, 0, 0, 0);
     }
   }
 
-  // start() on the rows of group i of a run_matvec Groups; st: the instruction's staged
-  // rows (st.rows == 0: none) in the staging area at shared address `area`.
-  template <typename Groups>
-  __device__ __forceinline__ void start_group(const Groups& g, int i, int rows_used, int k,
-                                              uint64_t policy, const StageInfo& st,
-                                              uint32_t area) {
+  __device__ __forceinline__ void start(const __nv_bfloat16* const (&row_ptrs)[kRows],
+                                        int rows_used, int k, uint64_t policy) {
 #pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      const int rr = r < rows_used ? r : 0;
-      rows[r] = reinterpret_cast<const uint4*>(g.row(i, rr));
-      int run, j;
-      g.run_row(i, rr, run, j);
-      staged[r] = j < st.rows ? static_cast<int>(st.prefix / 16) : 0;
-      saddr[r] = area + static_cast<uint32_t>(run * st.rows + j) * st.prefix;
-    }
+    for (int r = 0; r < kRows; ++r) rows[r] = reinterpret_cast<const uint4*>(row_ptrs[r]);
     count = rows_used;
     chunks = k / kChunkElems;
     load(threadIdx.x % kWarpSize, policy);
+  }
+
+  // start() on the rows of group i of a run_matvec Groups.
+  template <typename Groups>
+  __device__ __forceinline__ void start_group(const Groups& g, int i, int rows_used, int k,
+                                              uint64_t policy) {
+    const __nv_bfloat16* ptrs[kRows];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) ptrs[r] = g.row(i, r < rows_used ? r : 0);
+    start(ptrs, rows_used, k, policy);
   }
 
   // The dot products, in every lane.
@@ -240,6 +220,10 @@ __device__ __forceinline__ void stage_rms_normed(float* dst, const float* src,
   compute_sync();
 }
 
+__device__ __forceinline__ const __nv_bfloat16* bf16_ptr(const void* p) {
+  return static_cast<const __nv_bfloat16*>(p);
+}
+
 }  // namespace mk
 
 namespace mk {
@@ -260,17 +244,8 @@ struct OpContext {
   const volatile int* go;  // set by the controller before the barrier: waits hold
   uint64_t policy;       // L2 evict-first policy for weight loads
   int token;             // the token (row of the step's batch) this instruction serves
-  const StageInfo* stage;  // this instruction's staged weights: read only after ready()
-  uint32_t stage_area;   // shared address of the staging area
-  uint32_t stage_bar;    // shared address of the staging mbarrier
 
   __device__ int arg(int index) const { return words[index]; }
-  // After ready(): the instruction's staged rows, once their copies have landed.
-  __device__ __forceinline__ StageInfo staged_weights() const {
-    const StageInfo st = *stage;
-    if (st.rows > 0) mbar_wait(stage_bar, st.parity);
-    return st;
-  }
   __device__ int layer() const { return words[word::kLayer]; }
   // kSite: a number unique to the calling op, so each op has its own barrier instruction.
   template <int kSite>
@@ -293,18 +268,16 @@ namespace mk {
 // compute_sync) and returns it. kSite: the op's number for ctx.ready().
 //
 // The first weights are not loaded into registers before the wait: holding them across the
-// barrier made ptxas spill heavily once several ops share the kernel. Instead the controller
-// stages the instruction's first weight bytes in shared memory while the block waits
-// (staging.cuh); the rows read from there after the wait.
+// barrier made ptxas spill heavily once several ops share the kernel. The controller's L2
+// prefetch of the instruction's first weight bytes covers most of that latency instead.
 template <int kSite, typename Groups, typename Stage>
 __device__ __forceinline__ bool run_matvec(const OpContext& ctx, Groups& g, int k, Stage stage) {
   const int warp = threadIdx.x / kWarpSize;
   WarpRows<kRowsPerPass> rows;
   if (!ctx.template ready<kSite>()) return false;
   const float* x = stage();
-  const StageInfo st = ctx.staged_weights();
   for (int i = warp, count = g.count(i); count > 0; i += kComputeWarps, count = g.count(i)) {
-    rows.start_group(g, i, count, k, ctx.policy, st, ctx.stage_area);
+    rows.start_group(g, i, count, k, ctx.policy);
     float out[kRowsPerPass];
     rows.finish(x, ctx.policy, out);
     g.emit(i, out, count);
@@ -324,11 +297,6 @@ struct RowPairs {
     return (r < n) + (r + kComputeWarps < n);
   }
   __device__ int row_index(int i, int r) const { return first_row(i) + r * kComputeWarps; }
-  // One weight run: the block's rows in order.
-  __device__ void run_row(int i, int r, int& run, int& j) const {
-    run = 0;
-    j = row_index(i, r);
-  }
 };
 static_assert(kRowsPerPass == 2, "RowPairs pairs rows");
 

@@ -4,16 +4,13 @@
 // Roles. kComputeWarps warps execute ops (csrc/ops/<opcode>.cuh). One controller warp:
 //   - claims instructions with atomicAdd on queue[0], in the stream's topological order,
 //     one instruction ahead: while the block runs instruction i, the controller has already
-//     claimed i+1 and copied its 32 words into the other shared-memory slot;
-//   - stages the first weight bytes of i+1 (weights depend on no counter) into shared memory
-//     with bulk copies, as soon as the staging area is free (staging.cuh): right after the
-//     claim when i staged nothing, else right after barrier B of i; so they stream while the
-//     block spins on i+1's waits. The L2 prefetch of the bytes that follow goes with them;
+//     claimed i+1, copied its 32 words into the other shared-memory slot and issued L2
+//     prefetches of its first weight bytes (weights depend on no counter);
 //   - before an instruction runs, spins (lane 0) on its waits with ld.acquire.gpu until
 //     counter >= target * epoch, bounded by the %globaltimer watchdog;
 //   - after the compute warps wrote its outputs, signals its counter with red.release.gpu.
 // Per instruction every thread passes two block barriers:
-//   controller: [lane 0 waits] A [claim + fetch next (+ stage it)] B [signal; (stage next)]
+//   controller: [lane 0 waits] A [claim + fetch + L2-prefetch next] B [lane 0 signals]
 //   compute:    [op: dependency-free work, e.g. norm gains -> smem] A [op proper] B
 // Barrier A is inside the op (OpContext::ready), so work that needs no activation overlaps
 // the wait. Acquire-then-barrier and barrier-then-release carry the producers' writes to
@@ -30,7 +27,6 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -75,6 +71,10 @@ __device__ __forceinline__ void signal_release(uint64_t* ptr) {
 
 __device__ __forceinline__ int64_t load_volatile(const int64_t* ptr) {
   return *reinterpret_cast<const volatile int64_t*>(ptr);
+}
+
+__device__ __forceinline__ void prefetch_l2(const void* ptr, uint32_t bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(ptr), "r"(bytes) : "memory");
 }
 
 // Writes the error record unless another error was recorded first. Returns nothing: the
@@ -149,10 +149,58 @@ __device__ bool controller_ready(const KernelParams& p, int index, const int* wo
   return true;
 }
 
-// Controller warp: claim the next instruction and copy its words into `slot_words`; returns
-// its index (kNoInstruction past the end) in every lane. Staging its weights (and their L2
-// prefetch) is stage_issue's, once the area is free.
-__device__ int controller_fetch(const KernelParams& p, uint64_t claim_base, int* slot_words,
+// Weight runs an instruction streams, for the L2 prefetch: up to two contiguous runs.
+struct WeightRuns {
+  const void* ptr[2];
+  uint32_t bytes[2];
+};
+
+__device__ WeightRuns weight_runs(const KernelParams& p, const int* words) {
+  WeightRuns r = {{nullptr, nullptr}, {0, 0}};
+  const int64_t H = p.hidden_size, I = p.intermediate_size;
+  const int64_t l = words[word::kLayer];
+  const int64_t q_size = static_cast<int64_t>(p.num_heads) * p.head_dim;
+  const __nv_bfloat16* base = nullptr;
+  switch (words[word::kOpcode]) {
+    case kOpRmsQkvRope: {
+      const int64_t hd = p.head_dim, rows = (p.num_heads + 2 * p.num_kv_heads) * hd;
+      const int64_t lo = words[rms_qkv_rope::kHead] * hd + words[rms_qkv_rope::kPairBegin];
+      const int64_t n = words[rms_qkv_rope::kPairCount];
+      base = bf16_ptr(p.qkv) + l * rows * H;
+      r.ptr[0] = base + lo * H;
+      r.ptr[1] = base + (lo + hd / 2) * H;
+      r.bytes[0] = r.bytes[1] = static_cast<uint32_t>(n * H * 2);
+      break;
+    }
+    case kOpOProjResidual:
+      r.ptr[0] = bf16_ptr(p.o_proj) + (l * H + words[o_proj_residual::kRowBegin]) * q_size;
+      r.bytes[0] = static_cast<uint32_t>(words[o_proj_residual::kRowCount] * q_size * 2);
+      break;
+    case kOpRmsGateUpSilu: {
+      base = bf16_ptr(p.gate_up) + l * 2 * I * H;
+      const int64_t r0 = words[rms_gate_up_silu::kRowBegin];
+      r.ptr[0] = base + r0 * H;
+      r.ptr[1] = base + (I + r0) * H;
+      r.bytes[0] = r.bytes[1] = static_cast<uint32_t>(words[rms_gate_up_silu::kRowCount] * H * 2);
+      break;
+    }
+    case kOpDownProjResidual:
+      r.ptr[0] = bf16_ptr(p.down) + (l * H + words[down_proj_residual::kRowBegin]) * I;
+      r.bytes[0] = static_cast<uint32_t>(words[down_proj_residual::kRowCount] * I * 2);
+      break;
+    case kOpRmsLmHead:
+      r.ptr[0] = bf16_ptr(p.lm_head) + words[rms_lm_head::kRowBegin] * H;
+      r.bytes[0] = static_cast<uint32_t>(words[rms_lm_head::kRowCount] * H * 2);
+      break;
+    default:
+      break;
+  }
+  return r;
+}
+
+// Controller warp: claim the next instruction, copy its words into `slot_words`, and
+// prefetch the first p.prefetch_bytes of its weight runs into L2.
+__device__ void controller_fetch(const KernelParams& p, uint64_t claim_base, int* slot_words,
                                  int* slot_index) {
   const int lane = threadIdx.x % kWarpSize;
   int index = 0;
@@ -163,11 +211,19 @@ __device__ int controller_fetch(const KernelParams& p, uint64_t claim_base, int*
   }
   index = __shfl_sync(0xffffffffu, index, 0);
   if (lane == 0) *slot_index = index;
-  if (index == kNoInstruction) return index;
+  if (index == kNoInstruction) return;
   const int word = __ldg(p.instructions + static_cast<int64_t>(index) * kInstructionWords + lane);
   slot_words[lane] = word;
   __syncwarp();
-  return index;
+  if (lane < 2) {
+    const WeightRuns runs = weight_runs(p, slot_words);
+    // The instruction's prefetch budget is shared by its runs, in whole 16-byte units.
+    const uint32_t share = runs.bytes[1] > 0 ? p.prefetch_bytes / 2 : p.prefetch_bytes;
+    const uint32_t bytes = min(runs.bytes[lane], share) & ~15u;
+    const char* ptr = static_cast<const char*>(runs.ptr[lane]);
+    for (uint32_t off = 0; off < bytes; off += kPrefetchPiece)
+      prefetch_l2(ptr + off, min(kPrefetchPiece, bytes - off));
+  }
 }
 
 // Compute warps: runs the op, which passes the block barrier (ctx.ready()) once the
@@ -193,28 +249,16 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
   __shared__ int slot_index[2];
   __shared__ int go;  // 1: the waits of the current instruction hold; 0: stop
   __shared__ float scratch[kScratchFloats];
-  __shared__ StageInfo slot_stage[2];      // each slot's staged weights (staging.cuh)
-  __shared__ alignas(8) uint64_t stage_mbar;  // completes the staging copies
 
   const bool controller = threadIdx.x / kWarpSize == kControllerWarp;
   const bool leader = threadIdx.x == kControllerWarp * kWarpSize;
   const uint64_t claim_base =
       static_cast<uint64_t>(p.epoch - 1) * (static_cast<uint64_t>(p.num_instructions) + gridDim.x);
-  const uint64_t policy = evict_first_policy();
-  // The staging area follows the ops' own shared memory (p.stage_offset, 128-byte aligned).
-  const uint32_t stage_area = smem_addr(dynamic_smem) + p.stage_offset;
-  const uint32_t stage_bar = smem_addr(&stage_mbar);
-  uint32_t stage_phases = 0;  // controller lanes: staging phases issued so far
 
-  if (controller) {
-    if (leader) mbar_init(stage_bar, 1);  // one arrival (expect_tx) per phase
-    __syncwarp();
-    const int first = controller_fetch(p, claim_base, slot_words[0], &slot_index[0]);
-    stage_issue(p, slot_words[0], first != kNoInstruction, stage_area, stage_bar, policy,
-                &slot_stage[0], stage_phases);
-  }
+  if (controller) controller_fetch(p, claim_base, slot_words[0], &slot_index[0]);
   block_sync();
 
+  const uint64_t policy = evict_first_policy();
   // Per instruction, every thread passes two block barriers: A (waits hold; inside
   // ctx.ready() for the compute warps) and B (outputs written), unless it stops after A.
   for (int slot = 0;; slot ^= 1) {
@@ -231,20 +275,12 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
 #endif
       block_sync();  // A
       if (!go) break;
-      const int next = controller_fetch(p, claim_base, slot_words[slot ^ 1], &slot_index[slot ^ 1]);
-      // The next instruction's weights go into the staging area as soon as it is free: now,
-      // when this instruction staged nothing (its op never reads the area), else after B.
-      const bool area_free = slot_stage[slot].rows == 0;
-      if (area_free)
-        stage_issue(p, slot_words[slot ^ 1], next != kNoInstruction, stage_area, stage_bar,
-                    policy, &slot_stage[slot ^ 1], stage_phases);
+      controller_fetch(p, claim_base, slot_words[slot ^ 1], &slot_index[slot ^ 1]);
       block_sync();  // B: every output of the instruction is written
       if (leader) {
         const int counter = words[word::kSignalCounter];
         if (counter >= 0 && counter < p.num_counters) signal_release(p.counters + counter);
-      }
 #ifdef MEGAKERNEL_PROFILE
-      if (leader) {
         if (p.profile != nullptr) {
           int64_t* rec = p.profile + static_cast<int64_t>(index) * kProfileWords;
           unsigned smid;
@@ -258,30 +294,16 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
           rec[6] = static_cast<int64_t>(global_timer_ns());
           rec[7] = index;
         }
-      }
 #endif
-      // B also ends every read of the staging area by this instruction's op (the compute
-      // threads read it only through ordinary loads before B), so the copy engine may
-      // overwrite it now; the next instruction's waits then overlap the copies.
-      if (!area_free) {
-        __syncwarp();
-        stage_issue(p, slot_words[slot ^ 1], next != kNoInstruction, stage_area, stage_bar,
-                    policy, &slot_stage[slot ^ 1], stage_phases);
       }
     } else {
-      const OpContext ctx{p,         words,  reinterpret_cast<float*>(dynamic_smem),
-                          scratch,   &go,    policy,
-                          words[word::kTokenBegin],  &slot_stage[slot],
-                          stage_area, stage_bar};
+      const OpContext ctx{p, words, reinterpret_cast<float*>(dynamic_smem), scratch, &go, policy,
+                          words[word::kTokenBegin]};
       const bool ran = index != kNoInstruction ? run_op(ctx) : ctx.ready<kNumOpcodes>();
       if (!ran) break;
       block_sync();  // B
     }
   }
-
-  // A block that stops early may leave one staging phase in flight (claimed, never run):
-  // its copies must land before the block's shared memory is released.
-  if (leader && stage_phases > 0) mbar_wait(stage_bar, (stage_phases - 1) & 1u);
 
   // The last block to finish publishes the step's result (the greedy token, or -code).
   if (leader) {
@@ -302,8 +324,7 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
   }
 }
 
-// The ops' own dynamic shared memory; the staging area follows it (launch_megakernel).
-size_t op_smem_bytes(const KernelParams& p) {
+size_t dynamic_smem_bytes(const KernelParams& p) {
   // Mat-vec ops: the staged input vector (+ 2 * head_dim outputs for rms_qkv_rope).
   // o_proj / down_proj: the staged input vector and the block's residual rows (<= H).
   const size_t vec = static_cast<size_t>(std::max(p.intermediate_size, p.num_heads * p.head_dim)) +
@@ -319,33 +340,6 @@ size_t op_smem_bytes(const KernelParams& p) {
 void check(cudaError_t err, const char* what) {
   if (err != cudaSuccess)
     throw std::runtime_error(std::string("megakernel: ") + what + ": " + cudaGetErrorString(err));
-}
-
-// Dynamic shared memory a block of the kernel may have on `device`: the per-block opt-in
-// limit less the kernel's static shared memory. Queried once per device.
-size_t stage_capacity(int device) {
-  static size_t capacity[kMaxDevices] = {};
-  if (device < kMaxDevices && capacity[device] > 0) return capacity[device];
-  int optin = 0;
-  check(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
-        "cudaDeviceGetAttribute(max shared memory per block opt-in)");
-  cudaFuncAttributes attr;
-  check(cudaFuncGetAttributes(&attr, megakernel), "cudaFuncGetAttributes");
-  const size_t cap = static_cast<size_t>(optin) > attr.sharedSizeBytes
-                         ? static_cast<size_t>(optin) - attr.sharedSizeBytes
-                         : 0;
-  if (device < kMaxDevices) capacity[device] = cap;
-  return cap;
-}
-
-// kDefaultStageBytes, or MEGAKERNEL_STAGE_BYTES when set (read once per process).
-uint32_t stage_bytes_cap() {
-  static const uint32_t cap = [] {
-    const char* env = std::getenv("MEGAKERNEL_STAGE_BYTES");
-    return env != nullptr && *env != '\0' ? static_cast<uint32_t>(std::strtoul(env, nullptr, 0))
-                                           : kDefaultStageBytes;
-  }();
-  return cap;
 }
 
 void require(bool ok, const std::string& msg) {
@@ -406,16 +400,7 @@ void launch_megakernel(const KernelParams& p, int num_blocks, void* stream) {
   check(cudaGetDevice(&device), "cudaGetDevice");
   const int sms = device_sm_count();
   const int blocks = num_blocks > 0 ? num_blocks : sms;
-  // The staging area takes what the ops leave of the block's shared-memory limit.
-  KernelParams params = p;
-  const size_t op_bytes = op_smem_bytes(p);
-  const size_t offset = (op_bytes + kStageAlign - 1) / kStageAlign * kStageAlign;
-  const size_t room = stage_capacity(device) > offset ? stage_capacity(device) - offset : 0;
-  const size_t stage = std::min(room, static_cast<size_t>(stage_bytes_cap())) /
-                       kStageIterBytes * kStageIterBytes;
-  params.stage_offset = static_cast<uint32_t>(offset);
-  params.stage_bytes = static_cast<uint32_t>(stage);
-  const size_t smem = stage > 0 ? offset + stage : op_bytes;
+  const size_t smem = dynamic_smem_bytes(p);
   // Setting the shared-memory limit and asking for the occupancy cost microseconds: done
   // again only when a launch needs more shared memory than any before it on this device.
   static size_t configured_smem[kMaxDevices] = {};
@@ -437,7 +422,7 @@ void launch_megakernel(const KernelParams& p, int num_blocks, void* stream) {
               " blocks resident, but only " + std::to_string(per_sm) + " per SM x " +
               std::to_string(sms) + " SMs fit (" + std::to_string(smem) +
               " bytes of dynamic shared memory)");
-  megakernel<<<blocks, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(params);
+  megakernel<<<blocks, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p);
   check(cudaGetLastError(), "kernel launch");
 }
 

@@ -47,11 +47,6 @@ constexpr int kHostStatusWords = 2;
 // 0 or 64 KB 1.22 ms/token, 128 KB 1.26, 256 KB 1.30 (larger budgets evict useful lines).
 constexpr uint32_t kDefaultPrefetchBytes = 64 * 1024;
 
-// Cap on the shared-memory staging area per block (the device's limit usually binds
-// first: ~184 KB on an H100 next to the Llama-3.2-1B ops' 40 KB). The environment variable
-// MEGAKERNEL_STAGE_BYTES, read once per process, overrides it (0 turns staging off).
-constexpr uint32_t kDefaultStageBytes = 192 * 1024;
-
 // Profiling record per executed instruction (MEGAKERNEL_PROFILE builds only), int64 words:
 // SM id, block, opcode, layer, wait start, waits satisfied, end (after signal) in
 // %globaltimer ns, and the instruction's local index.
@@ -71,10 +66,6 @@ struct KernelParams {
   int64_t epoch;                 // 1-based launch number since the last reset
   int64_t timeout_ns;            // bound on every spin-wait
   uint32_t prefetch_bytes;       // L2 prefetch of the next instruction's weights, bytes
-  // Shared-memory staging of each instruction's first weight bytes (csrc/staging.cuh): set
-  // by launch_megakernel from the device's shared-memory limit, not by the caller.
-  uint32_t stage_bytes;          // staging area size, a multiple of 4 KB (0: no staging)
-  uint32_t stage_offset;         // its byte offset in the dynamic shared memory
 
   // Step inputs.
   const int32_t* step_input;     // [2, T]: token ids, then positions

@@ -22,10 +22,6 @@ __device__ __forceinline__ bool op_rms_gate_up_silu(const OpContext& ctx) {
     __device__ const __nv_bfloat16* row(int i, int r) const {
       return gate + static_cast<int64_t>(i) * H + (r == 0 ? 0 : up_offset);
     }
-    __device__ void run_row(int i, int r, int& run, int& j) const {  // gate run, then up run
-      run = r;
-      j = i;
-    }
     __device__ void emit(int i, const float (&out)[kRowsPerPass], int) const {
       if (threadIdx.x % kWarpSize == 0) act[i] = out[0] / (1.0f + __expf(-out[0])) * out[1];
     }

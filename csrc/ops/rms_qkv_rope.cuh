@@ -31,11 +31,6 @@ __device__ __forceinline__ bool op_rms_qkv_rope(const OpContext& ctx) {
       const int j = row_index(i, r);
       return lo + static_cast<int64_t>(j < n ? j : half + j - n) * H;
     }
-    __device__ void run_row(int i, int r, int& run, int& j) const {  // lo run, then hi run
-      j = row_index(i, r);
-      run = j < n ? 0 : 1;
-      j = j < n ? j : j - n;
-    }
     __device__ void emit(int i, const float (&out)[kRowsPerPass], int count) const {
       if (threadIdx.x % kWarpSize != 0) return;
       #pragma unroll
