@@ -247,7 +247,10 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
   extern __shared__ float4 dynamic_smem[];
   __shared__ int slot_words[2][kInstructionWords];
   __shared__ int slot_index[2];
-  __shared__ int go;  // 1: the waits of the current instruction hold; 0: stop
+  // go[slot]: 1 when the waits of the slot's instruction hold, 0: stop. One flag per slot,
+  // like the instruction words, so the controller's write for the next slot never touches
+  // the flag the compute warps of this slot may still be reading.
+  __shared__ int go[2];
   __shared__ float scratch[kScratchFloats];
 
   const bool controller = threadIdx.x / kWarpSize == kControllerWarp;
@@ -269,12 +272,12 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
       int64_t t_start = 0, t_ready = 0;
       if (leader && p.profile != nullptr) t_start = static_cast<int64_t>(global_timer_ns());
 #endif
-      if (leader) go = index != kNoInstruction && controller_ready(p, index, words);
+      if (leader) go[slot] = index != kNoInstruction && controller_ready(p, index, words);
 #ifdef MEGAKERNEL_PROFILE
       if (leader && p.profile != nullptr) t_ready = static_cast<int64_t>(global_timer_ns());
 #endif
       block_sync();  // A
-      if (!go) break;
+      if (!go[slot]) break;
       controller_fetch(p, claim_base, slot_words[slot ^ 1], &slot_index[slot ^ 1]);
       block_sync();  // B: every output of the instruction is written
       if (leader) {
@@ -297,7 +300,7 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
 #endif
       }
     } else {
-      const OpContext ctx{p, words, reinterpret_cast<float*>(dynamic_smem), scratch, &go, policy,
+      const OpContext ctx{p, words, reinterpret_cast<float*>(dynamic_smem), scratch, &go[slot], policy,
                           words[word::kTokenBegin]};
       const bool ran = index != kNoInstruction ? run_op(ctx) : ctx.ready<kNumOpcodes>();
       if (!ran) break;
