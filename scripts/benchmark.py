@@ -92,6 +92,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--page-size", type=int, default=DEFAULT_PAGE_SIZE)
     p.add_argument("--seed", type=int, default=0, help="weights seed (random: models) and "
                    "prompt seed")
+    p.add_argument("--no-fp32-reference", action="store_true",
+                   help="skip the float32 greedy run that low-precision backends' tokens are "
+                        "also compared with")
     p.add_argument("--json", default=None, metavar="PATH", help="write results as JSON")
     p.add_argument("--plot", default=None, metavar="PATH",
                    help="write a PNG of ms/token vs context per backend (needs matplotlib)")
@@ -599,7 +602,32 @@ def add_speedups(rows: list[dict]) -> None:
                            for b in BASELINES if b in peers}
 
 
-def token_check(rows: list[dict]) -> list[dict]:
+def fp32_reference_tokens(weights, tokenizer, prompt: list[int], new_tokens: int,
+                          page_size: int) -> list[int]:
+    """Greedy tokens of the same weights upcast to float32 (torch backend, float32 KV):
+    the answer every low-precision backend approximates. On random weights, bf16
+    backends drift apart after a while; how long each tracks float32 shows which one
+    rounds less."""
+    from megakernel.backends.torch_backend import TorchBackend
+    from megakernel.kv_cache import PagedKVCache
+
+    w32 = weights.to(dtype=torch.float32)
+    max_len = len(prompt) + new_tokens + 1
+    cache = PagedKVCache(w32.config, max_seq_len=max_len, page_size=page_size,
+                         dtype=torch.float32, device=w32.device)
+    engine = megakernel.Engine(w32, tokenizer, TorchBackend(w32, cache), cache, max_len)
+    tokens = engine.generate(prompt, max_new_tokens=new_tokens, ignore_eos=True).token_ids
+    del engine, cache, w32
+    gc.collect()
+    return tokens
+
+
+def leading_matches(got: list[int], expected: list[int]) -> int:
+    return next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b),
+                min(len(got), len(expected)))
+
+
+def token_check(rows: list[dict], fp32_tokens: dict[int, list[int]] | None = None) -> list[dict]:
     """Per context: matching leading greedy tokens of every backend vs a reference one
     (torch when it ran: the others implement its math)."""
     checks = []
@@ -612,11 +640,13 @@ def token_check(rows: list[dict]) -> list[dict]:
             if name == ref:
                 continue
             got = r["tokens"]
-            lead = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b),
-                        min(len(got), len(expected)))
-            result[name] = {"matching_leading": lead, "total": len(expected),
-                            "exact": got == expected}
+            result[name] = {"matching_leading": leading_matches(got, expected),
+                            "total": len(expected), "exact": got == expected}
+        fp32 = (fp32_tokens or {}).get(ctx)
+        vs_fp32 = ({name: leading_matches(r["tokens"], fp32) for name, r in peers.items()}
+                   if fp32 is not None else None)
         checks.append({"context": ctx, "reference": ref, "backends": result,
+                       "matching_leading_vs_fp32": vs_fp32,
                        "all_match": all(v["exact"] for v in result.values()),
                        # hf computes in its own order and precision: informational only.
                        "all_match_except_hf": all(v["exact"] for n, v in result.items()
@@ -681,6 +711,10 @@ def format_token_check(checks: list[dict]) -> str:
                 parts.append(part)
             lines.append(f"tokens at context {ctx} vs {c['reference']}: {verdict}; matching "
                          "leading tokens: " + ", ".join(parts))
+        if c.get("matching_leading_vs_fp32"):
+            total = next(iter(c["backends"].values()), {}).get("total", "?")
+            lines.append(f"  vs the float32 model: matching leading tokens: " + ", ".join(
+                f"{n} {k}/{total}" for n, k in c["matching_leading_vs_fp32"].items()))
         if c["not_deterministic"]:
             lines.append(f"  NOT DETERMINISTIC across repeats at context {ctx}: "
                          + ", ".join(c["not_deterministic"]))
@@ -832,8 +866,16 @@ def run(args) -> dict:
     failures: list[dict] = []
     rows: list[dict] = []
     floors: dict[int, float] = {}
+    fp32_tokens: dict[int, list[int]] = {}
     for ctx in contexts:
         prompt = make_prompt(ctx, cfg, args.seed)
+        if not args.no_fp32_reference and weights.dtype != torch.float32:
+            try:
+                fp32_tokens[ctx] = fp32_reference_tokens(weights, tokenizer, prompt,
+                                                         args.new_tokens, args.page_size)
+            except torch.cuda.OutOfMemoryError:
+                print(f"  float32 reference skipped at context {ctx}: out of memory")
+                torch.cuda.empty_cache()
         nbytes = bytes_per_token(cfg, dtype_bytes, ctx, args.new_tokens)
         floors[ctx] = nbytes["total"] / copy_bw * 1e3
         print(f"\ncontext {ctx}: prompt {ctx} tokens, {args.new_tokens} new tokens, "
@@ -879,7 +921,7 @@ def run(args) -> dict:
             runner.release()
 
     add_speedups(rows)
-    checks = token_check(rows)
+    checks = token_check(rows, fp32_tokens)
     print()
     print(format_table(rows, floors) if rows else "no backend produced a result")
     print()

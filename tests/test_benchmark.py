@@ -210,3 +210,20 @@ def test_graph_loop_matches_the_engine_on_cpu():
     assert got.tokens == expected.tokens
     assert got.ttft_ms > 0 and got.ms_per_token > 0
     assert runner.produced[11:11 + 19].tolist() == expected.tokens[1:]
+
+
+def test_bf16_tokens_are_compared_with_the_float32_model(tmp_path):
+    """With bf16 weights the reference interpreter (float32 activations, like the
+    megakernel) tracks the float32 model's greedy tokens at least as long as the per-op
+    torch path, whose matmuls take bf16 inputs; the check reports both."""
+    argv = ["--device", "cpu", "--model", "random:tiny", "--dtype", "bfloat16",
+            "--prompt-len", "32", "--new-tokens", "48", "--repeats", "1", "--warmup", "0",
+            "--backends", "torch,reference", "--json", str(tmp_path / "r.json")]
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        assert bench.main(argv) == 0
+    check = json.loads((tmp_path / "r.json").read_text())["token_check"][0]
+    vs_fp32 = check["matching_leading_vs_fp32"]
+    assert vs_fp32["reference"] == 48
+    assert vs_fp32["reference"] >= vs_fp32["torch"]
+    assert "vs the float32 model" in text.getvalue()
