@@ -39,10 +39,10 @@ def reference(instr, s):
 
 
 def cost(instr, cfg, dtype_bytes):
-    # The partials every block merges are a few KB written by attention just before and
-    # read from L2; counted like the merged vector they replace (q_size floats).
-    n = instr.args["row_count"]
-    return n * cfg.q_size * dtype_bytes + instr.token_count * (cfg.q_size + 2 * n) * 4
+    # Partials are counted for every partition: the active ones depend on the context.
+    n, nparts = instr.args["row_count"], instr.args["num_partitions"]
+    partials = cfg.num_heads * nparts * (cfg.head_dim + 1) * 4
+    return n * cfg.q_size * dtype_bytes + instr.token_count * (partials + 2 * n * 4)
 
 
 O_PROJ_RESIDUAL = register(OpSpec("o_proj_residual", 5,
