@@ -220,15 +220,6 @@ __device__ __forceinline__ void stage_rms_normed(float* dst, const float* src,
   compute_sync();
 }
 
-// Pages each attention partition covers for a token at `position`
-// (instructions/attention_partial.py:pages_per_partition); the partitions holding tokens
-// are always the first ones.
-__device__ __forceinline__ int pages_per_partition(int position, int page_size, int nparts) {
-  const int num_pages = (position + page_size) / page_size;  // ceil((position + 1) / ps)
-  const int min_pages = (kMinPartitionTokens + page_size - 1) / page_size;
-  return max((num_pages + nparts - 1) / nparts, min_pages);
-}
-
 __device__ __forceinline__ const __nv_bfloat16* bf16_ptr(const void* p) {
   return static_cast<const __nv_bfloat16*>(p);
 }

@@ -8,7 +8,6 @@ constexpr int kInstructionWords = 32;
 constexpr int kMaxWaits = 2;
 constexpr int kNoCounter = -1;
 constexpr int kHeaderWords = 10;
-constexpr int kMinPartitionTokens = 128;
 
 enum Opcode : int {
   kOpNone = 0,

@@ -1,8 +1,8 @@
 """attention_partial: decode attention of one KV head's query group over one partition.
 
 The token's context (positions 0..pos) is cut into num_partitions runs of whole pages,
-pages_per_partition = max(ceil(ceil((pos+1) / page_size) / num_partitions),
-ceil(MIN_PARTITION_TOKENS / page_size)); partition p covers pages [p*ppp, (p+1)*ppp). The split is decided at run time from the position, so one
+pages_per_partition = ceil(ceil((pos+1) / page_size) / num_partitions); partition p covers
+pages [p*ppp, (p+1)*ppp). The split is decided at run time from the position, so one
 program serves every context length. Each query head of the group writes its normalized
 partial output and log-sum-exp; an empty partition writes out = 0, lse = -inf.
 """
@@ -13,21 +13,11 @@ import torch
 from .base import OpSpec, register
 
 
-# A partition covers at least this many tokens: short contexts then use a few partitions
-# (fewer partials for o_proj_residual to merge) instead of one page each.
-MIN_PARTITION_TOKENS = 128
-
-
-def pages_per_partition(position: int, page_size: int, num_partitions: int) -> int:
-    """Pages each partition covers for a token at `position`."""
-    num_pages = -(-(position + 1) // page_size)
-    return max(-(-num_pages // num_partitions), -(-MIN_PARTITION_TOKENS // page_size))
-
-
 def partition_range(position: int, page_size: int, partition: int, num_partitions: int):
     """Token range [begin, end) of one partition for a token at `position`."""
     seq_len = position + 1
-    per_part = pages_per_partition(position, page_size, num_partitions)
+    num_pages = -(-seq_len // page_size)
+    per_part = -(-num_pages // num_partitions)
     begin = partition * per_part * page_size
     end = min((partition + 1) * per_part * page_size, seq_len)
     return begin, max(begin, end)

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 from . import OPCODES, HEADER_FIELDS, WORDS, MAX_WAITS, NO_COUNTER, HEADER_WORDS
-from .attention_partial import MIN_PARTITION_TOKENS
 
 HEADER_PATH = Path(__file__).resolve().parent.parent / "csrc" / "instruction_layout.h"
 
@@ -33,7 +32,6 @@ def generate() -> str:
         f"constexpr int kMaxWaits = {MAX_WAITS};",
         f"constexpr int kNoCounter = {NO_COUNTER};",
         f"constexpr int kHeaderWords = {HEADER_WORDS};",
-        f"constexpr int kMinPartitionTokens = {MIN_PARTITION_TOKENS};",
         "",
         "enum Opcode : int {",
         "  kOpNone = 0,",

@@ -9,7 +9,6 @@ disjoint rows of the residual stream, so the update is in place.
 """
 import torch
 
-from .attention_partial import pages_per_partition
 from .base import OpSpec, register
 
 
@@ -17,7 +16,8 @@ def active_partitions(position: int, page_size: int, num_partitions: int) -> int
     """Partitions that hold at least one token for a token at `position` (see
     attention_partial.partition_range: they are always the first ones)."""
     num_pages = -(-(position + 1) // page_size)
-    return -(-num_pages // pages_per_partition(position, page_size, num_partitions))
+    per_part = -(-num_pages // num_partitions)
+    return -(-num_pages // per_part)
 
 
 def merge_partitions(lse: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

@@ -57,7 +57,8 @@ __device__ __forceinline__ bool attention_partial_impl(const OpContext& ctx) {
   if (!ctx.template ready<kOpAttentionPartial * 1000 + kHeadDim>()) return false;
   const int pos = p.step_input[p.num_tokens + t];
   const int seq_len = pos + 1;
-  const int per_part = pages_per_partition(pos, ps, nparts);
+  const int seq_pages = (seq_len + ps - 1) / ps;
+  const int per_part = (seq_pages + nparts - 1) / nparts;
   const int begin = part * per_part * ps;
   const int end = max(begin, min((part + 1) * per_part * ps, seq_len));
 

@@ -14,8 +14,8 @@ namespace mk {
 // Partitions that hold tokens of the context for a token at `position`: the first
 // ceil(num_pages / pages_per_partition) (instructions/o_proj_residual.py:active_partitions).
 __device__ __forceinline__ int active_partitions(int position, int page_size, int nparts) {
-  const int num_pages = (position + page_size) / page_size;
-  const int per_part = pages_per_partition(position, page_size, nparts);
+  const int num_pages = (position + 1 + page_size - 1) / page_size;
+  const int per_part = (num_pages + nparts - 1) / nparts;
   return (num_pages + per_part - 1) / per_part;
 }
 
