@@ -45,7 +45,7 @@ void launch(const at::Tensor& instructions, at::Tensor counters, at::Tensor queu
             std::optional<at::Tensor> profile, std::optional<at::Tensor> host_status,
             const at::Tensor& step_input, at::Tensor hidden,
             at::Tensor q, at::Tensor attn_partial_out, at::Tensor attn_partial_lse,
-            at::Tensor mlp_act, at::Tensor logits, at::Tensor argmax_value,
+            at::Tensor attn_out, at::Tensor mlp_act, at::Tensor logits, at::Tensor argmax_value,
             at::Tensor argmax_index, at::Tensor next_token, const at::Tensor& embed,
             const at::Tensor& attn_norm, const at::Tensor& qkv, const at::Tensor& o_proj,
             const at::Tensor& mlp_norm, const at::Tensor& gate_up, const at::Tensor& down,
@@ -103,13 +103,15 @@ void launch(const at::Tensor& instructions, at::Tensor counters, at::Tensor queu
   check_tensor(q, "q", f32, 2, device);
   check_tensor(attn_partial_out, "attn_partial_out", f32, 4, device);
   check_tensor(attn_partial_lse, "attn_partial_lse", f32, 3, device);
+  check_tensor(attn_out, "attn_out", f32, 2, device);
   check_tensor(mlp_act, "mlp_act", f32, 2, device);
   check_tensor(logits, "logits", f32, 2, device);
   check_tensor(argmax_value, "argmax_value", f32, 2, device);
   check_tensor(argmax_index, "argmax_index", i32, 2, device);
   check_tensor(next_token, "next_token", i32, 1, device);
   TORCH_CHECK(hidden.sizes() == at::IntArrayRef({T, H}), "megakernel: hidden must be [T, H]");
-  TORCH_CHECK(q.sizes() == at::IntArrayRef({T, nq * hd}), "megakernel: q must be [T, nq * hd]");
+  TORCH_CHECK(q.sizes() == at::IntArrayRef({T, nq * hd}) && attn_out.sizes() == q.sizes(),
+              "megakernel: q and attn_out must be [T, nq * hd]");
   TORCH_CHECK(attn_partial_out.sizes() == at::IntArrayRef({T, nq, P, hd}),
               "megakernel: attn_partial_out must be [T, nq, P, hd]");
   TORCH_CHECK(attn_partial_lse.size(0) == T && attn_partial_lse.size(1) == nq,
@@ -160,6 +162,7 @@ void launch(const at::Tensor& instructions, at::Tensor counters, at::Tensor queu
   p.q = ptr<float>(q);
   p.attn_partial_out = ptr<float>(attn_partial_out);
   p.attn_partial_lse = ptr<float>(attn_partial_lse);
+  p.attn_out = ptr<float>(attn_out);
   p.mlp_act = ptr<float>(mlp_act);
   p.logits = ptr<float>(logits);
   p.argmax_value = ptr<float>(argmax_value);
@@ -229,7 +232,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("step_result"), py::arg("profile"), py::arg("host_status"),
         py::arg("step_input"), py::arg("hidden"),
         py::arg("q"), py::arg("attn_partial_out"), py::arg("attn_partial_lse"),
-        py::arg("mlp_act"), py::arg("logits"), py::arg("argmax_value"),
+        py::arg("attn_out"), py::arg("mlp_act"), py::arg("logits"), py::arg("argmax_value"),
         py::arg("argmax_index"), py::arg("next_token"), py::arg("embed"), py::arg("attn_norm"),
         py::arg("qkv"), py::arg("o_proj"), py::arg("mlp_norm"), py::arg("gate_up"),
         py::arg("down"), py::arg("final_norm"), py::arg("lm_head"), py::arg("rope_cos"),

@@ -14,6 +14,7 @@ enum Opcode : int {
   kOpEmbed = 1,
   kOpRmsQkvRope = 2,
   kOpAttentionPartial = 3,
+  kOpAttentionReduce = 4,
   kOpOProjResidual = 5,
   kOpRmsGateUpSilu = 6,
   kOpDownProjResidual = 7,
@@ -54,11 +55,17 @@ constexpr int kPartition = 11;
 constexpr int kNumPartitions = 12;
 }  // namespace attention_partial
 
+// attention_reduce: argument words.
+namespace attention_reduce {
+constexpr int kHeadBegin = 10;
+constexpr int kHeadCount = 11;
+constexpr int kNumPartitions = 12;
+}  // namespace attention_reduce
+
 // o_proj_residual: argument words.
 namespace o_proj_residual {
 constexpr int kRowBegin = 10;
 constexpr int kRowCount = 11;
-constexpr int kNumPartitions = 12;
 }  // namespace o_proj_residual
 
 // rms_gate_up_silu: argument words.
@@ -89,6 +96,7 @@ inline const char* opcode_name(int op) {
     case 1: return "embed";
     case 2: return "rms_qkv_rope";
     case 3: return "attention_partial";
+    case 4: return "attention_reduce";
     case 5: return "o_proj_residual";
     case 6: return "rms_gate_up_silu";
     case 7: return "down_proj_residual";

@@ -35,6 +35,7 @@
 #include "launcher.h"
 #include "ops/argmax_reduce.cuh"
 #include "ops/attention_partial.cuh"
+#include "ops/attention_reduce.cuh"
 #include "ops/down_proj_residual.cuh"
 #include "ops/embed.cuh"
 #include "ops/o_proj_residual.cuh"
@@ -232,6 +233,7 @@ __device__ bool run_op(const OpContext& ctx) {
     case kOpEmbed: return op_embed(ctx);
     case kOpRmsQkvRope: return op_rms_qkv_rope(ctx);
     case kOpAttentionPartial: return op_attention_partial(ctx);
+    case kOpAttentionReduce: return op_attention_reduce(ctx);
     case kOpOProjResidual: return op_o_proj_residual(ctx);
     case kOpRmsGateUpSilu: return op_rms_gate_up_silu(ctx);
     case kOpDownProjResidual: return op_down_proj_residual(ctx);
@@ -327,12 +329,9 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
 
 size_t dynamic_smem_bytes(const KernelParams& p) {
   // Mat-vec ops: the staged input vector (+ 2 * head_dim outputs for rms_qkv_rope).
-  // o_proj / down_proj: the staged input vector and the block's residual rows (<= H);
-  // o_proj also the partitions' log-sum-exps (nq * P) while it merges them.
-  const size_t vec =
-      static_cast<size_t>(std::max(p.intermediate_size,
-                                   p.num_heads * (p.head_dim + p.attn_partitions))) +
-      static_cast<size_t>(p.hidden_size);
+  // o_proj / down_proj: the staged input vector and the block's residual rows (<= H).
+  const size_t vec = static_cast<size_t>(std::max(p.intermediate_size, p.num_heads * p.head_dim)) +
+                     static_cast<size_t>(p.hidden_size);
   // Mat-vec ops with a fused RMSNorm: normed vector and gain, + 2 * head_dim outputs.
   const size_t norm = 2 * static_cast<size_t>(p.hidden_size) + 2 * p.head_dim;
   // attention_partial: q of the group, then per warp m, l and acc.
@@ -396,7 +395,7 @@ void launch_megakernel(const KernelParams& p, int num_blocks, void* stream) {
   require(p.epoch >= 1, "epoch must be >= 1");
   require(p.num_instructions >= 1, "empty program");
   const void* vectors[] = {p.embed, p.qkv, p.o_proj, p.gate_up, p.down, p.lm_head,
-                           p.hidden, p.q, p.mlp_act, p.k_cache, p.v_cache};
+                           p.hidden, p.q, p.attn_out, p.mlp_act, p.k_cache, p.v_cache};
   for (const void* ptr : vectors)
     require(aligned16(ptr), "weights, caches and activations must be 16-byte aligned");
 

@@ -76,6 +76,7 @@ struct KernelParams {
   float* q;                      // [T, nq * hd]
   float* attn_partial_out;       // [T, nq, P, hd]
   float* attn_partial_lse;       // [T, nq, P]
+  float* attn_out;               // [T, nq * hd]
   float* mlp_act;                // [T, I]
   float* logits;                 // [T, V]
   float* argmax_value;           // [T, B]

@@ -6,6 +6,7 @@ from .base import (WORDS, HEADER_FIELDS, HEADER_WORDS, MAX_WAITS, NO_COUNTER, OP
 from .embed import EMBED
 from .rms_qkv_rope import RMS_QKV_ROPE
 from .attention_partial import ATTENTION_PARTIAL
+from .attention_reduce import ATTENTION_REDUCE
 from .o_proj_residual import O_PROJ_RESIDUAL
 from .rms_gate_up_silu import RMS_GATE_UP_SILU
 from .down_proj_residual import DOWN_PROJ_RESIDUAL
@@ -15,6 +16,6 @@ from .argmax_reduce import ARGMAX_REDUCE
 __all__ = [
     "WORDS", "HEADER_FIELDS", "HEADER_WORDS", "MAX_WAITS", "NO_COUNTER", "OPCODES",
     "Instruction", "MachineState", "OpSpec", "ScheduleError", "EMBED", "RMS_QKV_ROPE",
-    "ATTENTION_PARTIAL", "O_PROJ_RESIDUAL", "RMS_GATE_UP_SILU",
+    "ATTENTION_PARTIAL", "ATTENTION_REDUCE", "O_PROJ_RESIDUAL", "RMS_GATE_UP_SILU",
     "DOWN_PROJ_RESIDUAL", "RMS_LM_HEAD", "ARGMAX_REDUCE",
 ]

@@ -3,9 +3,8 @@
 build_program() emits the whole forward pass as a DAG in one topological order:
 
     embed
-    per layer:  rms_qkv_rope x Nq -> attention_partial x (nkv * P)
-                -> o_proj_residual x No (merges the partitions first)
-                -> rms_gate_up_silu x Ng -> down_proj_residual x Nd
+    per layer:  rms_qkv_rope x Nq -> attention_partial x (nkv * P) -> attention_reduce x nq
+                -> o_proj_residual x No -> rms_gate_up_silu x Ng -> down_proj_residual x Nd
     rms_lm_head x Nl -> argmax_reduce
 
 Each stage signals one counter per layer; every instruction of the next stage waits until
@@ -23,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from megakernel.instructions import (
-    ARGMAX_REDUCE, ATTENTION_PARTIAL, DOWN_PROJ_RESIDUAL, EMBED,
+    ARGMAX_REDUCE, ATTENTION_PARTIAL, ATTENTION_REDUCE, DOWN_PROJ_RESIDUAL, EMBED,
     O_PROJ_RESIDUAL, OPCODES, RMS_GATE_UP_SILU, RMS_LM_HEAD, RMS_QKV_ROPE, WORDS,
     Instruction,
 )
@@ -216,10 +215,13 @@ def build_program(cfg, num_sms: int, page_size: int, max_seq_len: int,
                 emit(ATTENTION_PARTIAL, layer, [done(c_qkv)], c_attn, b, kv_head=kv_head,
                      partition=part, num_partitions=parts)
                 b += 1
+        c_red = counter(f"L{layer}.attention_reduce")
+        for h in range(cfg.num_heads):
+            emit(ATTENTION_REDUCE, layer, [done(c_attn)], c_red, h, head_begin=h,
+                 head_count=1, num_partitions=parts)
         c_o = counter(f"L{layer}.o_proj")
         for b, (r0, n) in enumerate(o_blocks):
-            emit(O_PROJ_RESIDUAL, layer, [done(c_attn)], c_o, b, row_begin=r0, row_count=n,
-                 num_partitions=parts)
+            emit(O_PROJ_RESIDUAL, layer, [done(c_red)], c_o, b, row_begin=r0, row_count=n)
         c_gu = counter(f"L{layer}.gate_up")
         for b, (r0, n) in enumerate(gu_blocks):
             emit(RMS_GATE_UP_SILU, layer, [done(c_o)], c_gu, b, row_begin=r0, row_count=n)
@@ -242,6 +244,7 @@ def build_program(cfg, num_sms: int, page_size: int, max_seq_len: int,
         "q": BufferSpec((T, cfg.q_size), f32),
         "attn_partial_out": BufferSpec((T, cfg.num_heads, parts, cfg.head_dim), f32),
         "attn_partial_lse": BufferSpec((T, cfg.num_heads, parts), f32),
+        "attn_out": BufferSpec((T, cfg.q_size), f32),
         "mlp_act": BufferSpec((T, I), f32),
         "logits": BufferSpec((T, V), f32),
         "argmax_value": BufferSpec((T, len(lm_blocks)), f32),

@@ -10,7 +10,7 @@ import torch
 
 from megakernel.config import ModelConfig
 from megakernel.errors import KernelFaultError
-from megakernel.instructions import (ARGMAX_REDUCE, ATTENTION_PARTIAL,
+from megakernel.instructions import (ARGMAX_REDUCE, ATTENTION_PARTIAL, ATTENTION_REDUCE,
                                      DOWN_PROJ_RESIDUAL, EMBED, O_PROJ_RESIDUAL,
                                      RMS_GATE_UP_SILU, RMS_LM_HEAD, RMS_QKV_ROPE, MachineState)
 from megakernel.kv_cache import PagedKVCache
@@ -103,7 +103,7 @@ class OpCase:
         self.cache_cpu, self.cache_gpu = make_caches(cfg, position, position + 1, seed + 1)
         gen = torch.Generator().manual_seed(seed + 2)
         buffers = allocate_buffers(self.program, poison=True)
-        for name in ("hidden", "q", "mlp_act", "attn_partial_out"):
+        for name in ("hidden", "q", "attn_out", "mlp_act", "attn_partial_out"):
             buffers[name].copy_(torch.randn(buffers[name].shape, generator=gen))
         buffers["attn_partial_lse"].copy_(torch.randn(buffers["attn_partial_lse"].shape,
                                                       generator=gen))
@@ -185,26 +185,28 @@ def test_attention_partial(cfg_name, position):
 
 
 @pytest.mark.parametrize("cfg_name", list(CONFIGS))
-@pytest.mark.parametrize("position", [0, 37, 200])
-def test_o_proj_residual_merges_active_partitions(cfg_name, position):
-    from megakernel.instructions.o_proj_residual import active_partitions
-
-    case = OpCase(cfg_name, position=position)
-    P = case.program.attn_partitions
-    active = active_partitions(position, PAGE_SIZE, P)
-    assert 1 <= active <= P
-    # Partitions past the context are never read: NaN there must not reach the output.
-    # Inside it, some heads' last partition is empty (out 0, lse -inf).
+def test_attention_reduce(cfg_name):
+    case = OpCase(cfg_name)
+    cfg, P = case.cfg, case.program.attn_partitions
+    # Later partitions empty for some heads (out 0, lse -inf), as short contexts leave them.
     lse = case.cpu.buffers["attn_partial_lse"]
     out = case.cpu.buffers["attn_partial_out"]
-    lse[:, :, active:] = float("nan")
-    out[:, :, active:] = float("nan")
-    if active > 1:
-        lse[:, ::2, active - 1] = float("-inf")
-        out[:, ::2, active - 1] = 0.0
+    lse[:, ::2, P // 2 + 1:] = float("-inf")
+    out[:, ::2, P // 2 + 1:] = 0.0
     case.sync_inputs()
+    nq = cfg.num_heads
+    groups = [(0, 1), (1, 3), (4, nq - 4)]
+    instrs = [make(ATTENTION_REDUCE, b, head_begin=h0, head_count=n, num_partitions=P)
+              for b, (h0, n) in enumerate(groups)]
+    case.run(instrs)
+    case.check("attn_out")
+
+
+@pytest.mark.parametrize("cfg_name", list(CONFIGS))
+def test_o_proj_residual(cfg_name):
+    case = OpCase(cfg_name)
     blocks = [(0, 1), (1, 50), (51, 333)]               # hidden 384
-    case.run([make(O_PROJ_RESIDUAL, b, row_begin=r0, row_count=n, num_partitions=P)
+    case.run([make(O_PROJ_RESIDUAL, b, row_begin=r0, row_count=n)
               for b, (r0, n) in enumerate(blocks)])
     case.check("hidden")
 
@@ -293,8 +295,7 @@ def test_refuses_token_outside_vocab():
 def test_watchdog_on_hand_made_program():
     case = OpCase("hd64-gqa4")
     # The second instruction waits for a signal nobody sends.
-    instrs = [make(EMBED), make(O_PROJ_RESIDUAL, waits=((0, 5),), row_begin=0, row_count=8,
-                                num_partitions=1)]
+    instrs = [make(EMBED), make(O_PROJ_RESIDUAL, waits=((0, 5),), row_begin=0, row_count=8)]
     t0 = time.perf_counter()
     with pytest.raises(KernelFaultError) as e:
         case.run_program(instrs, weights=case.w_gpu, buffers=case.gpu,

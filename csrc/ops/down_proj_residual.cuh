@@ -10,11 +10,9 @@ namespace mk {
 __device__ __forceinline__ bool op_down_proj_residual(const OpContext& ctx) {
   const KernelParams& p = ctx.p;
   const int K = p.intermediate_size;
-  const float* x = p.mlp_act + static_cast<int64_t>(ctx.token) * K;
-  return matvec_residual<kOpDownProjResidual>(
-      ctx, bf16_ptr(p.down) + static_cast<int64_t>(ctx.layer()) * p.hidden_size * K, K,
-      ctx.arg(down_proj_residual::kRowBegin), ctx.arg(down_proj_residual::kRowCount),
-      [&](float* x_s, float*) { stage_vector(x_s, x, K); });
+  return matvec_residual<kOpDownProjResidual>(ctx, bf16_ptr(p.down) + static_cast<int64_t>(ctx.layer()) * p.hidden_size * K,
+                  p.mlp_act + static_cast<int64_t>(ctx.token) * K, K,
+                  ctx.arg(down_proj_residual::kRowBegin), ctx.arg(down_proj_residual::kRowCount));
 }
 
 }  // namespace mk

@@ -1,16 +1,15 @@
 // Shared body of o_proj_residual and down_proj_residual (not an opcode itself):
-// hidden[t, r0:r0+n] += W[r0:r0+n] @ x, with W [rows, K] bf16 and x [K] float32, built
-// after the waits by fill(x_s, free_s) in shared memory (free_s: the shared memory past
-// x and the block's residual rows, for fill's own use).
+// hidden[t, r0:r0+n] += W[r0:r0+n] @ x, with W [rows, K] bf16 and x [K] float32 written
+// during this launch. x and the block's residual rows are staged in shared memory.
 #pragma once
 
 #include "common.cuh"
 
 namespace mk {
 
-template <int kOp, typename Fill>
+template <int kOp>
 __device__ __forceinline__ bool matvec_residual(const OpContext& ctx, const __nv_bfloat16* w,
-                                                int K, int r0, int n, Fill fill) {
+                                                const float* x, int K, int r0, int n) {
   const KernelParams& p = ctx.p;
   float* hidden = p.hidden + static_cast<int64_t>(ctx.token) * p.hidden_size + r0;
   float* x_s = ctx.smem;          // [K]
@@ -34,7 +33,8 @@ __device__ __forceinline__ bool matvec_residual(const OpContext& ctx, const __nv
     }
   } g{{n}, w + static_cast<int64_t>(r0) * K, K, hidden, hidden_s};
   return run_matvec<kOp>(ctx, g, K, [&] {
-    fill(x_s, hidden_s + n);
+    // Both reads are issued before either is used: one L2 round trip, not two.
+    stage_vector(x_s, x, K);
     for (int i = threadIdx.x; i < n; i += kComputeThreads) hidden_s[i] = load_act(hidden + i);
     compute_sync();
     return static_cast<const float*>(x_s);

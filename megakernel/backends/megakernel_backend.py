@@ -28,7 +28,7 @@ from .base import Backend, StepOutput
 DEFAULT_TIMEOUT_S = 1.0
 
 # Buffers the kernel reads and writes, in the binding's argument order.
-BUFFER_NAMES = ("hidden", "q", "attn_partial_out", "attn_partial_lse", "mlp_act",
+BUFFER_NAMES = ("hidden", "q", "attn_partial_out", "attn_partial_lse", "attn_out", "mlp_act",
                 "logits", "argmax_value", "argmax_index", "next_token")
 
 
