@@ -184,3 +184,15 @@ def test_one_shot_generate(baseline):
     r = megakernel.generate("random:tiny", "Hello", max_new_tokens=12, ignore_eos=True,
                             device="cpu", backend="torch", max_seq_len=128)
     assert r.token_ids == baseline.token_ids
+
+
+def test_megakernel_on_an_unsupported_gpu_is_a_clear_error(monkeypatch):
+    """An sm_80 GPU (simulated): the megakernel backend is refused, naming both
+    architectures, before anything is loaded."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    ok, reason = megakernel.megakernel_available()
+    assert not ok and "sm_90" in reason and "sm_80" in reason
+    with pytest.raises(BackendUnavailableError, match="sm_80"):
+        megakernel.Engine.from_pretrained("random:tiny", backend="megakernel",
+                                          device="cuda")
