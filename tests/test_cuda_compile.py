@@ -1,5 +1,5 @@
-"""The CUDA sources compile for sm_90a without torch (CI has nvcc but no GPU), and the
-generated instruction layout header is up to date."""
+"""The CUDA sources compile for sm_90a without torch (CI has nvcc but no GPU). That the
+generated instruction layout header is up to date is tests/test_instructions.py's check."""
 from __future__ import annotations
 
 import shutil
@@ -9,16 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from megakernel.instructions import codegen
-
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
 NVCC_FLAGS = ["-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", f"-I{CSRC}", "-c"]
-
-
-def test_instruction_layout_header_is_generated():
-    assert (CSRC / "instruction_layout.h").read_text() == codegen.generate(), (
-        "csrc/instruction_layout.h is stale: run python -m megakernel.instructions.codegen")
 
 
 def test_no_torch_headers_in_cuda_sources():
