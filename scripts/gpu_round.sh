@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything one GPU session needs, in one call: build the extension, then the steps
+# Everything one round on a GPU machine needs, in one command: build the extension, then the steps
 # named on the command line (default: tests bench). Logs and results go under $OUT.
 #   scripts/gpu_round.sh [build] [tests] [bench] [profile] [sanitize] [long]
 set -uo pipefail
