@@ -72,12 +72,12 @@ class Weights:
         return Weights(**moved)
 
     def nbytes(self) -> int:
-        seen, total = set(), 0
+        """Bytes of the matrices, a tied embedding / LM head counted once."""
+        total = 0
         for name in self.MATRIX_NAMES:
-            t = getattr(self, name)
-            if t.data_ptr() in seen:
+            if name == "lm_head" and self.lm_head is self.embed:
                 continue
-            seen.add(t.data_ptr())
+            t = getattr(self, name)
             total += t.numel() * t.element_size()
         return total
 

@@ -570,3 +570,11 @@ def test_tokenizer_without_chat_template(tmp_path):
     assert not tok.has_chat_template
     with pytest.raises(InvalidRequestError, match="has no chat template"):
         tok.apply_chat_template("hi")
+
+
+def test_weight_bytes_count_a_tied_head_once():
+    """Weights.nbytes on shape-only weights equals the config's bytes per token."""
+    cfg = PRESETS["llama-3.2-1b"]
+    weights = random_weights(cfg, device="meta", dtype=torch.bfloat16)
+    assert weights.lm_head is weights.embed
+    assert weights.nbytes() == cfg.weight_bytes_per_token(2)
