@@ -67,7 +67,7 @@ setup(
     install_requires=["torch>=2.4", "safetensors>=0.4", "numpy"],
     extras_require={
         "hf": ["transformers>=4.45", "huggingface_hub>=0.24"],
-        "test": ["pytest>=7", "transformers>=4.45", "huggingface_hub>=0.24"],
+        "test": ["pytest>=7", "transformers>=4.45", "huggingface_hub>=0.24", "matplotlib"],
         "plot": ["matplotlib"],
     },
     entry_points={"console_scripts": ["megakernel=megakernel.cli:main"]},
