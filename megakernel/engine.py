@@ -21,6 +21,7 @@ import torch
 from .backends.base import Backend
 from .errors import BackendUnavailableError, InvalidRequestError
 from .kv_cache import PagedKVCache
+from .loading import load_model, resolve_device, resolve_dtype
 from .sampling import sample, validate_sampling
 
 BACKENDS = ("megakernel", "torch", "reference")
@@ -51,10 +52,6 @@ class GenerationResult:
     finish_reason: str                    # "stop" (stop token) or "length"
     stats: GenerationStats
     logits: torch.Tensor | None = field(default=None, repr=False)  # [n_new, V] float32
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def megakernel_available() -> tuple[bool, str]:
@@ -98,9 +95,7 @@ class Engine:
         the backend. device: 'cuda'/'cpu' (default: cuda when available). backend:
         megakernel | torch | reference (default: megakernel where it can run, else torch).
         dtype: torch dtype or name (default bfloat16 on CUDA, float32 on CPU)."""
-        from .loading import load_model
-
-        device = torch.device(device or default_device())
+        device = resolve_device(device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise BackendUnavailableError("device 'cuda' requested but CUDA is not available")
         if backend is None:
@@ -109,7 +104,7 @@ class Engine:
         if backend not in BACKENDS:
             raise InvalidRequestError(f"unknown backend '{backend}' (choose from "
                                       f"{', '.join(BACKENDS)})")
-        dtype = _parse_dtype(dtype, device)
+        dtype = resolve_dtype(dtype, device)
         if backend == "megakernel":
             ok, reason = megakernel_available()
             if not ok:
@@ -296,21 +291,6 @@ def make_backend(name: str, weights, kv_cache, max_seq_len: int, **options) -> B
         from .backends.megakernel_backend import MegakernelBackend
         return MegakernelBackend(weights, kv_cache, max_seq_len, **options)
     raise InvalidRequestError(f"unknown backend '{name}'")
-
-
-def _parse_dtype(dtype, device: torch.device) -> torch.dtype:
-    if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype):
-        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise InvalidRequestError(f"dtype {dtype} is not supported")
-        return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-    if str(dtype) not in names:
-        raise InvalidRequestError(f"dtype '{dtype}' is not supported (choose from "
-                                  "float32, bfloat16, float16)")
-    return names[str(dtype)]
 
 
 def generate(model: str, prompt, **kwargs) -> GenerationResult:

@@ -134,8 +134,8 @@ def load_weights(config: ModelConfig, source: ModelSource, device=None, dtype=No
                  max_positions: int = 4096, seed: int = 0,
                  progress: Progress | None = None) -> Weights:
     """Weights for a resolved model on `device` in `dtype` (defaults as in load_model)."""
-    device = _as_device(device)
-    dtype = _as_dtype(dtype, device)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     if not isinstance(max_positions, int) or max_positions <= 0:
         raise InvalidRequestError(f"max_positions must be a positive integer, "
                                   f"got {max_positions!r}")
@@ -203,7 +203,7 @@ def save_pretrained(weights: Weights, path: str | os.PathLike, tokenizer=None,
     path = os.fspath(path)
     tensors = unfuse_to_hf_tensors(weights)
     if dtype is not None:
-        dtype = _as_dtype(dtype, torch.device("cpu"))
+        dtype = resolve_dtype(dtype, torch.device("cpu"))
         tensors = {k: v.to(dtype) for k, v in tensors.items()}
     stored = next(iter(tensors.values())).dtype
     os.makedirs(path, exist_ok=True)
@@ -469,13 +469,15 @@ def _download_from_hub(repo_id: str) -> str:
 
 # Helpers ------------------------------------------------------------------------------
 
-def _as_device(device) -> torch.device:
+def resolve_device(device) -> torch.device:
+    """torch.device for `device`; None means CUDA when available, else the CPU."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
 
-def _as_dtype(dtype, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    """A supported torch dtype from a dtype or its name; None: the default for `device`."""
     if dtype is None:
         # bf16 halves the bytes a decode step reads; CPUs compute fp32 much faster.
         return torch.bfloat16 if device.type == "cuda" else torch.float32
