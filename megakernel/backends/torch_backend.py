@@ -16,15 +16,12 @@ import math
 import torch
 import torch.nn.functional as F
 
+from megakernel.instructions.base import rms_norm
+
 from .base import Backend, StepOutput
 
 # Prompt tokens per prefill chunk: bounds the [chunk, context] attention scores in memory.
 PREFILL_CHUNK = 512
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x [..., H] float32 -> float32."""
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
