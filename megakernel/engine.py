@@ -56,16 +56,12 @@ class GenerationResult:
 
 def megakernel_available() -> tuple[bool, str]:
     """(usable, reason) for the CUDA backend on this machine."""
-    if not torch.cuda.is_available():
-        return False, "CUDA is not available (torch.cuda.is_available() is False)"
-    major, minor = torch.cuda.get_device_capability()
-    if (major, minor) != (9, 0):
-        return False, (f"the megakernel needs an sm_90 GPU (H100/H200); this GPU is "
-                       f"sm_{major}{minor}")
+    from .backends.megakernel_backend import load_extension
+
     try:
-        from . import _C  # noqa: F401
-    except ImportError as e:
-        return False, f"the CUDA extension megakernel._C is not built ({e})"
+        load_extension()
+    except BackendUnavailableError as e:
+        return False, str(e)
     return True, ""
 
 

@@ -5,20 +5,13 @@ import pytest
 import torch
 
 
-def _has_cuda_extension() -> bool:
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import megakernel._C  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def pytest_collection_modifyitems(config, items):
-    if _has_cuda_extension():
+    from megakernel import megakernel_available
+
+    usable, reason = megakernel_available()
+    if usable:
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU and the built megakernel._C extension")
+    skip = pytest.mark.skip(reason=f"needs the megakernel backend: {reason}")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)

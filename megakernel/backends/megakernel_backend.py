@@ -36,6 +36,12 @@ def load_extension():
     """The compiled megakernel._C, or BackendUnavailableError with a one-line reason."""
     if not torch.cuda.is_available():
         raise BackendUnavailableError("megakernel backend needs CUDA, and torch sees no GPU")
+    # Named before the import, so an unsupported GPU is reported as such even where the
+    # extension was never built for it.
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) != (9, 0):
+        raise BackendUnavailableError(f"the megakernel needs an sm_90 GPU (H100/H200); this "
+                                      f"GPU is sm_{major}{minor}")
     try:
         from megakernel import _C
     except ImportError as e:
