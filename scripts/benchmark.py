@@ -713,7 +713,7 @@ def format_token_check(checks: list[dict]) -> str:
                          "leading tokens: " + ", ".join(parts))
         if c.get("matching_leading_vs_fp32"):
             total = next(iter(c["backends"].values()), {}).get("total", "?")
-            lines.append(f"  vs the float32 model: matching leading tokens: " + ", ".join(
+            lines.append("  vs the float32 model: matching leading tokens: " + ", ".join(
                 f"{n} {k}/{total}" for n, k in c["matching_leading_vs_fp32"].items()))
         if c["not_deterministic"]:
             lines.append(f"  NOT DETERMINISTIC across repeats at context {ctx}: "

@@ -10,7 +10,7 @@ from megakernel.instructions import ScheduleError
 from megakernel.kv_cache import PagedKVCache
 from megakernel.backends.reference_backend import ReferenceBackend
 from megakernel.presets import random_weights
-from megakernel.scheduler import build_program, run_step
+from megakernel.scheduler import build_program
 
 CONFIGS = {
     "gqa1-hd64": dict(num_heads=2, num_kv_heads=2, head_dim=64),
