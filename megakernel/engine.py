@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 import torch
 
 from .backends.base import Backend
+from .detokenize import IncrementalDecoder
 from .errors import BackendUnavailableError, InvalidRequestError
 from .kv_cache import PagedKVCache
 from .loading import load_model, resolve_device, resolve_dtype
@@ -206,8 +207,7 @@ class Engine:
 
         new_tokens: list[int] = []
         logits: list[torch.Tensor] = []
-        finish = "length"
-        text_so_far = ""
+        detokenizer = IncrementalDecoder(self.decode_text)
         t_start = time.perf_counter()
         try:
             prompt_tensor = torch.tensor(ids, dtype=torch.int64, device=self.device)
@@ -231,14 +231,12 @@ class Engine:
                 if t_first is None:
                     t_first = time.perf_counter()
                 new_tokens.append(token)
+                last = token in stops or launched is None
                 if stream is not None:
-                    text = self.decode_text(new_tokens)
-                    stream(token, text[len(text_so_far):])
-                    text_so_far = text
-                if token in stops:
-                    finish = "stop"
-                    break
-                if launched is None:
+                    piece = detokenizer.push(token)
+                    stream(token, piece + detokenizer.flush() if last else piece)
+                if last:
+                    finish = "stop" if token in stops else "length"
                     break
                 if output_logits:
                     logits.append(step_logits.cpu())
