@@ -7,7 +7,8 @@ A generate() call: validate every argument (nothing changes before that), reserv
 pages for prompt + new tokens (exhaustion fails here, before any launch), prefill the
 prompt, then decode one token per step. Decode is pipelined: step i+1 is launched with
 the token of step i still on the device, and only then is that token read back for stop
-checks and streaming, so the host never leaves the GPU idle between steps.
+checks and streaming, through a pinned copy and an event behind step i alone
+(readback.TokenReadback), so the host never leaves the GPU idle between steps.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from .detokenize import IncrementalDecoder
 from .errors import BackendUnavailableError, InvalidRequestError
 from .kv_cache import PagedKVCache
 from .loading import load_model, resolve_device, resolve_dtype
+from .readback import TokenReadback
 from .sampling import sample, validate_sampling
 
 BACKENDS = ("megakernel", "torch", "reference")
@@ -77,6 +79,7 @@ class Engine:
         self.max_seq_len = max_seq_len
         self.seed = seed
         self.device = kv_cache.device
+        self.readback = TokenReadback(self.device)
 
     @property
     def backend_name(self) -> str:
@@ -195,6 +198,7 @@ class Engine:
         self.kv_cache.release()
         self.kv_cache.reserve(min(len(ids) + max_new_tokens + 1, self.max_seq_len))
         self.backend.reset()
+        self.readback.reset()     # a stop token may have left the step after it unread
         generator = None
         if temperature > 0:
             generator = torch.Generator(device=self.device)
@@ -213,6 +217,7 @@ class Engine:
             prompt_tensor = torch.tensor(ids, dtype=torch.int64, device=self.device)
             out = self.backend.prefill(prompt_tensor, 0)
             pending = choose(out)                   # device tensor, not yet read
+            ticket = self.readback.push(pending)
             if output_logits:
                 logits.append(out.logits.detach().float().cpu().clone())
             t_first = None
@@ -224,9 +229,10 @@ class Engine:
                 if steps_left > 0 and position < self.max_seq_len:
                     launched = self.backend.decode(pending, position)
                     nxt = choose(launched)
+                    next_ticket = self.readback.push(nxt)
                     if output_logits:
                         step_logits = launched.logits.detach().float().clone()
-                token = int(pending)
+                token = self.readback.read(ticket)
                 self.backend.check_error(token)
                 if t_first is None:
                     t_first = time.perf_counter()
@@ -240,7 +246,7 @@ class Engine:
                     break
                 if output_logits:
                     logits.append(step_logits.cpu())
-                pending = nxt
+                pending, ticket = nxt, next_ticket
                 position += 1
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
@@ -271,6 +277,7 @@ class Engine:
             except Exception:
                 pass
         self.backend.reset()
+        self.readback.reset()
         self.kv_cache.release()
 
 

@@ -48,6 +48,7 @@ from megakernel.engine import Engine, make_backend, megakernel_available
 from megakernel.kv_cache import PagedKVCache
 from megakernel.loading import RANDOM_PREFIX, load_model, save_pretrained
 from megakernel.presets import PRESETS
+from megakernel.readback import TokenReadback
 
 ALL_BACKENDS = ("megakernel", "torch", "torch-graph", "torch-compile", "hf", "reference")
 # Baselines every row is compared against (when they ran), with their table headers.
@@ -278,7 +279,8 @@ class GraphRunner(Runner):
     """The torch backend's decode step for one token, captured in one CUDA graph per
     context length (context_len fixed at the reserved length, device-side token and
     position), optionally through torch.compile first. The greedy loop mirrors
-    Engine.generate: the next step is launched before the previous token is read."""
+    Engine.generate: the next step is launched before the previous token is read, and
+    that read waits for the previous step only (TokenReadback)."""
 
     def __init__(self, name, weights, max_seq_len, page_size, compile_model: bool):
         self.name = name
@@ -388,6 +390,8 @@ class GraphRunner(Runner):
         pending = out.greedy_token.reshape(())
         self.token.copy_(pending.view(1))
         self.position.fill_(len(prompt))
+        readback = TokenReadback(device)
+        ticket = readback.push(pending)
         tokens: list[int] = []
         t_first = None
         pos = len(prompt)
@@ -396,13 +400,14 @@ class GraphRunner(Runner):
             if new_tokens - len(tokens) - 1 > 0:
                 self.graph.replay()              # the step at `pos`, writes produced[pos]
                 launched = self.produced[pos]
-            token = int(pending)
+                next_ticket = readback.push(launched)
+            token = readback.read(ticket)
             if t_first is None:
                 t_first = time.perf_counter()
             tokens.append(token)
             if launched is None:
                 break
-            pending = launched
+            ticket = next_ticket
             pos += 1
         _sync(device)
         t_end = time.perf_counter()

@@ -1,0 +1,47 @@
+"""TokenReadback: tokens come back in order, and on the GPU a read waits for the work
+before its push only, not for work queued after it."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from megakernel.readback import SLOTS, TokenReadback
+
+
+def test_cpu_tokens_come_back_in_push_order():
+    rb = TokenReadback("cpu")
+    tickets = [rb.push(torch.tensor(v)) for v in (7, 8, 9)]
+    assert [rb.read(t) for t in tickets] == [7, 8, 9]
+
+
+def test_reads_out_of_order_and_overfull_ring_are_refused():
+    rb = TokenReadback("cpu")
+    first = rb.push(torch.tensor([1]))
+    second = rb.push(torch.tensor([2]))
+    with pytest.raises(RuntimeError, match="out of order"):
+        rb.read(second)
+    assert rb.read(first) == 1
+    for v in range(SLOTS - 1):
+        rb.push(torch.tensor(v))
+    with pytest.raises(RuntimeError, match="at most"):
+        rb.push(torch.tensor(0))
+    rb.reset()                               # drops the unread ones
+    assert rb.read(rb.push(torch.tensor(5))) == 5
+
+
+@pytest.mark.gpu
+def test_gpu_read_does_not_wait_for_later_work():
+    rb = TokenReadback("cuda")
+    token = torch.tensor(41, device="cuda") + 1
+    ticket = rb.push(token)
+    torch.cuda._sleep(2_000_000_000)          # ~1 s of GPU time queued behind the push
+    done_later = torch.cuda.Event()
+    done_later.record()
+    t = time.perf_counter()
+    assert rb.read(ticket) == 42
+    waited = time.perf_counter() - t
+    assert not done_later.query(), "the sleep finished before the read returned"
+    assert waited < 0.2
+    torch.cuda.synchronize()
