@@ -149,27 +149,33 @@ __device__ bool controller_ready(const KernelParams& p, int index, const int* wo
   return true;
 }
 
-// Weight runs an instruction streams, for the L2 prefetch: up to two contiguous runs.
+// Weight runs an instruction streams, for the L2 prefetch: up to kMaxWeightRuns
+// contiguous runs (a QKV block's lo and hi rows in each of up to two heads).
+constexpr int kMaxWeightRuns = 4;
 struct WeightRuns {
-  const void* ptr[2];
-  uint32_t bytes[2];
+  const void* ptr[kMaxWeightRuns];
+  uint32_t bytes[kMaxWeightRuns];
 };
 
 __device__ WeightRuns weight_runs(const KernelParams& p, const int* words) {
-  WeightRuns r = {{nullptr, nullptr}, {0, 0}};
+  WeightRuns r = {};
   const int64_t H = p.hidden_size, I = p.intermediate_size;
   const int64_t l = words[word::kLayer];
   const int64_t q_size = static_cast<int64_t>(p.num_heads) * p.head_dim;
   const __nv_bfloat16* base = nullptr;
   switch (words[word::kOpcode]) {
     case kOpRmsQkvRope: {
-      const int64_t hd = p.head_dim, rows = (p.num_heads + 2 * p.num_kv_heads) * hd;
-      const int64_t lo = words[rms_qkv_rope::kHead] * hd + words[rms_qkv_rope::kPairBegin];
-      const int64_t n = words[rms_qkv_rope::kPairCount];
-      base = bf16_ptr(p.qkv) + l * rows * H;
-      r.ptr[0] = base + lo * H;
-      r.ptr[1] = base + (lo + hd / 2) * H;
-      r.bytes[0] = r.bytes[1] = static_cast<uint32_t>(n * H * 2);
+      const int64_t hd = p.head_dim, half = hd / 2;
+      base = bf16_ptr(p.qkv) + l * (p.num_heads + 2 * p.num_kv_heads) * hd * H;
+      int64_t head = words[rms_qkv_rope::kHead], pair = words[rms_qkv_rope::kPairBegin];
+      int64_t left = words[rms_qkv_rope::kPairCount];
+      for (int run = 0; run < kMaxWeightRuns && left > 0; run += 2, ++head, pair = 0) {
+        const int64_t n = min(left, half - pair);
+        r.ptr[run] = base + (head * hd + pair) * H;
+        r.ptr[run + 1] = base + (head * hd + half + pair) * H;
+        r.bytes[run] = r.bytes[run + 1] = static_cast<uint32_t>(n * H * 2);
+        left -= n;
+      }
       break;
     }
     case kOpOProjResidual:
@@ -215,10 +221,12 @@ __device__ void controller_fetch(const KernelParams& p, uint64_t claim_base, int
   const int word = __ldg(p.instructions + static_cast<int64_t>(index) * kInstructionWords + lane);
   slot_words[lane] = word;
   __syncwarp();
-  if (lane < 2) {
+  if (lane < kMaxWeightRuns) {
     const WeightRuns runs = weight_runs(p, slot_words);
     // The instruction's prefetch budget is shared by its runs, in whole 16-byte units.
-    const uint32_t share = runs.bytes[1] > 0 ? p.prefetch_bytes / 2 : p.prefetch_bytes;
+    int num_runs = 0;
+    for (int i = 0; i < kMaxWeightRuns; ++i) num_runs += runs.bytes[i] > 0;
+    const uint32_t share = p.prefetch_bytes / max(num_runs, 1);
     const uint32_t bytes = min(runs.bytes[lane], share) & ~15u;
     const char* ptr = static_cast<const char*>(runs.ptr[lane]);
     for (uint32_t off = 0; off < bytes; off += kPrefetchPiece)

@@ -142,18 +142,14 @@ def split_rows(total: int, num_sms: int, row_bytes: int, unit: int = 1,
 
 
 def split_qkv(cfg, num_sms: int, row_bytes: int) -> list[tuple[int, int, int]]:
-    """(head, pair_begin, pair_count) blocks over the fused QKV heads."""
+    """(head, pair_begin, pair_count) blocks over the fused QKV's RoPE pairs, numbered
+    head-major; a block may run on into the next heads, so the pairs divide evenly over
+    the SMs (the cost model of split_rows, in units of one pair = two rows). At most
+    head_dim pairs per block: the kernel's shared memory holds 2 * head_dim outputs."""
     half = cfg.head_dim // 2
-    heads = cfg.num_heads + 2 * cfg.num_kv_heads
-    best = None
-    for pairs in (d for d in range(1, half + 1) if half % d == 0):
-        blocks = heads * (half // pairs)
-        waves = -(-blocks // num_sms)
-        t = waves * (2 * pairs * row_bytes + INSTRUCTION_OVERHEAD_BYTES)
-        if best is None or t < best[0]:
-            best = (t, pairs)
-    pairs = best[1]
-    return [(h, p, pairs) for h in range(heads) for p in range(0, half, pairs)]
+    total = (cfg.num_heads + 2 * cfg.num_kv_heads) * half
+    return [(g // half, g % half, n)
+            for g, n in split_rows(total, num_sms, 2 * row_bytes, max_rows=cfg.head_dim)]
 
 
 def attention_partitions(cfg, num_sms: int, max_seq_len: int, page_size: int) -> int:

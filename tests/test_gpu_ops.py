@@ -151,15 +151,22 @@ def test_embed(cfg_name, token):
 
 @pytest.mark.parametrize("cfg_name", list(CONFIGS))
 @pytest.mark.parametrize("position", [0, 37, 255])
-def test_rms_qkv_rope(cfg_name, position):
+@pytest.mark.parametrize("spanning", [False, True])
+def test_rms_qkv_rope(cfg_name, position, spanning):
     case = OpCase(cfg_name, position=position)
     cfg = case.cfg
     half = cfg.head_dim // 2
-    pieces = [(0, 5), (5, half - 5)]            # odd pair counts
+    heads = cfg.num_heads + 2 * cfg.num_kv_heads
+    if spanning:   # blocks of odd sizes that run on into the next heads (up to head_dim)
+        sizes, blocks, g = (7, half + 9, 1, cfg.head_dim), [], 0
+        while g < heads * half:
+            n = min(sizes[len(blocks) % len(sizes)], heads * half - g)
+            blocks.append((g // half, g % half, n))
+            g += n
+    else:          # within each head, odd pair counts
+        blocks = [(h, p0, n) for h in range(heads) for p0, n in ((0, 5), (5, half - 5))]
     instrs = [make(RMS_QKV_ROPE, b, head=h, pair_begin=p0, pair_count=n)
-              for b, (h, (p0, n)) in enumerate(
-                  (h, piece) for h in range(cfg.num_heads + 2 * cfg.num_kv_heads)
-                  for piece in pieces)]
+              for b, (h, p0, n) in enumerate(blocks)]
     case.run(instrs)
     case.check("q", kv=True)
 

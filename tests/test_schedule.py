@@ -9,8 +9,9 @@ from megakernel.config import ModelConfig
 from megakernel.instructions import ScheduleError
 from megakernel.kv_cache import PagedKVCache
 from megakernel.backends.reference_backend import ReferenceBackend
-from megakernel.presets import random_weights
-from megakernel.scheduler import build_program
+from megakernel.instructions.rms_qkv_rope import block_rows
+from megakernel.presets import PRESETS, random_weights
+from megakernel.scheduler import build_program, split_qkv
 
 CONFIGS = {
     "gqa1-hd64": dict(num_heads=2, num_kv_heads=2, head_dim=64),
@@ -118,8 +119,24 @@ def test_program_structure(num_sms):
             for r in range(ins.args["row_begin"], ins.args["row_begin"] + ins.args["row_count"]):
                 rows[r] += 1
     assert rows == [1] * cfg.hidden_size
+    qkv_rows = torch.cat([block_rows(cfg, i.args["head"], i.args["pair_begin"],
+                                     i.args["pair_count"])
+                          for i in instrs if i.spec.name == "rms_qkv_rope" and i.layer == 0])
+    assert sorted(qkv_rows.tolist()) == list(range(cfg.qkv_size))
+    assert max(i.args["pair_count"] for i in instrs
+               if i.spec.name == "rms_qkv_rope") <= cfg.head_dim
     assert program.opcode_counts()["argmax_reduce"] == 1
     assert program.instructions.dtype == torch.int32 and program.instructions.shape[1] == 32
+
+
+def test_qkv_blocks_fill_every_sm_once_at_the_1b_shape():
+    # Blocks run on across heads, so the 1536 RoPE pairs give 132 SMs one block each of
+    # at most ceil(1536 / 132) = 12 pairs, instead of 96 whole half-heads of 16.
+    cfg = PRESETS["llama-3.2-1b"]
+    blocks = split_qkv(cfg, 132, cfg.hidden_size * 2)
+    assert len(blocks) <= 132
+    assert max(n for _, _, n in blocks) == 12
+    assert sum(n for _, _, n in blocks) == (cfg.num_heads + 2 * cfg.num_kv_heads) * 32
 
 
 def test_blocks_scale_with_sm_count():
