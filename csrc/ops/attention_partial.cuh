@@ -54,7 +54,11 @@ __device__ __forceinline__ bool attention_partial_impl(const OpContext& ctx) {
   const int group = nq / nkv;
   const int P = p.attn_partitions;
 
-  if (!ctx.template ready<kOpAttentionPartial * 1000 + kHeadDim>()) return false;
+  // The position, the page table and every K/V row but the token's own are inputs of the
+  // launch, not of this step's producers: before the wait, each warp looks up its first
+  // K/V rows and prefetches them into L2, so after it they come from L2, not DRAM behind a
+  // dependent page-table read. (Loading them into registers before the barrier, or before
+  // q is staged, makes ptxas spill: the kernel is one function at 128 registers.)
   const int pos = p.step_input[p.num_tokens + t];
   const int seq_len = pos + 1;
   const int seq_pages = (seq_len + ps - 1) / ps;
@@ -63,6 +67,36 @@ __device__ __forceinline__ bool attention_partial_impl(const OpContext& ctx) {
   const int end = max(begin, min((part + 1) * per_part * ps, seq_len));
 
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int64_t layer_base = static_cast<int64_t>(l) * p.num_pages;
+  const __nv_bfloat16* k_cache = static_cast<const __nv_bfloat16*>(p.k_cache);
+  const __nv_bfloat16* v_cache = static_cast<const __nv_bfloat16*>(p.v_cache);
+  // Element offset of token j's row (j clamped to end - 1 by the callers: masked later).
+  auto row_offset = [&](int j) {
+    const int page = p.page_table[j / ps];
+    return (((layer_base + page) * ps + j % ps) * nkv + kv_head) * kHeadDim;
+  };
+  const int first = begin + warp * kSteps;
+  // A position outside the tables is refused by the controller (ready() is then false):
+  // nothing may be read with it before that.
+  const bool pos_ok = pos >= 0 && pos < min(p.rope_max_positions, p.max_pages * ps);
+  if (pos_ok && lane < kSteps && first + lane < end && first + lane != pos) {
+    const int64_t off = row_offset(first + lane);
+    prefetch_l2_lines(k_cache + off, kHeadDim * 2);
+    prefetch_l2_lines(v_cache + off, kHeadDim * 2);
+  }
+
+  if (!ctx.template ready<kOpAttentionPartial * 1000 + kHeadDim>()) return false;
+
+  KvLane<kDims> k[kSteps], v[kSteps];
+  auto load_step = [&](int j0) {
+#pragma unroll
+    for (int s = 0; s < kSteps; ++s) {
+      const int64_t off = row_offset(min(j0 + s, end - 1));
+      k[s].load(k_cache + off, lane);
+      v[s].load(v_cache + off, lane);
+    }
+  };
+
   // Shared memory: q [group][hd], then per warp m [group], l [group], acc [group][hd].
   float* q_s = ctx.smem;
   float* m_s = q_s + kMaxGroup * kHeadDim;
@@ -86,21 +120,9 @@ __device__ __forceinline__ bool attention_partial_impl(const OpContext& ctx) {
   }
 
   const float scale = rsqrtf(static_cast<float>(kHeadDim));
-  const int64_t layer_base = static_cast<int64_t>(l) * p.num_pages;
-  const __nv_bfloat16* k_cache = static_cast<const __nv_bfloat16*>(p.k_cache);
-  const __nv_bfloat16* v_cache = static_cast<const __nv_bfloat16*>(p.v_cache);
 
-  for (int j0 = begin + warp * kSteps; j0 < end; j0 += kComputeWarps * kSteps) {
-    KvLane<kDims> k[kSteps], v[kSteps];
-#pragma unroll
-    for (int s = 0; s < kSteps; ++s) {
-      const int j = min(j0 + s, end - 1);  // masked below; keeps loads in bounds
-      const int page = p.page_table[j / ps];
-      const int64_t off =
-          (((layer_base + page) * ps + j % ps) * nkv + kv_head) * kHeadDim;
-      k[s].load(k_cache + off, lane);
-      v[s].load(v_cache + off, lane);
-    }
+  for (int j0 = first; j0 < end; j0 += kComputeWarps * kSteps) {
+    load_step(j0);
 #pragma unroll
     for (int g = 0; g < kMaxGroup; ++g) {
       if (g >= group) break;
