@@ -260,6 +260,9 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
   // the flag the compute warps of this slot may still be reading.
   __shared__ int go[2];
   __shared__ float scratch[kScratchFloats];
+#ifdef MEGAKERNEL_PROFILE
+  __shared__ int64_t op_end_ns[2];  // per slot: when compute warp 0 finished the op
+#endif
 
   const bool controller = threadIdx.x / kWarpSize == kControllerWarp;
   const bool leader = threadIdx.x == kControllerWarp * kWarpSize;
@@ -288,6 +291,10 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
       if (!go[slot]) break;
       controller_fetch(p, claim_base, slot_words[slot ^ 1], &slot_index[slot ^ 1]);
       block_sync();  // B: every output of the instruction is written
+#ifdef MEGAKERNEL_PROFILE
+      int64_t t_passed_b = 0;
+      if (leader && p.profile != nullptr) t_passed_b = static_cast<int64_t>(global_timer_ns());
+#endif
       if (leader) {
         const int counter = words[word::kSignalCounter];
         if (counter >= 0 && counter < p.num_counters) signal_release(p.counters + counter);
@@ -304,6 +311,8 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
           rec[5] = t_ready;
           rec[6] = static_cast<int64_t>(global_timer_ns());
           rec[7] = index;
+          rec[8] = op_end_ns[slot];
+          rec[9] = t_passed_b;
         }
 #endif
       }
@@ -312,6 +321,9 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
                           words[word::kTokenBegin]};
       const bool ran = index != kNoInstruction ? run_op(ctx) : ctx.ready<kNumOpcodes>();
       if (!ran) break;
+#ifdef MEGAKERNEL_PROFILE
+      if (threadIdx.x == 0) op_end_ns[slot] = static_cast<int64_t>(global_timer_ns());
+#endif
       block_sync();  // B
     }
   }

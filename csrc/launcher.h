@@ -44,13 +44,15 @@ constexpr int kQueueWords = 2;
 constexpr int kHostStatusWords = 2;
 
 // Default L2 prefetch budget per instruction. Measured on an H100, Llama-3.2-1B shape:
-// 0 or 64 KB 1.22 ms/token, 128 KB 1.26, 256 KB 1.30 (larger budgets evict useful lines).
+// 0 or 64 KB 1.22 ms/token, 128 KB 1.26, 256 KB 1.30 (larger budgets evict useful lines);
+// after the QKV and attention changes of benchmarks/RESULTS.md: 0 KB 1.190, 64 KB 1.169.
 constexpr uint32_t kDefaultPrefetchBytes = 64 * 1024;
 
 // Profiling record per executed instruction (MEGAKERNEL_PROFILE builds only), int64 words:
 // SM id, block, opcode, layer, wait start, waits satisfied, end (after signal) in
-// %globaltimer ns, and the instruction's local index.
-constexpr int kProfileWords = 8;
+// %globaltimer ns, the instruction's local index, then when compute warp 0 finished the
+// op and when the block passed the barrier after it (the signal's fence is end - that).
+constexpr int kProfileWords = 10;
 
 struct KernelParams {
   // Program and its synchronization state.

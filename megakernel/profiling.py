@@ -33,9 +33,10 @@ SM, INSTRUCTION, START, END, READY = range(5)
 # The kernel's record (csrc/launcher.h, written in csrc/interpreter.cu): kProfileWords int64
 # words per instruction, row = instruction index, rows of instructions that never ran are
 # left as allocated (zero).
-KERNEL_PROFILE_WORDS = 8
+KERNEL_PROFILE_WORDS = 10
 KERNEL_PROFILE_FIELDS = {"sm": 0, "block": 1, "opcode": 2, "layer": 3, "start_ns": 4,
-                         "ready_ns": 5, "end_ns": 6, "instruction": 7}
+                         "ready_ns": 5, "end_ns": 6, "instruction": 7, "op_end_ns": 8,
+                         "signal_ns": 9}
 
 # Chrome's trace viewer only honours a fixed set of color names ("cname"); Perfetto colors
 # by slice name, which is the opcode name here, so both show one color per opcode.
@@ -215,6 +216,53 @@ def summarize(records, opcode_names=None, num_sms: int | None = None) -> Profile
                                       wait_ns=int(waits[sel].sum()), share=d / total)
     return ProfileSummary(step_ns=step_ns, sms=sms, busy_ns=busy, wait_ns=wait,
                           per_opcode=per_opcode)
+
+
+def stage_breakdown(raw, opcode_names: dict[int, str]) -> dict[str, dict[str, float]]:
+    """Where a step's time goes, per opcode, from the kernel's own buffer (raw [N,
+    KERNEL_PROFILE_WORDS]; opcode_names: opcode -> name). A stage is the instructions of
+    one (layer, opcode); stages follow each other in stream order. Medians over stages, us:
+
+      span    last end of the stage - last end of the stage before it (its share of the
+              step's critical path); the first stage of the step is left out
+      lag     first instruction's waits satisfied - that previous last end (signal seen)
+      op      waits satisfied -> compute warp 0 done with the op, per instruction
+      barrier op done -> the whole block past the barrier after it
+      signal  barrier passed -> counter signalled (the release fence)
+    """
+    raw = _as_int64(raw)
+    f = KERNEL_PROFILE_FIELDS
+    raw = raw[raw[:, f["end_ns"]] > 0]
+    raw = raw[np.argsort(raw[:, f["instruction"]], kind="stable")]
+    keys = list(zip(raw[:, f["layer"]].tolist(), raw[:, f["opcode"]].tolist()))
+    stages: dict[tuple[int, int], list[int]] = {}
+    for row, key in enumerate(keys):
+        stages.setdefault(key, []).append(row)
+    per_op: dict[int, dict[str, list[float]]] = {}
+    prev_end = None
+    for (layer, op), rows in stages.items():
+        r = raw[rows]
+        end = int(r[:, f["end_ns"]].max())
+        d = per_op.setdefault(op, {k: [] for k in ("span", "lag", "op", "barrier", "signal")})
+        if prev_end is not None:
+            d["span"].append(end - prev_end)
+            d["lag"].append(int(r[:, f["ready_ns"]].min()) - prev_end)
+        d["op"] += (r[:, f["op_end_ns"]] - r[:, f["ready_ns"]]).tolist()
+        d["barrier"] += (r[:, f["signal_ns"]] - r[:, f["op_end_ns"]]).tolist()
+        d["signal"] += (r[:, f["end_ns"]] - r[:, f["signal_ns"]]).tolist()
+        prev_end = end
+    return {opcode_names.get(op, f"opcode {op}"):
+            {k: float(np.median(v)) / 1e3 if v else float("nan") for k, v in d.items()}
+            for op, d in per_op.items()}
+
+
+def format_stage_breakdown(table: dict[str, dict[str, float]]) -> str:
+    lines = [f"  {'opcode':<20} {'span us':>8} {'lag':>6} {'op':>8} {'barrier':>8} "
+             f"{'signal':>7}"]
+    for name, d in table.items():
+        lines.append(f"  {name:<20} {d['span']:>8.2f} {d['lag']:>6.2f} {d['op']:>8.2f} "
+                     f"{d['barrier']:>8.2f} {d['signal']:>7.2f}")
+    return "\n".join(lines)
 
 
 def _union_length(starts: np.ndarray, ends: np.ndarray) -> int:

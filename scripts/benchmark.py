@@ -45,6 +45,7 @@ import torch
 
 import megakernel
 from megakernel.engine import Engine, make_backend, megakernel_available
+from megakernel.instructions import OPCODES
 from megakernel.kv_cache import PagedKVCache
 from megakernel.loading import RANDOM_PREFIX, load_model, save_pretrained
 from megakernel.presets import PRESETS
@@ -795,8 +796,13 @@ def run_profile(out_dir: str, weights, tokenizer, device, prompt: list[int], max
             runner.run(prompt, 2)
             backend = runner.engine.backend
             program = backend.program
-            measured = profiling.records_from_kernel_profile(backend.last_profile())
+            raw = backend.last_profile().cpu()
+            measured = profiling.records_from_kernel_profile(raw)
             num_sms = backend.num_sms
+            result["stages"] = profiling.stage_breakdown(
+                raw, {op: spec.name for op, spec in OPCODES.items()})
+            print("per stage (medians over layers; span = share of the critical path):")
+            print(profiling.format_stage_breakdown(result["stages"]))
         except Exception as e:
             reason = f"profiling run failed: {_one_line(e)}"
     if measured is None:

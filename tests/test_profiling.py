@@ -50,7 +50,7 @@ def test_ready_is_clamped_into_the_interval():
 
 
 def _kernel_buffer():
-    """A [N, 8] buffer as the kernel writes it: row = instruction, one row never ran."""
+    """A [N, KERNEL_PROFILE_WORDS] buffer as the kernel writes it: row = instruction, one row never ran."""
     f = profiling.KERNEL_PROFILE_FIELDS
     raw = np.zeros((5, profiling.KERNEL_PROFILE_WORDS), dtype=np.int64)
     for sm, idx, start, end, ready in RECORDS.tolist():
@@ -87,7 +87,8 @@ def test_kernel_record_layout_matches_csrc():
         pytest.skip("interpreter.cu writes no profile record")
     expected_source = {"sm": "smid", "block": "blockIdx", "opcode": "kOpcode",
                        "layer": "kLayer", "start_ns": "t_start", "ready_ns": "t_ready",
-                       "end_ns": "global_timer_ns", "instruction": "index"}
+                       "end_ns": "global_timer_ns", "instruction": "index",
+                       "op_end_ns": "op_end_ns", "signal_ns": "t_passed_b"}
     for name, word in profiling.KERNEL_PROFILE_FIELDS.items():
         assert expected_source[name] in writes[str(word)], (name, writes[str(word)])
 
@@ -215,3 +216,33 @@ def test_plot_timeline(tmp_path):
     path = profiling.plot_timeline(tmp_path / "t.png", RECORDS, NAMES, title="synthetic")
     data = Path(path).read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+
+
+def test_stage_breakdown_splits_the_critical_path():
+    """Two layers of two stages (opcodes 2 then 3), two instructions per stage; every
+    number below is chosen so each column has one right answer."""
+    f = profiling.KERNEL_PROFILE_FIELDS
+    raw = np.zeros((9, profiling.KERNEL_PROFILE_WORDS), dtype=np.int64)
+    t = 1000
+    index = 0
+    for layer in range(2):
+        for op in (2, 3):
+            for k in range(2):
+                row = raw[index]
+                row[f["opcode"]], row[f["layer"]], row[f["instruction"]] = op, layer, index
+                ready = t + 500 + 100 * k            # waits hold 500 ns after the stage before
+                row[f["start_ns"]], row[f["ready_ns"]] = t, ready
+                row[f["op_end_ns"]] = ready + 3000   # op 3 us
+                row[f["signal_ns"]] = ready + 3200   # barrier 0.2 us
+                row[f["end_ns"]] = ready + 3600      # signal 0.4 us
+                index += 1
+            t += 500 + 100 + 3600                    # next stage: 0.5 us after the last end
+    table = profiling.stage_breakdown(raw, {2: "a", 3: "b"})   # row 8 never ran
+    assert list(table) == ["a", "b"]
+    for name in ("a", "b"):
+        assert table[name]["op"] == pytest.approx(3.0)
+        assert table[name]["barrier"] == pytest.approx(0.2)
+        assert table[name]["signal"] == pytest.approx(0.4)
+        assert table[name]["span"] == pytest.approx(4.2)
+        assert table[name]["lag"] == pytest.approx(0.5)
+    assert "span us" in profiling.format_stage_breakdown(table)

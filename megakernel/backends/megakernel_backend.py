@@ -371,7 +371,8 @@ class MegakernelBackend(Backend):
 
     def last_profile(self) -> torch.Tensor | None:
         """[N, PROFILE_WORDS] int64 per-instruction record of the last launch (profile=True):
-        SM id, block, opcode, layer, wait start, waits satisfied, end (ns), index."""
+        SM id, block, opcode, layer, wait start, waits satisfied, end (ns), index, op
+        finished, barrier after the op passed (ns); see profiling.KERNEL_PROFILE_FIELDS."""
         return self.profile
 
 
