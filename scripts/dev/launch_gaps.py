@@ -1,0 +1,80 @@
+"""Launch gaps and raw per-instruction profiles of the 1B shape on one GPU.
+
+    python3 scripts/dev/launch_gaps.py timing    # kernel alone, back to back, engine loop
+    python3 scripts/dev/launch_gaps.py profile   # needs a MEGAKERNEL_PROFILE=1 build
+
+timing: ms/token of 128 launches back to back (tokens fed on the device), one launch
+alone, the torch-profiler kernel time and gap of a loop that reads each token with
+int() (the pre-readback pattern), and Engine.generate's ms/token. profile: the kernel's
+raw profile buffer of 12 steps ($OUT/profile_raw.npy) for profiling.stage_breakdown().
+Results go to $OUT (default /tmp/out)."""
+import json, os, sys
+import numpy as np
+import torch
+from megakernel.presets import PRESETS, random_weights
+from megakernel.kv_cache import PagedKVCache
+from megakernel.backends.megakernel_backend import MegakernelBackend, launch
+from megakernel.engine import Engine
+
+OUT = os.environ.get("OUT", "/tmp/out")
+mode = sys.argv[1]
+cfg = PRESETS["llama-3.2-1b"]
+MAX = 1024
+w = random_weights(cfg, seed=0, dtype=torch.bfloat16, device="cuda", max_positions=MAX)
+cache = PagedKVCache(cfg, MAX, page_size=16, dtype=torch.bfloat16, device="cuda")
+cache.reserve(MAX)
+prof = mode == "profile"
+mk = MegakernelBackend(w, cache, max_seq_len=176 if prof else MAX, profile=prof)
+prompt = torch.randint(0, cfg.vocab_size, (32,), device="cuda")
+out = mk.prefill(prompt, 0)
+pending = out.greedy_token.clone()
+res = {}
+if prof:
+    raws = []
+    for pos in range(32, 32 + 12):
+        o = mk.decode(pending, pos)
+        torch.cuda.synchronize()
+        pending = o.greedy_token.clone()
+        raws.append(mk.last_profile().cpu().numpy().copy())
+    np.save(f"{OUT}/profile_raw.npy", np.stack(raws))
+    np.save(f"{OUT}/program_rows.npy", mk.program.instructions.numpy())
+    print("saved", np.stack(raws).shape)
+else:
+    for pos in range(32, 40):
+        pending = mk.decode(pending, pos).greedy_token
+    torch.cuda.synchronize()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    for pos in range(40, 168):
+        pending = mk.decode(pending, pos).greedy_token
+    e.record(); e.synchronize()
+    res["back_to_back_ms"] = s.elapsed_time(e) / 128
+    ts = []
+    for pos in range(168, 200):
+        mk.step_input[0, 0].fill_(5); mk.step_input[1, 0].fill_(pos)
+        torch.cuda.synchronize()
+        s.record()
+        launch(mk.ext, mk.rows, mk.state, mk.buffers, mk.weights, cache.k, cache.v,
+               cache.page_table, mk.step_input, cfg.rms_norm_eps, mk.timeout_s)
+        e.record(); e.synchronize()
+        ts.append(s.elapsed_time(e))
+    res["single_launch_ms_median"] = float(np.median(ts))
+    from torch.profiler import profile, ProfilerActivity
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as p:
+        for pos in range(200, 232):
+            o = mk.decode(pending, pos)
+            tok = int(pending)
+            pending = o.greedy_token
+        torch.cuda.synchronize()
+    evs = [e for e in p.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kern = sorted([(e.time_range.start, e.time_range.end, e.name) for e in evs])
+    res["kernels"] = [(a, b, n[:40]) for a, b, n in kern[-12:]]
+    mks = [(a, b) for a, b, n in kern if "megakernel" in n]
+    res["mk_kernel_us_median"] = float(np.median([b - a for a, b in mks]))
+    res["mk_gap_us_median"] = float(np.median([mks[i + 1][0] - mks[i][1] for i in range(len(mks) - 1)]))
+    eng = Engine(w, None, mk, cache, max_seq_len=MAX)
+    ids = prompt.tolist()
+    res["engine_ms_per_token"] = [eng.generate(ids, max_new_tokens=128, ignore_eos=True).stats.ms_per_token
+                                  for _ in range(4)]
+print(json.dumps(res, indent=1))
+json.dump(res, open(f"{OUT}/diag_{mode}.json", "w"), indent=1)
