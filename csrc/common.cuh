@@ -228,6 +228,12 @@ __device__ __forceinline__ void stage_rms_normed(float* dst, const float* src,
   compute_sync();
 }
 
+// Positions [0, limit) have a RoPE row and a page-table slot; the controller refuses any
+// other before an instruction runs (kErrBadPosition).
+__device__ __forceinline__ int position_limit(const KernelParams& p) {
+  return min(p.rope_max_positions, p.max_pages * p.page_size);
+}
+
 __device__ __forceinline__ const __nv_bfloat16* bf16_ptr(const void* p) {
   return static_cast<const __nv_bfloat16*>(p);
 }

@@ -116,7 +116,7 @@ __device__ bool controller_ready(const KernelParams& p, int index, const int* wo
   }
   if (op == kOpRmsQkvRope || op == kOpAttentionPartial) {
     const int pos = p.step_input[p.num_tokens + tb];
-    const int limit = min(p.rope_max_positions, p.max_pages * p.page_size);
+    const int limit = position_limit(p);
     if (pos < 0 || pos >= limit) {
       record_error(p, kErrBadPosition, index, words, -1, pos, limit);
       return false;

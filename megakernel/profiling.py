@@ -221,7 +221,8 @@ def summarize(records, opcode_names=None, num_sms: int | None = None) -> Profile
 def stage_breakdown(raw, opcode_names: dict[int, str]) -> dict[str, dict[str, float]]:
     """Where a step's time goes, per opcode, from the kernel's own buffer (raw [N,
     KERNEL_PROFILE_WORDS]; opcode_names: opcode -> name). A stage is the instructions of
-    one (layer, opcode); stages follow each other in stream order. Medians over stages, us:
+    one (layer, opcode); stages follow each other in stream order. Medians in us, over
+    stages (span, lag) or over instructions (op, barrier, signal):
 
       span    last end of the stage - last end of the stage before it (its share of the
               step's critical path); the first stage of the step is left out

@@ -50,7 +50,8 @@ def test_ready_is_clamped_into_the_interval():
 
 
 def _kernel_buffer():
-    """A [N, KERNEL_PROFILE_WORDS] buffer as the kernel writes it: row = instruction, one row never ran."""
+    """A [N, KERNEL_PROFILE_WORDS] buffer as the kernel writes it: row = instruction, one
+    row never ran."""
     f = profiling.KERNEL_PROFILE_FIELDS
     raw = np.zeros((5, profiling.KERNEL_PROFILE_WORDS), dtype=np.int64)
     for sm, idx, start, end, ready in RECORDS.tolist():

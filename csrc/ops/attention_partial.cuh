@@ -70,7 +70,7 @@ __device__ __forceinline__ bool attention_partial_impl(const OpContext& ctx) {
   const int64_t layer_base = static_cast<int64_t>(l) * p.num_pages;
   const __nv_bfloat16* k_cache = static_cast<const __nv_bfloat16*>(p.k_cache);
   const __nv_bfloat16* v_cache = static_cast<const __nv_bfloat16*>(p.v_cache);
-  // Element offset of token j's row (j clamped to end - 1 by the callers: masked later).
+  // Element offset of token j's row (callers keep j < end).
   auto row_offset = [&](int j) {
     const int page = p.page_table[j / ps];
     return (((layer_base + page) * ps + j % ps) * nkv + kv_head) * kHeadDim;
@@ -78,7 +78,7 @@ __device__ __forceinline__ bool attention_partial_impl(const OpContext& ctx) {
   const int first = begin + warp * kSteps;
   // A position outside the tables is refused by the controller (ready() is then false):
   // nothing may be read with it before that.
-  const bool pos_ok = pos >= 0 && pos < min(p.rope_max_positions, p.max_pages * ps);
+  const bool pos_ok = pos >= 0 && pos < position_limit(p);
   if (pos_ok && lane < kSteps && first + lane < end && first + lane != pos) {
     const int64_t off = row_offset(first + lane);
     prefetch_l2_lines(k_cache + off, kHeadDim * 2);

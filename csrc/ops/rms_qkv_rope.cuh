@@ -21,6 +21,7 @@ __device__ __forceinline__ bool op_rms_qkv_rope(const OpContext& ctx) {
   const int H = p.hidden_size, hd = p.head_dim, half = hd / 2;
   const int nq = p.num_heads, nkv = p.num_kv_heads;
   const int qkv_rows = (nq + 2 * nkv) * hd;
+  const int first_pair = head * half + p0;  // head-major index of the block's first pair
 
   float* xn = ctx.smem;          // [H]
   float* gain = xn + H;          // [H]
@@ -41,8 +42,8 @@ __device__ __forceinline__ bool op_rms_qkv_rope(const OpContext& ctx) {
       for (int r = 0; r < kRowsPerPass; ++r)
         if (r < count) rows_out[row_index(i, r)] = out[r];
     }
-  } g{{2 * n}, bf16_ptr(p.qkv) + static_cast<int64_t>(l) * qkv_rows * H, head * half + p0, n,
-      half, hd, H, rows_out};
+  } g{{2 * n}, bf16_ptr(p.qkv) + static_cast<int64_t>(l) * qkv_rows * H, first_pair, n, half,
+      hd, H, rows_out};
   stage_gain(gain, bf16_ptr(p.attn_norm) + static_cast<int64_t>(l) * H, H);
   const bool go = run_matvec<kOpRmsQkvRope>(ctx, g, H, [&] {
     stage_rms_normed(xn, p.hidden + static_cast<int64_t>(t) * H, gain, H, p.rms_norm_eps,
@@ -54,7 +55,7 @@ __device__ __forceinline__ bool op_rms_qkv_rope(const OpContext& ctx) {
 
   const int pos = p.step_input[p.num_tokens + t];
   for (int i = threadIdx.x; i < n; i += kComputeThreads) {
-    const int pair = head * half + p0 + i;
+    const int pair = first_pair + i;
     const int h = pair / half, c = pair % half;   // head and pair within it
     float lo = rows_out[i], hi = rows_out[n + i];
     if (h < nq + nkv) {  // queries and keys are rotated, values are not
