@@ -27,9 +27,12 @@ constexpr int kComputeBarrier = 1;
 constexpr int kChunkElems = 8;
 constexpr int kMatvecUnroll = 8;
 
-// Attention: query heads per KV head handled by one instruction, tokens per warp step.
+// Attention: query heads per KV head handled by one instruction; each warp streams the
+// context in chunks of kAttnChunkTokens tokens' K and V rows through a kAttnRingBytes ring
+// in shared memory.
 constexpr int kMaxGroup = 8;
-constexpr int kAttnTokensPerStep = 4;
+constexpr int kAttnChunkTokens = 4;
+constexpr int kAttnRingBytes = 8192;
 
 // L2 prefetches of the next instruction's weights are issued in pieces of this size.
 constexpr uint32_t kPrefetchPiece = 16 * 1024;

@@ -26,10 +26,11 @@ MAX_SEQ = 256
 LAYER = 1                      # ops run on layer 1, so the layer stride is exercised
 
 # Odd sizes: hidden 384, intermediate 1000, vocab 1003; GQA 4 with head_dim 64, GQA 8
-# with head_dim 128.
+# with head_dim 128, GQA 3 with head_dim 128 (attention pads the group to 4 heads).
 CONFIGS = {
     "hd64-gqa4": dict(num_heads=8, num_kv_heads=2, head_dim=64),
     "hd128-gqa8": dict(num_heads=8, num_kv_heads=1, head_dim=128),
+    "hd128-gqa3": dict(num_heads=6, num_kv_heads=2, head_dim=128),
 }
 
 
@@ -39,17 +40,17 @@ def odd_config(num_heads, num_kv_heads, head_dim) -> ModelConfig:
                        rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=4096)
 
 
-def make_weights(cfg, seed):
+def make_weights(cfg, seed, max_seq=MAX_SEQ):
     """bf16 weights on the GPU and the same values on the CPU."""
     gpu = random_weights(cfg, seed=seed, dtype=torch.bfloat16, device="cuda",
-                         max_positions=MAX_SEQ, init_std=0.05)
+                         max_positions=max_seq, init_std=0.05)
     return gpu, gpu.to("cpu")
 
 
-def make_caches(cfg, context: int, reserve: int, seed: int):
+def make_caches(cfg, context: int, reserve: int, seed: int, max_seq: int = MAX_SEQ):
     """CPU and GPU paged caches with identical shuffled page tables, NaN in every unused
     slot and random K/V at positions [0, context)."""
-    caches = [PagedKVCache(cfg, MAX_SEQ, PAGE_SIZE, dtype=torch.bfloat16, device=d,
+    caches = [PagedKVCache(cfg, max_seq, PAGE_SIZE, dtype=torch.bfloat16, device=d,
                            shuffle_seed=seed, poison=True) for d in ("cpu", "cuda")]
     for c in caches:
         c.reserve(reserve)
@@ -91,16 +92,17 @@ class OpCase:
     """One model, a CPU MachineState (the reference) and the same state on the GPU."""
 
     def __init__(self, cfg_name: str, position: int = 37, token: int = 1002, seed: int = 0,
-                 num_sms: int = 8):
+                 num_sms: int = 8, max_seq: int = MAX_SEQ):
         from megakernel.backends.megakernel_backend import run_program
 
         self.run_program = run_program
         self.cfg = cfg = odd_config(**CONFIGS[cfg_name])
-        self.w_gpu, self.w_cpu = make_weights(cfg, seed)
+        self.w_gpu, self.w_cpu = make_weights(cfg, seed, max_seq)
         self.program = build_program(cfg, num_sms=num_sms, page_size=PAGE_SIZE,
-                                     max_seq_len=MAX_SEQ)
+                                     max_seq_len=max_seq)
         self.position, self.token = position, token
-        self.cache_cpu, self.cache_gpu = make_caches(cfg, position, position + 1, seed + 1)
+        self.cache_cpu, self.cache_gpu = make_caches(cfg, position, position + 1, seed + 1,
+                                                     max_seq)
         gen = torch.Generator().manual_seed(seed + 2)
         buffers = allocate_buffers(self.program, poison=True)
         for name in ("hidden", "q", "attn_out", "mlp_act", "attn_partial_out"):
@@ -172,10 +174,16 @@ def test_rms_qkv_rope(cfg_name, position, spanning):
 
 
 @pytest.mark.parametrize("cfg_name", list(CONFIGS))
-@pytest.mark.parametrize("position", [0, 15, 16, 100, 255])
-def test_attention_partial(cfg_name, position):
-    case = OpCase(cfg_name, position=position)
-    cfg, P = case.cfg, case.program.attn_partitions
+@pytest.mark.parametrize("position,max_seq,partitions", [
+    (0, MAX_SEQ, None), (15, MAX_SEQ, None), (16, MAX_SEQ, None), (100, MAX_SEQ, None),
+    (255, MAX_SEQ, None),
+    # Long partitions: each warp's K/V ring wraps several times, the token's own row lands
+    # in a chunk copied after the wait.
+    (1000, 1024, None), (1000, 1024, 1), (1023, 1024, 3)])
+def test_attention_partial(cfg_name, position, max_seq, partitions):
+    case = OpCase(cfg_name, position=position, max_seq=max_seq)
+    cfg = case.cfg
+    P = partitions or case.program.attn_partitions
     # The token's own slot is written by rms_qkv_rope in a real step; fill it here.
     page = int(case.cache_cpu.page_table[0, position // PAGE_SIZE])
     gen = torch.Generator().manual_seed(5)
