@@ -228,6 +228,8 @@ def stage_breakdown(raw, opcode_names: dict[int, str]) -> dict[str, dict[str, fl
               step's critical path); the first stage of the step is left out
       lag     first instruction's waits satisfied - that previous last end (signal seen)
       op      waits satisfied -> compute warp 0 done with the op, per instruction
+      op_max  the stage's slowest op (medians hide the few blocks with the real work,
+              e.g. the attention partitions that hold tokens at short contexts)
       barrier op done -> the whole block past the barrier after it
       signal  barrier passed -> counter signalled (the release fence)
     """
@@ -244,11 +246,14 @@ def stage_breakdown(raw, opcode_names: dict[int, str]) -> dict[str, dict[str, fl
     for (layer, op), rows in stages.items():
         r = raw[rows]
         end = int(r[:, f["end_ns"]].max())
-        d = per_op.setdefault(op, {k: [] for k in ("span", "lag", "op", "barrier", "signal")})
+        d = per_op.setdefault(op, {k: [] for k in ("span", "lag", "op", "op_max", "barrier",
+                                                  "signal")})
         if prev_end is not None:
             d["span"].append(end - prev_end)
             d["lag"].append(int(r[:, f["ready_ns"]].min()) - prev_end)
-        d["op"] += (r[:, f["op_end_ns"]] - r[:, f["ready_ns"]]).tolist()
+        op_ns = r[:, f["op_end_ns"]] - r[:, f["ready_ns"]]
+        d["op"] += op_ns.tolist()
+        d["op_max"].append(int(op_ns.max()))
         d["barrier"] += (r[:, f["signal_ns"]] - r[:, f["op_end_ns"]]).tolist()
         d["signal"] += (r[:, f["end_ns"]] - r[:, f["signal_ns"]]).tolist()
         prev_end = end
@@ -258,11 +263,11 @@ def stage_breakdown(raw, opcode_names: dict[int, str]) -> dict[str, dict[str, fl
 
 
 def format_stage_breakdown(table: dict[str, dict[str, float]]) -> str:
-    lines = [f"  {'opcode':<20} {'span us':>8} {'lag':>6} {'op':>8} {'barrier':>8} "
-             f"{'signal':>7}"]
+    lines = [f"  {'opcode':<20} {'span us':>8} {'lag':>6} {'op':>8} {'op max':>8} "
+             f"{'barrier':>8} {'signal':>7}"]
     for name, d in table.items():
         lines.append(f"  {name:<20} {d['span']:>8.2f} {d['lag']:>6.2f} {d['op']:>8.2f} "
-                     f"{d['barrier']:>8.2f} {d['signal']:>7.2f}")
+                     f"{d['op_max']:>8.2f} {d['barrier']:>8.2f} {d['signal']:>7.2f}")
     return "\n".join(lines)
 
 

@@ -220,8 +220,9 @@ def test_plot_timeline(tmp_path):
 
 
 def test_stage_breakdown_splits_the_critical_path():
-    """Two layers of two stages (opcodes 2 then 3), two instructions per stage; every
-    number below is chosen so each column has one right answer."""
+    """Two layers of two stages (opcodes 2 then 3), two instructions per stage (the second
+    one's op 1 us longer); every number below is chosen so each column has one right
+    answer."""
     f = profiling.KERNEL_PROFILE_FIELDS
     raw = np.zeros((9, profiling.KERNEL_PROFILE_WORDS), dtype=np.int64)
     t = 1000
@@ -232,18 +233,21 @@ def test_stage_breakdown_splits_the_critical_path():
                 row = raw[index]
                 row[f["opcode"]], row[f["layer"]], row[f["instruction"]] = op, layer, index
                 ready = t + 500 + 100 * k            # waits hold 500 ns after the stage before
+                op_end = ready + 3000 + 1000 * k     # op 3 us, the second 4 us
                 row[f["start_ns"]], row[f["ready_ns"]] = t, ready
-                row[f["op_end_ns"]] = ready + 3000   # op 3 us
-                row[f["signal_ns"]] = ready + 3200   # barrier 0.2 us
-                row[f["end_ns"]] = ready + 3600      # signal 0.4 us
+                row[f["op_end_ns"]] = op_end
+                row[f["signal_ns"]] = op_end + 200   # barrier 0.2 us
+                row[f["end_ns"]] = op_end + 600      # signal 0.4 us
                 index += 1
-            t += 500 + 100 + 3600                    # next stage: 0.5 us after the last end
+            t += 500 + 100 + 4600                    # next stage: 0.5 us after the last end
     table = profiling.stage_breakdown(raw, {2: "a", 3: "b"})   # row 8 never ran
     assert list(table) == ["a", "b"]
     for name in ("a", "b"):
-        assert table[name]["op"] == pytest.approx(3.0)
+        assert table[name]["op"] == pytest.approx(3.5)
+        assert table[name]["op_max"] == pytest.approx(4.0)
         assert table[name]["barrier"] == pytest.approx(0.2)
         assert table[name]["signal"] == pytest.approx(0.4)
-        assert table[name]["span"] == pytest.approx(4.2)
+        assert table[name]["span"] == pytest.approx(5.2)
         assert table[name]["lag"] == pytest.approx(0.5)
     assert "span us" in profiling.format_stage_breakdown(table)
+    assert "op max" in profiling.format_stage_breakdown(table)
