@@ -98,14 +98,6 @@ __device__ __forceinline__ uint4 load_weight(const uint4* ptr, uint64_t policy) 
   return v;
 }
 
-// Prefetch the 128-byte L2 lines of [ptr, ptr + bytes) (no registers, nothing waits).
-constexpr int kL2LineBytes = 128;
-__device__ __forceinline__ void prefetch_l2_lines(const void* ptr, int bytes) {
-  const char* c = static_cast<const char*>(ptr);
-  for (int off = 0; off < bytes; off += kL2LineBytes)
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(c + off));
-}
-
 // Small read-only vectors (norm gains, RoPE tables, instruction words).
 __device__ __forceinline__ float load_bf16_ro(const __nv_bfloat16* ptr) {
   return __bfloat162float(__ldg(ptr));
