@@ -34,6 +34,16 @@ constexpr int kMaxGroup = 8;
 constexpr int kAttnChunkTokens = 4;
 constexpr int kAttnRingBytes = 8192;
 
+// attention_partial's shared memory, in floats, before the warps' K/V rings: q
+// [kMaxGroup][hd], per warp m and l [kMaxGroup] and acc [kMaxGroup][hd], per warp a chunk's
+// softmax weights [kAttnChunkTokens][kMaxGroup]. One definition for the op's layout and the
+// launch's shared-memory size.
+__host__ __device__ constexpr size_t attention_smem_floats_before_rings(int head_dim) {
+  return static_cast<size_t>(kMaxGroup) * head_dim +
+         static_cast<size_t>(kComputeWarps) * kMaxGroup * (2 + head_dim) +
+         static_cast<size_t>(kComputeWarps) * kAttnChunkTokens * kMaxGroup;
+}
+
 // L2 prefetches of the next instruction's weights are issued in pieces of this size.
 constexpr uint32_t kPrefetchPiece = 16 * 1024;
 

@@ -354,11 +354,8 @@ size_t dynamic_smem_bytes(const KernelParams& p) {
                      static_cast<size_t>(p.hidden_size);
   // Mat-vec ops with a fused RMSNorm: normed vector and gain, + 2 * head_dim outputs.
   const size_t norm = 2 * static_cast<size_t>(p.hidden_size) + 2 * p.head_dim;
-  // attention_partial: q of the group, per warp m, l, acc and a chunk's softmax weights,
-  // then the warps' K/V rings.
-  const size_t attn = static_cast<size_t>(kMaxGroup) * p.head_dim +
-                      static_cast<size_t>(kComputeWarps) * kMaxGroup * (2 + p.head_dim) +
-                      static_cast<size_t>(kComputeWarps) * kAttnChunkTokens * kMaxGroup +
+  // attention_partial: q, the warps' softmax states, then their K/V rings.
+  const size_t attn = attention_smem_floats_before_rings(p.head_dim) +
                       static_cast<size_t>(kComputeWarps) * kAttnRingBytes / sizeof(float);
   return std::max({vec, norm, attn}) * sizeof(float);
 }

@@ -98,9 +98,8 @@ __device__ __forceinline__ bool attention_partial_impl(const OpContext& ctx) {
   float* l_s = m_s + kComputeWarps * kMaxGroup;
   float* acc_s = l_s + kComputeWarps * kMaxGroup;
   float* e_s = acc_s + kComputeWarps * kMaxGroup * kHeadDim + warp * kChunkTokens * kMaxGroup;
-  char* ring = reinterpret_cast<char*>(acc_s + kComputeWarps * kMaxGroup * kHeadDim +
-                                       kComputeWarps * kChunkTokens * kMaxGroup) +
-               warp * kAttnRingBytes;
+  constexpr size_t kRingsAt = attention_smem_floats_before_rings(kHeadDim);
+  char* ring = reinterpret_cast<char*>(ctx.smem + kRingsAt) + warp * kAttnRingBytes;
 
   // This warp's i-th chunk starts at token chunk_begin(i); it has my_chunks of them.
   auto chunk_begin = [&](int i) { return begin + (warp + i * kComputeWarps) * kChunkTokens; };
