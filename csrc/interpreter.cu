@@ -150,8 +150,10 @@ __device__ bool controller_ready(const KernelParams& p, int index, const int* wo
 }
 
 // Weight runs an instruction streams, for the L2 prefetch: up to kMaxWeightRuns
-// contiguous runs (a QKV block's lo and hi rows in each of up to two heads).
-constexpr int kMaxWeightRuns = 4;
+// contiguous runs (gate_up's gate and up rows). rms_qkv_rope has none: its claim comes
+// during down_proj, the DRAM-bound stage, which its prefetch slowed by more than it sped
+// up qkv (benchmarks/RESULTS.md, entry 9).
+constexpr int kMaxWeightRuns = 2;
 struct WeightRuns {
   const void* ptr[kMaxWeightRuns];
   uint32_t bytes[kMaxWeightRuns];
@@ -162,28 +164,13 @@ __device__ WeightRuns weight_runs(const KernelParams& p, const int* words) {
   const int64_t H = p.hidden_size, I = p.intermediate_size;
   const int64_t l = words[word::kLayer];
   const int64_t q_size = static_cast<int64_t>(p.num_heads) * p.head_dim;
-  const __nv_bfloat16* base = nullptr;
   switch (words[word::kOpcode]) {
-    case kOpRmsQkvRope: {
-      const int64_t hd = p.head_dim, half = hd / 2;
-      base = bf16_ptr(p.qkv) + l * (p.num_heads + 2 * p.num_kv_heads) * hd * H;
-      int64_t head = words[rms_qkv_rope::kHead], pair = words[rms_qkv_rope::kPairBegin];
-      int64_t left = words[rms_qkv_rope::kPairCount];
-      for (int run = 0; run < kMaxWeightRuns && left > 0; run += 2, ++head, pair = 0) {
-        const int64_t n = min(left, half - pair);
-        r.ptr[run] = base + (head * hd + pair) * H;
-        r.ptr[run + 1] = base + (head * hd + half + pair) * H;
-        r.bytes[run] = r.bytes[run + 1] = static_cast<uint32_t>(n * H * 2);
-        left -= n;
-      }
-      break;
-    }
     case kOpOProjResidual:
       r.ptr[0] = bf16_ptr(p.o_proj) + (l * H + words[o_proj_residual::kRowBegin]) * q_size;
       r.bytes[0] = static_cast<uint32_t>(words[o_proj_residual::kRowCount] * q_size * 2);
       break;
     case kOpRmsGateUpSilu: {
-      base = bf16_ptr(p.gate_up) + l * 2 * I * H;
+      const __nv_bfloat16* base = bf16_ptr(p.gate_up) + l * 2 * I * H;
       const int64_t r0 = words[rms_gate_up_silu::kRowBegin];
       r.ptr[0] = base + r0 * H;
       r.ptr[1] = base + (I + r0) * H;
