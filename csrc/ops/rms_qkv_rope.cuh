@@ -45,6 +45,22 @@ __device__ __forceinline__ bool op_rms_qkv_rope(const OpContext& ctx) {
   } g{{2 * n}, bf16_ptr(p.qkv) + static_cast<int64_t>(l) * qkv_rows * H, first_pair, n, half,
       hd, H, rows_out};
   stage_gain(gain, bf16_ptr(p.attn_norm) + static_cast<int64_t>(l) * H, H);
+  // This thread's RoPE pair (i = threadIdx.x < n), its rotation and the token's cache page:
+  // launch inputs, loaded before the wait so the epilogue after the mat-vec makes no
+  // global round trip of its own. The controller refuses a position outside the tables.
+  const int pos = p.step_input[p.num_tokens + t];
+  const bool pos_ok = pos >= 0 && pos < position_limit(p);
+  const int my_pair = first_pair + static_cast<int>(threadIdx.x);
+  const int my_head = my_pair / half, my_c = my_pair % half;
+  float cs = 1.0f, sn = 0.0f;
+  int page = 0;
+  if (pos_ok && static_cast<int>(threadIdx.x) < n) {
+    if (my_head < nq + nkv) {  // queries and keys are rotated, values are not
+      cs = __ldg(p.rope_cos + static_cast<int64_t>(pos) * half + my_c);
+      sn = __ldg(p.rope_sin + static_cast<int64_t>(pos) * half + my_c);
+    }
+    if (my_head >= nq) page = p.page_table[pos / p.page_size];
+  }
   const bool go = run_matvec<kOpRmsQkvRope>(ctx, g, H, [&] {
     stage_rms_normed(xn, p.hidden + static_cast<int64_t>(t) * H, gain, H, p.rms_norm_eps,
                      ctx.scratch);
@@ -53,33 +69,31 @@ __device__ __forceinline__ bool op_rms_qkv_rope(const OpContext& ctx) {
   if (!go) return false;
   compute_sync();
 
-  const int pos = p.step_input[p.num_tokens + t];
-  for (int i = threadIdx.x; i < n; i += kComputeThreads) {
-    const int pair = first_pair + i;
-    const int h = pair / half, c = pair % half;   // head and pair within it
+  // One pair per thread: n <= head_dim <= 128 pairs (scheduler; rows_out holds 2 * head_dim)
+  // < kComputeThreads.
+  if (static_cast<int>(threadIdx.x) < n) {
+    const int i = threadIdx.x;
     float lo = rows_out[i], hi = rows_out[n + i];
-    if (h < nq + nkv) {  // queries and keys are rotated, values are not
-      const float cs = __ldg(p.rope_cos + static_cast<int64_t>(pos) * half + c);
-      const float sn = __ldg(p.rope_sin + static_cast<int64_t>(pos) * half + c);
+    if (my_head < nq + nkv) {
       const float rlo = lo * cs - hi * sn;
       const float rhi = hi * cs + lo * sn;
       lo = rlo;
       hi = rhi;
     }
-    if (h < nq) {
-      float* q = p.q + static_cast<int64_t>(t) * nq * hd + h * hd;
-      q[c] = lo;
-      q[half + c] = hi;
+    if (my_head < nq) {
+      float* q = p.q + static_cast<int64_t>(t) * nq * hd + my_head * hd;
+      q[my_c] = lo;
+      q[half + my_c] = hi;
     } else {
-      const int page = p.page_table[pos / p.page_size];
       const int offset = pos % p.page_size;
-      const int kv_head = (h - nq) % nkv;
-      __nv_bfloat16* cache = static_cast<__nv_bfloat16*>(h < nq + nkv ? p.k_cache : p.v_cache);
+      const int kv_head = (my_head - nq) % nkv;
+      __nv_bfloat16* cache =
+          static_cast<__nv_bfloat16*>(my_head < nq + nkv ? p.k_cache : p.v_cache);
       __nv_bfloat16* slot =
           cache + (((static_cast<int64_t>(l) * p.num_pages + page) * p.page_size + offset) * nkv +
                    kv_head) * hd;
-      slot[c] = __float2bfloat16(lo);
-      slot[half + c] = __float2bfloat16(hi);
+      slot[my_c] = __float2bfloat16(lo);
+      slot[half + my_c] = __float2bfloat16(hi);
     }
   }
   return true;
