@@ -403,6 +403,25 @@ def test_repeated_runs_bit_identical_and_pipelined(cfg_name):
     assert tokens(pipelined=True) == tokens(pipelined=False)
 
 
+def test_refused_launch_raises_and_backend_recovers():
+    # A check in the compiled binding (here: a prefetch budget beyond its uint32) must
+    # raise RuntimeError, not crash the process, and the next step must run as before.
+    _, _, _, _, backend = make_backend_case("hd64-gqa4", context=40, steps=4)
+    out = backend.decode(torch.tensor(9, device="cuda"), 40)
+    want_logits, want_token = out.logits.clone(), int(out.greedy_token)
+    backend.check_error(want_token)
+    epoch = backend.state.epoch
+    backend.prefetch_bytes = 1 << 31
+    with pytest.raises(RuntimeError, match="megakernel: prefetch_bytes out of range"):
+        backend.decode(torch.tensor(9, device="cuda"), 40)
+    assert backend.state.epoch == epoch
+    backend.prefetch_bytes = None
+    out = backend.decode(torch.tensor(9, device="cuda"), 40)
+    assert int(out.greedy_token) == want_token
+    assert torch.equal(out.logits, want_logits)
+    backend.check_error()
+
+
 def test_broken_dependency_raises_and_backend_recovers():
     cfg_name = "hd64-gqa4"
     cfg, _, _, cache_gpu, good = make_backend_case(cfg_name, context=40, steps=4)

@@ -193,18 +193,21 @@ def launch(ext, rows: torch.Tensor, state: KernelState, buffers: dict, weights, 
     buffers: the program's activations by name (scheduler.program.BUFFERS); step_input
     [2, T] int32 (token ids, positions). prefetch_bytes: L2 prefetch budget per
     instruction for the next instruction's weights (None: the extension's default).
-    Mutates buffers, k_cache, v_cache and state.
+    Mutates buffers, k_cache, v_cache and state. When the extension refuses the launch
+    (RuntimeError from its argument checks) nothing ran and state.epoch stays: the
+    counters and queue head count launches that ran, so the next launch still matches them.
     """
-    state.epoch += 1
+    epoch = state.epoch + 1
     w = weights
-    slot = (state.epoch - 1) % RESULT_SLOTS
+    slot = (epoch - 1) % RESULT_SLOTS
     ext.launch(rows, state.counters, state.queue, state.error_record,
                state.results[slot:slot + 1], profile, state.host_status, step_input,
                *(buffers[n] for n in BUFFER_NAMES),
                w.embed, w.attn_norm, w.qkv, w.o_proj, w.mlp_norm, w.gate_up, w.down,
                w.final_norm, w.lm_head, w.rope_cos, w.rope_sin, k_cache, v_cache, page_table,
-               float(rms_norm_eps), int(state.epoch), int(timeout_s * 1e9), int(num_blocks),
+               float(rms_norm_eps), int(epoch), int(timeout_s * 1e9), int(num_blocks),
                int(ext.DEFAULT_PREFETCH_BYTES if prefetch_bytes is None else prefetch_bytes))
+    state.epoch = epoch
 
 
 def run_program(instructions, *, weights, buffers: dict, k_cache, v_cache, page_table,

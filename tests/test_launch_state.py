@@ -1,0 +1,44 @@
+"""The host side of a megakernel launch, with a stand-in for the compiled extension: the
+step epoch advances only for launches the extension accepted (no GPU needed)."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from megakernel.backends.megakernel_backend import BUFFER_NAMES, KernelState, launch
+
+WEIGHT_NAMES = ("embed", "attn_norm", "qkv", "o_proj", "mlp_norm", "gate_up", "down",
+                "final_norm", "lm_head", "rope_cos", "rope_sin")
+
+
+class FakeExtension:
+    DEFAULT_PREFETCH_BYTES = 65536
+
+    def __init__(self, refuse: bool):
+        self.refuse = refuse
+        self.epochs = []
+
+    def launch(self, *args):
+        if self.refuse:
+            raise RuntimeError("megakernel: prefetch_bytes out of range: 2147483648")
+        self.epochs.append(args[-4])   # epoch, timeout_ns, num_blocks, prefetch_bytes
+
+
+def launch_with(ext, state):
+    z = torch.zeros(1)
+    launch(ext, z, state, {n: z for n in BUFFER_NAMES},
+           SimpleNamespace(**{n: z for n in WEIGHT_NAMES}), z, z, z, z, 1e-5)
+
+
+def test_refused_launch_leaves_the_epoch():
+    z = torch.zeros(4, dtype=torch.int64)
+    state = KernelState(z, z, z, torch.zeros(8, dtype=torch.int64), z)
+    with pytest.raises(RuntimeError, match="out of range"):
+        launch_with(FakeExtension(refuse=True), state)
+    assert state.epoch == 0
+    ok = FakeExtension(refuse=False)
+    launch_with(ok, state)
+    launch_with(ok, state)
+    assert ok.epochs == [1, 2] and state.epoch == 2
