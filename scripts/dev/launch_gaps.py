@@ -2,14 +2,41 @@
 
     python3 scripts/dev/launch_gaps.py timing    # kernel alone, back to back, engine loop
     python3 scripts/dev/launch_gaps.py profile   # needs a MEGAKERNEL_PROFILE=1 build
+    python3 scripts/dev/launch_gaps.py table RAW # stage table of a saved profile_raw.npy
 
 timing: ms/token of 128 launches back to back (tokens fed on the device), one launch
 alone, the torch-profiler kernel time and gap of a loop that reads each token with
 int() (the pre-readback pattern), and Engine.generate's ms/token. profile: the kernel's
-raw profile buffer of 12 steps ($OUT/profile_raw.npy) for profiling.stage_breakdown().
+raw profile buffer of 12 steps ($OUT/profile_raw.npy), then its stage table: the medians
+over steps 4-11 of what profiling.stage_breakdown() reports per step, and the step time.
 Results go to $OUT (default /tmp/out)."""
 import json, os, sys
 import numpy as np
+
+
+def stage_table(raws: np.ndarray, first_step: int = 4) -> str:
+    """Per-opcode medians (us) over steps first_step.. of profiling.stage_breakdown()."""
+    from megakernel import profiling
+    from megakernel.instructions import OPCODES
+
+    names = {op: spec.name for op, spec in OPCODES.items()}
+    steps = [profiling.stage_breakdown(raw, names) for raw in raws[first_step:]]
+    fields = list(next(iter(steps[0].values())))
+    lines = ["stage".ljust(20) + "".join(f.rjust(9) for f in fields)]
+    for op in steps[0]:
+        lines.append(op[:20].ljust(20) + "".join(
+            f"{np.median([s[op][f] for s in steps]):9.2f}" for f in fields))
+    f = profiling.KERNEL_PROFILE_FIELDS
+    spans = [(r[:, f["end_ns"]].max() - r[r[:, f["start_ns"]] > 0][:, f["start_ns"]].min()) / 1e3
+             for r in raws[first_step:]]
+    lines.append(f"step {np.median(spans):.1f} us (median of steps {first_step}-{len(raws) - 1})")
+    return "\n".join(lines)
+
+
+if sys.argv[1] == "table":
+    print(stage_table(np.load(sys.argv[2])))
+    raise SystemExit(0)
+
 import torch
 from megakernel.presets import PRESETS, random_weights
 from megakernel.kv_cache import PagedKVCache
@@ -39,6 +66,7 @@ if prof:
     np.save(f"{OUT}/profile_raw.npy", np.stack(raws))
     np.save(f"{OUT}/program_rows.npy", mk.program.instructions.numpy())
     print("saved", np.stack(raws).shape)
+    print(stage_table(np.stack(raws)))
 else:
     for pos in range(32, 40):
         pending = mk.decode(pending, pos).greedy_token
