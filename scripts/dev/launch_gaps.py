@@ -1,4 +1,5 @@
-"""Launch gaps and raw per-instruction profiles of the 1B shape on one GPU.
+"""Launch gaps and raw per-instruction profiles of a model shape on one GPU (MODEL, a
+preset name; default llama-3.2-1b).
 
     python3 scripts/dev/launch_gaps.py timing    # kernel alone, back to back, engine loop
     python3 scripts/dev/launch_gaps.py profile   # needs a MEGAKERNEL_PROFILE=1 build
@@ -45,7 +46,7 @@ from megakernel.engine import Engine
 
 OUT = os.environ.get("OUT", "/tmp/out")
 mode = sys.argv[1]
-cfg = PRESETS["llama-3.2-1b"]
+cfg = PRESETS[os.environ.get("MODEL", "llama-3.2-1b")]
 MAX = 1024
 w = random_weights(cfg, seed=0, dtype=torch.bfloat16, device="cuda", max_positions=MAX)
 cache = PagedKVCache(cfg, MAX, page_size=16, dtype=torch.bfloat16, device="cuda")
