@@ -16,22 +16,19 @@ import numpy as np
 
 
 def stage_table(raws: np.ndarray, first_step: int = 4) -> str:
-    """Per-opcode medians (us) over steps first_step.. of profiling.stage_breakdown()."""
+    """profiling.stage_breakdown() per step, medians (us) over steps first_step.., and the
+    median step time."""
     from megakernel import profiling
     from megakernel.instructions import OPCODES
 
     names = {op: spec.name for op, spec in OPCODES.items()}
     steps = [profiling.stage_breakdown(raw, names) for raw in raws[first_step:]]
-    fields = list(next(iter(steps[0].values())))
-    lines = ["stage".ljust(20) + "".join(f.rjust(9) for f in fields)]
-    for op in steps[0]:
-        lines.append(op[:20].ljust(20) + "".join(
-            f"{np.median([s[op][f] for s in steps]):9.2f}" for f in fields))
-    f = profiling.KERNEL_PROFILE_FIELDS
-    spans = [(r[:, f["end_ns"]].max() - r[r[:, f["start_ns"]] > 0][:, f["start_ns"]].min()) / 1e3
-             for r in raws[first_step:]]
-    lines.append(f"step {np.median(spans):.1f} us (median of steps {first_step}-{len(raws) - 1})")
-    return "\n".join(lines)
+    table = {op: {field: float(np.median([s[op][field] for s in steps])) for field in cols}
+             for op, cols in steps[0].items()}
+    step_us = np.median([profiling.summarize(profiling.records_from_kernel_profile(raw)).step_ns
+                         for raw in raws[first_step:]]) / 1e3
+    return (profiling.format_stage_breakdown(table) +
+            f"\nstep {step_us:.1f} us (median of steps {first_step}-{len(raws) - 1})")
 
 
 if sys.argv[1] == "table":
