@@ -8,23 +8,47 @@
 
 #include <cstring>
 #include <optional>
+#include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "instruction_layout.h"
 #include "launcher.h"
 
 namespace {
 
+// Argument checks raise RuntimeError (std::runtime_error through pybind11). Their message
+// is built from std::string and std::to_string, never an ostream: on the GPU machine's
+// torch 2.13, writing an integer into an std::ostringstream from this module segfaulted
+// (TORCH_CHECK formats its message that way), while the same check with a message of
+// strings alone raised as it should.
+std::string text(const char* s) { return s; }
+std::string text(const std::string& s) { return s; }
+std::string text(const c10::Device& d) { return d.str(); }
+std::string text(at::ScalarType t) { return c10::toString(t); }
+template <typename Int, typename = std::enable_if_t<std::is_integral_v<Int>>>
+std::string text(Int v) { return std::to_string(v); }
+
+template <typename... Parts>
+[[noreturn]] void fail(const Parts&... parts) {
+  throw std::runtime_error((std::string() + ... + text(parts)));
+}
+
+#define MK_CHECK(cond, ...)          \
+  do {                               \
+    if (!(cond)) fail(__VA_ARGS__);  \
+  } while (0)
+
 void check_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t dim,
                   const at::Device& device) {
-  TORCH_CHECK(t.is_cuda(), "megakernel: '", name, "' must be a CUDA tensor");
-  TORCH_CHECK(t.device() == device, "megakernel: '", name, "' is on ", t.device(),
-              ", expected ", device);
-  TORCH_CHECK(t.scalar_type() == dtype, "megakernel: '", name, "' has dtype ", t.scalar_type(),
-              ", expected ", dtype);
-  TORCH_CHECK(dim < 0 || t.dim() == dim, "megakernel: '", name, "' must have ", dim,
-              " dimensions, got ", t.dim());
-  TORCH_CHECK(t.is_contiguous(), "megakernel: '", name, "' must be contiguous");
+  MK_CHECK(t.is_cuda(), "megakernel: '", name, "' must be a CUDA tensor");
+  MK_CHECK(t.device() == device, "megakernel: '", name, "' is on ", t.device(),
+           ", expected ", device);
+  MK_CHECK(t.scalar_type() == dtype, "megakernel: '", name, "' has dtype ", t.scalar_type(),
+           ", expected ", dtype);
+  MK_CHECK(dim < 0 || t.dim() == dim, "megakernel: '", name, "' must have ", dim,
+           " dimensions, got ", t.dim());
+  MK_CHECK(t.is_contiguous(), "megakernel: '", name, "' must be contiguous");
 }
 
 template <typename T>
@@ -33,7 +57,7 @@ T* ptr(const at::Tensor& t) {
 }
 
 int as_int(int64_t v, const char* what) {
-  TORCH_CHECK(v >= 0 && v <= INT32_MAX, "megakernel: ", what, " out of range: ", v);
+  MK_CHECK(v >= 0 && v <= INT32_MAX, "megakernel: ", what, " out of range: ", v);
   return static_cast<int>(v);
 }
 
@@ -56,37 +80,37 @@ void launch(const at::Tensor& instructions, at::Tensor counters, at::Tensor queu
   const at::Device device = hidden.device();
   const auto f32 = at::kFloat, i32 = at::kInt, i64 = at::kLong, bf16 = at::kBFloat16;
   check_tensor(instructions, "instructions", i32, 2, device);
-  TORCH_CHECK(instructions.size(1) == mk::kInstructionWords,
-              "megakernel: instructions must be [N, ", mk::kInstructionWords, "]");
+  MK_CHECK(instructions.size(1) == mk::kInstructionWords,
+           "megakernel: instructions must be [N, ", mk::kInstructionWords, "]");
   check_tensor(counters, "counters", i64, 1, device);
   check_tensor(queue, "queue", i64, 1, device);
-  TORCH_CHECK(queue.numel() >= mk::kQueueWords, "megakernel: queue needs ", mk::kQueueWords,
-              " words");
+  MK_CHECK(queue.numel() >= mk::kQueueWords, "megakernel: queue needs ", mk::kQueueWords,
+           " words");
   check_tensor(error_record, "error_record", i64, 1, device);
-  TORCH_CHECK(error_record.numel() >= mk::kErrorWords, "megakernel: error_record needs ",
-              mk::kErrorWords, " words");
+  MK_CHECK(error_record.numel() >= mk::kErrorWords, "megakernel: error_record needs ",
+           mk::kErrorWords, " words");
   if (step_result) check_tensor(*step_result, "step_result", i64, -1, device);
   if (profile) {
     check_tensor(*profile, "profile", i64, 2, device);
-    TORCH_CHECK(profile->size(0) >= instructions.size(0) && profile->size(1) == mk::kProfileWords,
-                "megakernel: profile must be [N, ", mk::kProfileWords, "]");
+    MK_CHECK(profile->size(0) >= instructions.size(0) && profile->size(1) == mk::kProfileWords,
+             "megakernel: profile must be [N, ", mk::kProfileWords, "]");
   }
   int64_t* host_status_device = nullptr;
   if (host_status) {
-    TORCH_CHECK(host_status->device().is_cpu() && host_status->scalar_type() == i64 &&
-                    host_status->is_contiguous() && host_status->numel() >= mk::kHostStatusWords,
-                "megakernel: host_status must be a CPU int64 tensor from alloc_host_status()");
+    MK_CHECK(host_status->device().is_cpu() && host_status->scalar_type() == i64 &&
+                 host_status->is_contiguous() && host_status->numel() >= mk::kHostStatusWords,
+             "megakernel: host_status must be a CPU int64 tensor from alloc_host_status()");
     void* dptr = nullptr;
     const cudaError_t err = cudaHostGetDevicePointer(&dptr, host_status->data_ptr(), 0);
-    TORCH_CHECK(err == cudaSuccess, "megakernel: host_status is not mapped pinned memory: ",
-                cudaGetErrorString(err));
+    MK_CHECK(err == cudaSuccess, "megakernel: host_status is not mapped pinned memory: ",
+             cudaGetErrorString(err));
     host_status_device = static_cast<int64_t*>(dptr);
   }
   check_tensor(step_input, "step_input", i32, 2, device);
-  TORCH_CHECK(step_input.size(0) == 2, "megakernel: step_input must be [2, T]");
+  MK_CHECK(step_input.size(0) == 2, "megakernel: step_input must be [2, T]");
   check_tensor(k_cache, "k_cache", bf16, 5, device);
   check_tensor(v_cache, "v_cache", bf16, 5, device);
-  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "megakernel: k_cache and v_cache differ");
+  MK_CHECK(k_cache.sizes() == v_cache.sizes(), "megakernel: k_cache and v_cache differ");
   check_tensor(page_table, "page_table", i32, 2, device);
   check_tensor(qkv, "qkv", bf16, 3, device);
   check_tensor(down, "down", bf16, 3, device);
@@ -109,18 +133,18 @@ void launch(const at::Tensor& instructions, at::Tensor counters, at::Tensor queu
   check_tensor(argmax_value, "argmax_value", f32, 2, device);
   check_tensor(argmax_index, "argmax_index", i32, 2, device);
   check_tensor(next_token, "next_token", i32, 1, device);
-  TORCH_CHECK(hidden.sizes() == at::IntArrayRef({T, H}), "megakernel: hidden must be [T, H]");
-  TORCH_CHECK(q.sizes() == at::IntArrayRef({T, nq * hd}) && attn_out.sizes() == q.sizes(),
-              "megakernel: q and attn_out must be [T, nq * hd]");
-  TORCH_CHECK(attn_partial_out.sizes() == at::IntArrayRef({T, nq, P, hd}),
-              "megakernel: attn_partial_out must be [T, nq, P, hd]");
-  TORCH_CHECK(attn_partial_lse.size(0) == T && attn_partial_lse.size(1) == nq,
-              "megakernel: attn_partial_lse must be [T, nq, P]");
-  TORCH_CHECK(mlp_act.sizes() == at::IntArrayRef({T, I}), "megakernel: mlp_act must be [T, I]");
-  TORCH_CHECK(logits.sizes() == at::IntArrayRef({T, V}), "megakernel: logits must be [T, V]");
-  TORCH_CHECK(argmax_index.sizes() == argmax_value.sizes() && argmax_value.size(0) == T,
-              "megakernel: argmax buffers must be [T, B]");
-  TORCH_CHECK(next_token.size(0) >= T, "megakernel: next_token must be [T]");
+  MK_CHECK(hidden.sizes() == at::IntArrayRef({T, H}), "megakernel: hidden must be [T, H]");
+  MK_CHECK(q.sizes() == at::IntArrayRef({T, nq * hd}) && attn_out.sizes() == q.sizes(),
+           "megakernel: q and attn_out must be [T, nq * hd]");
+  MK_CHECK(attn_partial_out.sizes() == at::IntArrayRef({T, nq, P, hd}),
+           "megakernel: attn_partial_out must be [T, nq, P, hd]");
+  MK_CHECK(attn_partial_lse.size(0) == T && attn_partial_lse.size(1) == nq,
+           "megakernel: attn_partial_lse must be [T, nq, P]");
+  MK_CHECK(mlp_act.sizes() == at::IntArrayRef({T, I}), "megakernel: mlp_act must be [T, I]");
+  MK_CHECK(logits.sizes() == at::IntArrayRef({T, V}), "megakernel: logits must be [T, V]");
+  MK_CHECK(argmax_index.sizes() == argmax_value.sizes() && argmax_value.size(0) == T,
+           "megakernel: argmax buffers must be [T, B]");
+  MK_CHECK(next_token.size(0) >= T, "megakernel: next_token must be [T]");
 
   check_tensor(embed, "embed", bf16, 2, device);
   check_tensor(attn_norm, "attn_norm", bf16, 2, device);
@@ -130,18 +154,18 @@ void launch(const at::Tensor& instructions, at::Tensor counters, at::Tensor queu
   check_tensor(final_norm, "final_norm", bf16, 1, device);
   check_tensor(rope_cos, "rope_cos", f32, 2, device);
   check_tensor(rope_sin, "rope_sin", f32, 2, device);
-  TORCH_CHECK(embed.sizes() == at::IntArrayRef({V, H}), "megakernel: embed must be [V, H]");
-  TORCH_CHECK(lm_head.size(1) == H, "megakernel: lm_head must be [V, H]");
-  TORCH_CHECK(attn_norm.sizes() == at::IntArrayRef({L, H}) && mlp_norm.sizes() == attn_norm.sizes(),
-              "megakernel: attn_norm / mlp_norm must be [L, H]");
-  TORCH_CHECK(final_norm.size(0) == H, "megakernel: final_norm must be [H]");
-  TORCH_CHECK(qkv.size(1) == (nq + 2 * nkv) * hd, "megakernel: qkv must be [L, (nq + 2 nkv) hd, H]");
-  TORCH_CHECK(o_proj.sizes() == at::IntArrayRef({L, H, nq * hd}), "megakernel: o_proj must be [L, H, nq hd]");
-  TORCH_CHECK(gate_up.sizes() == at::IntArrayRef({L, 2 * I, H}), "megakernel: gate_up must be [L, 2 I, H]");
-  TORCH_CHECK(down.sizes() == at::IntArrayRef({L, H, I}), "megakernel: down must be [L, H, I]");
-  TORCH_CHECK(rope_cos.size(1) == hd / 2 && rope_sin.sizes() == rope_cos.sizes(),
-              "megakernel: rope tables must be [max_positions, hd / 2]");
-  TORCH_CHECK(k_cache.size(0) == L, "megakernel: KV cache must have one entry per layer");
+  MK_CHECK(embed.sizes() == at::IntArrayRef({V, H}), "megakernel: embed must be [V, H]");
+  MK_CHECK(lm_head.size(1) == H, "megakernel: lm_head must be [V, H]");
+  MK_CHECK(attn_norm.sizes() == at::IntArrayRef({L, H}) && mlp_norm.sizes() == attn_norm.sizes(),
+           "megakernel: attn_norm / mlp_norm must be [L, H]");
+  MK_CHECK(final_norm.size(0) == H, "megakernel: final_norm must be [H]");
+  MK_CHECK(qkv.size(1) == (nq + 2 * nkv) * hd, "megakernel: qkv must be [L, (nq + 2 nkv) hd, H]");
+  MK_CHECK(o_proj.sizes() == at::IntArrayRef({L, H, nq * hd}), "megakernel: o_proj must be [L, H, nq hd]");
+  MK_CHECK(gate_up.sizes() == at::IntArrayRef({L, 2 * I, H}), "megakernel: gate_up must be [L, 2 I, H]");
+  MK_CHECK(down.sizes() == at::IntArrayRef({L, H, I}), "megakernel: down must be [L, H, I]");
+  MK_CHECK(rope_cos.size(1) == hd / 2 && rope_sin.sizes() == rope_cos.sizes(),
+           "megakernel: rope tables must be [max_positions, hd / 2]");
+  MK_CHECK(k_cache.size(0) == L, "megakernel: KV cache must have one entry per layer");
 
   mk::KernelParams p{};
   p.instructions = ptr<const int32_t>(instructions);
@@ -209,7 +233,7 @@ at::Tensor alloc_host_status() {
   void* host = nullptr;
   const size_t bytes = mk::kHostStatusWords * sizeof(int64_t);
   const cudaError_t err = cudaHostAlloc(&host, bytes, cudaHostAllocMapped);
-  TORCH_CHECK(err == cudaSuccess, "megakernel: cudaHostAlloc failed: ", cudaGetErrorString(err));
+  MK_CHECK(err == cudaSuccess, "megakernel: cudaHostAlloc failed: ", cudaGetErrorString(err));
   std::memset(host, 0, bytes);
   return torch::from_blob(host, {mk::kHostStatusWords}, [](void* ptr) { cudaFreeHost(ptr); },
                           torch::TensorOptions().dtype(torch::kInt64));
