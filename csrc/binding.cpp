@@ -18,10 +18,10 @@
 namespace {
 
 // Argument checks raise RuntimeError (std::runtime_error through pybind11). Their message
-// is built from std::string and std::to_string, never an ostream: on the GPU machine's
-// torch 2.13, writing an integer into an std::ostringstream from this module segfaulted
-// (TORCH_CHECK formats its message that way), while the same check with a message of
-// strings alone raised as it should.
+// is built from std::string and std::to_string, never an ostream: with torch
+// 2.11.0+cu130 and g++ 13.3 on an H100 machine, formatting an integer through an
+// std::ostringstream in this module (as TORCH_CHECK does) segfaulted, while a check whose
+// message held only strings raised as it should.
 std::string text(const char* s) { return s; }
 std::string text(const std::string& s) { return s; }
 std::string text(const c10::Device& d) { return d.str(); }
