@@ -42,3 +42,12 @@ def test_refused_launch_leaves_the_epoch():
     launch_with(ok, state)
     launch_with(ok, state)
     assert ok.epochs == [1, 2] and state.epoch == 2
+
+
+def test_every_buffer_the_launch_passes_is_allocated():
+    from megakernel.presets import PRESETS
+    from megakernel.scheduler import allocate_buffers, build_program
+
+    program = build_program(PRESETS["tiny"], num_sms=8, page_size=16, max_seq_len=64)
+    buffers = allocate_buffers(program, device="cpu", poison=False)
+    assert set(BUFFER_NAMES) <= set(buffers), sorted(set(BUFFER_NAMES) - set(buffers))
