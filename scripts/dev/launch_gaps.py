@@ -36,20 +36,17 @@ if sys.argv[1] == "table":
     raise SystemExit(0)
 
 import torch
-from megakernel.presets import PRESETS, random_weights
-from megakernel.kv_cache import PagedKVCache
-from megakernel.backends.megakernel_backend import MegakernelBackend, launch
+from dev_model import back_to_back_ms, random_backend
+from megakernel.backends.megakernel_backend import launch
 from megakernel.engine import Engine
 
 OUT = os.environ.get("OUT", "/tmp/out")
 mode = sys.argv[1]
-cfg = PRESETS[os.environ.get("MODEL", "llama-3.2-1b")]
 MAX = 1024
-w = random_weights(cfg, seed=0, dtype=torch.bfloat16, device="cuda", max_positions=MAX)
-cache = PagedKVCache(cfg, MAX, page_size=16, dtype=torch.bfloat16, device="cuda")
-cache.reserve(MAX)
 prof = mode == "profile"
-mk = MegakernelBackend(w, cache, max_seq_len=176 if prof else MAX, profile=prof)
+cfg, mk = random_backend(os.environ.get("MODEL", "llama-3.2-1b"), MAX,
+                         max_seq_len=176 if prof else MAX, profile=prof)
+w, cache = mk.weights, mk.kv_cache
 prompt = torch.randint(0, cfg.vocab_size, (32,), device="cuda")
 out = mk.prefill(prompt, 0)
 pending = out.greedy_token.clone()
@@ -66,15 +63,8 @@ if prof:
     print("saved", np.stack(raws).shape)
     print(stage_table(np.stack(raws)))
 else:
-    for pos in range(32, 40):
-        pending = mk.decode(pending, pos).greedy_token
-    torch.cuda.synchronize()
+    res["back_to_back_ms"], pending = back_to_back_ms(mk, pending, 32, 128)
     s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for pos in range(40, 168):
-        pending = mk.decode(pending, pos).greedy_token
-    e.record(); e.synchronize()
-    res["back_to_back_ms"] = s.elapsed_time(e) / 128
     ts = []
     for pos in range(168, 200):
         mk.step_input[0, 0].fill_(5); mk.step_input[1, 0].fill_(pos)

@@ -10,18 +10,12 @@ import os
 
 import torch
 
-from megakernel.backends.megakernel_backend import MegakernelBackend
-from megakernel.kv_cache import PagedKVCache
-from megakernel.presets import PRESETS, random_weights
+from dev_model import back_to_back_ms, random_backend
 from megakernel.scheduler import Program, build_program
 
 model = os.environ.get("MODEL", "llama-3.2-1b")
-cfg = PRESETS[model]
 MAX = 1024
-w = random_weights(cfg, seed=0, dtype=torch.bfloat16, device="cuda", max_positions=MAX)
-cache = PagedKVCache(cfg, MAX, page_size=16, dtype=torch.bfloat16, device="cuda")
-cache.reserve(MAX)
-mk = MegakernelBackend(w, cache, max_seq_len=MAX)
+cfg, mk = random_backend(model, MAX)
 exact = build_program(cfg, num_sms=mk.num_sms, page_size=16, max_seq_len=MAX)
 
 gate_up_done = {}   # layer -> (counter, target) of its gate_up stage
@@ -40,18 +34,9 @@ overlapped = Program(**{**exact.__dict__, "decoded": instrs,
 
 def ms_per_token(program, steps: int = 128) -> float:
     mk.load_program(program)
-    pending = torch.tensor(1, device="cuda")
-    for pos in range(32, 40):
-        pending = mk.decode(pending, pos).greedy_token
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for pos in range(40, 40 + steps):
-        pending = mk.decode(pending, pos).greedy_token
-    end.record()
-    end.synchronize()
+    ms, _ = back_to_back_ms(mk, torch.tensor(1, device="cuda"), 32, steps)
     mk.check_error()
-    return start.elapsed_time(end) / steps
+    return ms
 
 
 for _ in range(2):

@@ -10,18 +10,11 @@ For each mask and L2 prefetch budget: ms/token of 128 back-to-back decode steps 
 rounds), and whether tokens and logits are bit-identical to the first configuration."""
 import json, os, itertools
 import torch
-from megakernel.presets import PRESETS, random_weights
-from megakernel.kv_cache import PagedKVCache
-from megakernel.backends.megakernel_backend import MegakernelBackend
+from dev_model import random_backend
 
 OUT = os.environ.get("OUT", "/tmp/out")
 model = os.environ.get("MODEL", "llama-3.2-1b")
-cfg = PRESETS[model]
-MAX = 1024
-w = random_weights(cfg, seed=0, dtype=torch.bfloat16, device="cuda", max_positions=MAX)
-cache = PagedKVCache(cfg, MAX, page_size=16, dtype=torch.bfloat16, device="cuda")
-cache.reserve(MAX)
-mk = MegakernelBackend(w, cache, max_seq_len=MAX)
+cfg, mk = random_backend(model, 1024)
 if not hasattr(mk, "stage_ops"):
     raise SystemExit("apply scripts/dev/first_pass_staging.patch and rebuild first")
 prompt = torch.randint(0, cfg.vocab_size, (32,), device="cuda", generator=torch.Generator("cuda").manual_seed(0))

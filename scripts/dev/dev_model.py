@@ -1,0 +1,37 @@
+"""What the dev scripts share: a model preset with seeded random bf16 weights, a paged KV
+cache reserved to its length and the megakernel backend over them; and the time of
+back-to-back decode steps."""
+import torch
+
+from megakernel.backends.megakernel_backend import MegakernelBackend
+from megakernel.kv_cache import PagedKVCache
+from megakernel.presets import PRESETS, random_weights
+
+
+def random_backend(model: str, max_len: int = 1024, **backend_kw):
+    """(config, MegakernelBackend) for preset `model`: weights seed 0, cache page size 16
+    with all max_len positions reserved; backend_kw go to the backend (max_seq_len
+    defaults to max_len)."""
+    cfg = PRESETS[model]
+    weights = random_weights(cfg, seed=0, dtype=torch.bfloat16, device="cuda",
+                             max_positions=max_len)
+    cache = PagedKVCache(cfg, max_len, page_size=16, dtype=torch.bfloat16, device="cuda")
+    cache.reserve(max_len)
+    backend_kw.setdefault("max_seq_len", max_len)
+    return cfg, MegakernelBackend(weights, cache, **backend_kw)
+
+
+def back_to_back_ms(mk, pending, first_position: int, steps: int, warmup: int = 8):
+    """ms/token of `steps` decode steps launched back to back (each step's token fed on the
+    device), after `warmup` untimed ones from `first_position`; and the last token."""
+    for pos in range(first_position, first_position + warmup):
+        pending = mk.decode(pending, pos).greedy_token
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    timed = first_position + warmup
+    start.record()
+    for pos in range(timed, timed + steps):
+        pending = mk.decode(pending, pos).greedy_token
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / steps, pending
