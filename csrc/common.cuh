@@ -27,20 +27,29 @@ constexpr int kComputeBarrier = 1;
 constexpr int kChunkElems = 8;
 constexpr int kMatvecUnroll = 8;
 
-// Attention: query heads per KV head handled by one instruction; each warp streams the
-// context in chunks of kAttnChunkTokens tokens' K and V rows through a kAttnRingBytes ring
-// in shared memory.
+// Attention: query heads per KV head handled by one instruction; each warp streams its
+// share of the context through a kAttnRingBytes ring in shared memory, in chunks computed
+// in CUDA cores (kAttnChunkTokens tokens) or, for partitions of at least kAttnMmaMinTokens
+// tokens, in tensor cores (attention_mma_chunk_tokens; see ops/attention_partial.cuh).
 constexpr int kMaxGroup = 8;
 constexpr int kAttnChunkTokens = 4;
-constexpr int kAttnRingBytes = 8192;
+constexpr int kAttnRingBytes = 12 * 1024;
+constexpr int kAttnMmaMinTokens = 64;
+// Tokens per chunk of the tensor-core path: 4 KB of K and V rows, 3 per ring.
+__host__ __device__ constexpr int attention_mma_chunk_tokens(int head_dim) {
+  return head_dim == 64 ? 16 : 8;
+}
+// Each warp leaves its output accumulators [kMaxGroup][hd] in its own ring when its chunks
+// are done.
+static_assert(kMaxGroup * 128 * 4 <= kAttnRingBytes, "a warp's acc fits its ring");
 
 // attention_partial's shared memory, in floats, before the warps' K/V rings: q
-// [kMaxGroup][hd], per warp m and l [kMaxGroup] and acc [kMaxGroup][hd], per warp a chunk's
-// softmax weights [kAttnChunkTokens][kMaxGroup]. One definition for the op's layout and the
-// launch's shared-memory size.
+// [kMaxGroup][hd], per warp m and l [kMaxGroup], per warp a 4-token chunk's softmax weights
+// [kAttnChunkTokens][kMaxGroup]. One definition for the op's layout and the launch's
+// shared-memory size.
 __host__ __device__ constexpr size_t attention_smem_floats_before_rings(int head_dim) {
   return static_cast<size_t>(kMaxGroup) * head_dim +
-         static_cast<size_t>(kComputeWarps) * kMaxGroup * (2 + head_dim) +
+         static_cast<size_t>(kComputeWarps) * kMaxGroup * 2 +
          static_cast<size_t>(kComputeWarps) * kAttnChunkTokens * kMaxGroup;
 }
 

@@ -177,6 +177,9 @@ def test_rms_qkv_rope(cfg_name, position, spanning):
 @pytest.mark.parametrize("position,max_seq,partitions", [
     (0, MAX_SEQ, None), (15, MAX_SEQ, None), (16, MAX_SEQ, None), (100, MAX_SEQ, None),
     (255, MAX_SEQ, None),
+    # On either side of the tensor-core path's threshold (kAttnMmaMinTokens, 64 tokens):
+    # 3-page and 4-page partitions.
+    (191, MAX_SEQ, 4), (192, MAX_SEQ, 4),
     # Long partitions: each warp's K/V ring wraps several times, the token's own row lands
     # in a chunk copied after the wait.
     (1000, 1024, None), (1000, 1024, 1), (1023, 1024, 3)])

@@ -1,176 +1,136 @@
 // attention_partial: decode attention of one KV head's query group over one partition of
-// the paged context (instructions/attention_partial.py).
+// the paged context (instructions/attention_partial.py). An empty partition writes out = 0,
+// lse = -inf. The K/V rows stream through each warp's ring (kv_chunk_ring.cuh); each warp
+// keeps one online softmax (running max m, sum l, output acc) per head over its chunks, and
+// the warps are merged through shared memory at the end.
 //
-// The partition split is computed from the position at run time exactly as
-// partition_range(): ppp = ceil(ceil((pos+1)/page_size)/P), tokens
-// [part*ppp*page_size, min((part+1)*ppp*page_size, pos+1)). An empty partition writes
-// out = 0, lse = -inf.
+// Two ways to compute a chunk, chosen per instruction from the partition's size:
 //
-// K/V pipeline: the partition's tokens are cut into chunks of kAttnChunkTokens tokens' K
-// and V rows; warp w takes chunks w, w + kComputeWarps, ... (so even a one-page partition
-// spreads over several warps) and copies each into its own ring of shared-memory slots
-// (kAttnRingBytes per warp) with cp.async, 16 bytes per lane through L2, all but one slot
-// ahead of the chunk it computes (~100 KB per SM in flight at long contexts). Every row but
-// the token's own is an input of the launch, so the first chunks are copied before the
-// wait; the own row (written by this step's QKV blocks) is loaded after it.
-//
-// Compute: lane (tok = lane % 4, part = lane / 4) dots its eighth of token tok's K row
-// with each query head of the group (the parts summed by shuffles); the warp keeps one
-// online softmax (running max m, sum l, output acc) per head, lane j owning head dims
-// [j*hd/32, (j+1)*hd/32) of acc. Warps are merged through shared memory.
+// - Partitions under kAttnMmaMinTokens (the one-page partitions of short contexts) of
+//   groups of up to 4 heads: 4-token chunks in CUDA cores, so even a one-page partition
+//   spreads over four warps and each warp's dependent chain stays short. Lane (tok =
+//   lane % 4, part = lane / 4) dots its eighth of token tok's K row with each query head
+//   (parts summed by shuffles); lane j owns head dims [j*hd/32, (j+1)*hd/32) of acc.
+// - Longer partitions, and every partition of larger groups: chunks of 4 KB (16 tokens at
+//   head_dim 64, 8 at 128) in tensor cores (m16n8k16, bf16 in, float out), tokens as the
+//   M dimension and the group's heads (padded to 8) as N:
+//     S^T[token][head] = K[token][:] . q[head][:]     (A = K rows, B = q^T)
+//     O^T[dim][head]  += V^T[dim][token] . P[token][head]
+//   P moves from S's accumulator layout to a B operand by an in-register transpose. q and P
+//   are split into two bf16 parts each (head + tail), so the products carry ~16 mantissa
+//   bits of the float operands, not bf16's 8. Counted from the source, ~10 instructions
+//   per token per warp against ~60 in CUDA cores, which made long contexts compute-bound.
 #pragma once
 
 #include <math_constants.h>
 
 #include "common.cuh"
+#include "kv_chunk_ring.cuh"
+#include "tensor_core.cuh"
 
 namespace mk {
 
-__device__ __forceinline__ uint32_t smem_address(const void* ptr) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
-}
+// Shared memory: q [kMaxGroup][hd], per warp m [kMaxGroup], l [kMaxGroup], per warp a
+// 4-token chunk's weights [4][kMaxGroup], then the warps' rings
+// (attention_smem_floats_before_rings). A warp's acc [kMaxGroup][hd] goes into its own ring
+// once its chunks are done.
+struct AttentionSmem {
+  float* q;
+  float* m;
+  float* l;
+  float* weights;  // this warp's
+  char* rings;
 
-// 16 bytes global -> shared through L2 (.cg: never L1, the row may have been written by
-// another block during this launch); src_bytes 0 writes zeros and reads nothing.
-__device__ __forceinline__ void copy16_async(void* dst, const void* src, uint32_t src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_address(dst)),
-               "l"(src), "r"(src_bytes)
-               : "memory");
-}
-__device__ __forceinline__ void copy_async_commit() {
-  asm volatile("cp.async.commit_group;" ::: "memory");
-}
-template <int kPending>
-__device__ __forceinline__ void copy_async_wait() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
-}
-__device__ __forceinline__ void copy_async_wait_all() {
-  asm volatile("cp.async.wait_all;" ::: "memory");
-}
+  __device__ AttentionSmem(float* smem, int head_dim) {
+    const int warp = threadIdx.x / kWarpSize;
+    q = smem;
+    m = q + kMaxGroup * head_dim;
+    l = m + kComputeWarps * kMaxGroup;
+    weights = l + kComputeWarps * kMaxGroup + warp * kAttnChunkTokens * kMaxGroup;
+    rings = reinterpret_cast<char*>(smem + attention_smem_floats_before_rings(head_dim));
+  }
+  // Warp w's acc: valid after its chunks (and its copies: copy_async_wait_all) are done.
+  __device__ float* acc(int w) const {
+    return reinterpret_cast<float*>(rings + w * kAttnRingBytes);
+  }
+};
 
-// kGroupCap >= the query heads per KV head: the size of the unrolled per-head state. The
-// op's code is kept to what its group needs (every SM runs each op once per layer, so its
-// instructions are fetched anew each time: code size is latency).
-template <int kHeadDim, int kGroupCap>
-__device__ __forceinline__ bool attention_partial_impl(const OpContext& ctx) {
-  static_assert(kHeadDim == 64 || kHeadDim == 128, "head_dim 64 or 128");
-  static_assert(kGroupCap <= kMaxGroup, "shared memory holds kMaxGroup heads");
-  constexpr int kRowBytes = kHeadDim * 2;
-  constexpr int kUnitsPerRow = kRowBytes / 16;                         // 8 or 16
-  constexpr int kChunkTokens = kAttnChunkTokens;                       // 4
-  constexpr int kChunkBytes = kChunkTokens * 2 * kRowBytes;            // 1 or 2 KB
-  constexpr int kStages = kAttnRingBytes / kChunkBytes;                // 8 or 4
-  constexpr int kParts = kWarpSize / kChunkTokens;                     // 8
-  constexpr int kPartUnits = kUnitsPerRow / kParts;                    // 1 or 2
-  constexpr int kDimsPv = kHeadDim / kWarpSize;                        // 2 or 4
-  static_assert(kStages >= 2 && kStages * kChunkBytes == kAttnRingBytes, "whole chunks");
-  static_assert(kPartUnits * kParts == kUnitsPerRow, "lanes split a row in whole units");
-
+// After the wait: the group's q into shared memory and the token's own K/V row into its
+// ring slot, all loaded before any is stored so their L2 round trips overlap.
+template <int kHeadDim, typename Ring>
+__device__ __forceinline__ void stage_q_and_own_row(const OpContext& ctx, const Ring& ring,
+                                                    float* q_s) {
   const KernelParams& p = ctx.p;
-  const int t = ctx.token, l = ctx.layer();
+  const int nq = p.num_heads, group = nq / p.num_kv_heads;
+  const float4* q_g = reinterpret_cast<const float4*>(
+      p.q + static_cast<int64_t>(ctx.token) * nq * kHeadDim + ring.kv_head * group * kHeadDim);
+  const bool loads_q = threadIdx.x < group * kHeadDim / 4;  // <= 256 float4 on 480 threads
+  const float4 q_part = loads_q ? load_act4(q_g + threadIdx.x) : float4{};
+  const typename Ring::OwnRow own = ring.load_own_row();
+  if (loads_q) reinterpret_cast<float4*>(q_s)[threadIdx.x] = q_part;
+  own.store();
+  compute_sync();
+}
+
+// After every warp published m, l (summed over its tokens) and acc per head: the
+// partition's out (normalized) and lse per head, merged over the warps.
+template <int kHeadDim>
+__device__ __forceinline__ void publish_partition(const OpContext& ctx, const AttentionSmem& s) {
+  const KernelParams& p = ctx.p;
+  const int nq = p.num_heads, group = nq / p.num_kv_heads, P = p.attn_partitions;
   const int kv_head = ctx.arg(attention_partial::kKvHead);
   const int part = ctx.arg(attention_partial::kPartition);
-  const int nparts = ctx.arg(attention_partial::kNumPartitions);
-  const int nq = p.num_heads, nkv = p.num_kv_heads, ps = p.page_size;
-  const int group = nq / nkv;
-  const int P = p.attn_partitions;
-
-  const int pos = p.step_input[p.num_tokens + t];
-  const int seq_len = pos + 1;
-  const int seq_pages = (seq_len + ps - 1) / ps;
-  const int per_part = (seq_pages + nparts - 1) / nparts;
-  const int begin = part * per_part * ps;
-  const int end = max(begin, min((part + 1) * per_part * ps, seq_len));
-  // A position outside the tables is refused by the controller (ready() is then false):
-  // nothing may be read with it before that.
-  const bool pos_ok = pos >= 0 && pos < position_limit(p);
-
-  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  const int64_t layer_base = static_cast<int64_t>(l) * p.num_pages;
-  const char* k_cache = static_cast<const char*>(p.k_cache);
-  const char* v_cache = static_cast<const char*>(p.v_cache);
-
-  // Shared memory: q [kMaxGroup][hd], per warp m [kMaxGroup], l [kMaxGroup],
-  // acc [kMaxGroup][hd], per warp the chunk's weights [kChunkTokens][kMaxGroup], then per
-  // warp kStages chunk slots (K rows, then V rows).
-  float* q_s = ctx.smem;
-  float* m_s = q_s + kMaxGroup * kHeadDim;
-  float* l_s = m_s + kComputeWarps * kMaxGroup;
-  float* acc_s = l_s + kComputeWarps * kMaxGroup;
-  float* e_s = acc_s + kComputeWarps * kMaxGroup * kHeadDim + warp * kChunkTokens * kMaxGroup;
-  constexpr size_t kRingsAt = attention_smem_floats_before_rings(kHeadDim);
-  char* ring = reinterpret_cast<char*>(ctx.smem + kRingsAt) + warp * kAttnRingBytes;
-
-  // This warp's i-th chunk starts at token chunk_begin(i); it has my_chunks of them.
-  auto chunk_begin = [&](int i) { return begin + (warp + i * kComputeWarps) * kChunkTokens; };
-  const int all_chunks = pos_ok ? (end - begin + kChunkTokens - 1) / kChunkTokens : 0;
-  const int my_chunks = max(0, all_chunks - warp + kComputeWarps - 1) / kComputeWarps;
-
-  // The lane's share of chunk i: the same 16-byte unit (lane % R) of the K and the V row
-  // of kRowsPerLane tokens, lane / R + n * (32 / R). fn(k_dst, v_dst, byte offset, token).
-  constexpr int kRowsPerLane = kChunkTokens * kUnitsPerRow / kWarpSize;
-  static_assert(kRowsPerLane * kWarpSize == kChunkTokens * kUnitsPerRow, "lanes copy evenly");
-  auto for_each_row = [&](int i, auto&& fn) {
-    char* slot = ring + (i % kStages) * kChunkBytes;
-    const int token0 = chunk_begin(i), unit = lane % kUnitsPerRow;
-#pragma unroll 1
-    for (int n = 0; n < kRowsPerLane; ++n) {
-      const int r = lane / kUnitsPerRow + n * (kWarpSize / kUnitsPerRow);
-      const int j = token0 + r;
-      int64_t off = 0;
-      if (j < end) {
-        const int page = p.page_table[j / ps];
-        off = ((((layer_base + page) * ps + j % ps) * nkv + kv_head) * kHeadDim) * 2 + unit * 16;
-      }
-      fn(slot + (r * kUnitsPerRow + unit) * 16,
-         slot + ((kChunkTokens + r) * kUnitsPerRow + unit) * 16, off, j);
+  for (int i = threadIdx.x; i < group * kHeadDim; i += kComputeThreads) {
+    const int g = i / kHeadDim, d = i % kHeadDim;
+    float m_all = -CUDART_INF_F;
+    for (int w = 0; w < kComputeWarps; ++w) m_all = fmaxf(m_all, s.m[w * kMaxGroup + g]);
+    const int h = kv_head * group + g;
+    const int64_t row = static_cast<int64_t>(ctx.token) * nq + h;
+    float* out = p.attn_partial_out + (row * P + part) * kHeadDim;
+    float* lse = p.attn_partial_lse + row * P + part;
+    if (m_all == -CUDART_INF_F) {  // empty partition
+      out[d] = 0.0f;
+      if (d == 0) *lse = -CUDART_INF_F;
+      continue;
     }
-  };
-  auto issue = [&](int i, bool skip_own_row) {
-    if (i < my_chunks) {
-      for_each_row(i, [&](char* k_dst, char* v_dst, int64_t off, int j) {
-        if (skip_own_row && j == pos) return;
-        const uint32_t bytes = j < end ? 16u : 0u;
-        copy16_async(k_dst, k_cache + off, bytes);
-        copy16_async(v_dst, v_cache + off, bytes);
-      });
+    float total = 0.0f, o = 0.0f;
+    for (int w = 0; w < kComputeWarps; ++w) {
+      const float e = __expf(s.m[w * kMaxGroup + g] - m_all);
+      total += s.l[w * kMaxGroup + g] * e;
+      o += s.acc(w)[g * kHeadDim + d] * e;
     }
-    copy_async_commit();  // empty groups too: group n is always chunk n
-  };
+    out[d] = o / total;
+    if (d == 0) *lse = m_all + __logf(total);
+  }
+}
 
-#pragma unroll 1
-  for (int i = 0; i < kStages - 1; ++i) issue(i, /*skip_own_row=*/true);
+// The CUDA-core path, for groups of up to kGroupCap heads: the size of the unrolled
+// per-head state (every SM runs each op once per layer, so its instructions are fetched
+// anew each time: code size is latency; and twice the state spills registers).
+template <int kHeadDim>
+__device__ __forceinline__ bool attention_partial_lanes(const OpContext& ctx,
+                                                        const AttentionPartition& part) {
+  constexpr int kGroupCap = 4;
+  static_assert(kGroupCap <= kMaxGroup, "shared memory holds kMaxGroup heads");
+  using Ring = KvChunkRing<kHeadDim, kAttnChunkTokens, /*kSwizzled=*/false>;
+  constexpr int kChunkTokens = kAttnChunkTokens;                       // 4
+  constexpr int kParts = kWarpSize / kChunkTokens;                     // 8
+  constexpr int kPartUnits = Ring::kUnitsPerRow / kParts;              // 1 or 2
+  constexpr int kDimsPv = kHeadDim / kWarpSize;                        // 2 or 4
+  constexpr int kRowBytes = Ring::kRowBytes;
+  static_assert(kPartUnits * kParts == Ring::kUnitsPerRow, "lanes split a row in whole units");
 
+  const AttentionSmem s(ctx.smem, kHeadDim);
+  const Ring ring(ctx, part, s.rings);
+  const int group = ctx.p.num_heads / ctx.p.num_kv_heads;
+  const int warp = ring.warp, lane = ring.lane;
+
+  ring.issue_before_wait();
   if (!ctx.template ready<kOpAttentionPartial * 1000 + kHeadDim>()) {
     copy_async_wait_all();
     return false;
   }
-
-  // After the wait: q and the token's own K/V row (if it falls in a chunk copied before
-  // the wait; a lane holds at most one unit of each), all loaded before any is stored so
-  // their L2 round trips overlap.
-  const float4* q_g = reinterpret_cast<const float4*>(
-      p.q + static_cast<int64_t>(t) * nq * kHeadDim + kv_head * group * kHeadDim);
-  const bool loads_q = threadIdx.x < group * kHeadDim / 4;  // <= 256 float4 on 480 threads
-  const float4 q_part = loads_q ? load_act4(q_g + threadIdx.x) : float4{};
-  uint4 own_k = {}, own_v = {};
-  char *own_k_dst = nullptr, *own_v_dst = nullptr;
-#pragma unroll 1
-  for (int i = 0; i < kStages - 1 && i < my_chunks; ++i) {
-    for_each_row(i, [&](char* k_dst, char* v_dst, int64_t off, int j) {
-      if (j != pos) return;
-      own_k_dst = k_dst;
-      own_v_dst = v_dst;
-      own_k = __ldcg(reinterpret_cast<const uint4*>(k_cache + off));
-      own_v = __ldcg(reinterpret_cast<const uint4*>(v_cache + off));
-    });
-  }
-  if (loads_q) reinterpret_cast<float4*>(q_s)[threadIdx.x] = q_part;
-  if (own_k_dst != nullptr) {
-    *reinterpret_cast<uint4*>(own_k_dst) = own_k;
-    *reinterpret_cast<uint4*>(own_v_dst) = own_v;
-  }
-  compute_sync();
+  stage_q_and_own_row<kHeadDim>(ctx, ring, s.q);
 
   // Scores: lane (tok = lane % T, qpart = lane / T) dots 8 or 16 dims of token tok's K row
   // with each head's q; the parts are summed by shuffles. Weighted V: lane owns kDimsPv dims.
@@ -185,13 +145,12 @@ __device__ __forceinline__ bool attention_partial_impl(const OpContext& ctx) {
   }
   const float scale = rsqrtf(static_cast<float>(kHeadDim));
 
-  for (int i = 0; i < my_chunks; ++i) {
-    issue(i + kStages - 1, /*skip_own_row=*/false);
-    copy_async_wait<kStages - 1>();  // chunk i landed (this lane's pieces)
-    __syncwarp();                    // ... and every lane's
-    const char* slot = ring + (i % kStages) * kChunkBytes;
-    const bool valid = chunk_begin(i) + tok < end;
-    const uint4* k_row = reinterpret_cast<const uint4*>(slot) + tok * kUnitsPerRow;
+  for (int i = 0; i < ring.my_chunks; ++i) {
+    ring.issue(i + Ring::kStages - 1, /*skip_own_row=*/false);
+    ring.wait_chunk();
+    const char* slot = ring.slot(i);
+    const bool valid = ring.chunk_begin(i) + tok < part.end;
+    const uint4* k_row = reinterpret_cast<const uint4*>(slot) + tok * Ring::kUnitsPerRow;
     uint4 k[kPartUnits];
 #pragma unroll
     for (int u = 0; u < kPartUnits; ++u) k[u] = k_row[qpart * kPartUnits + u];
@@ -199,7 +158,7 @@ __device__ __forceinline__ bool attention_partial_impl(const OpContext& ctx) {
     // are never published): no branch between heads, so their chains interleave.
 #pragma unroll
     for (int g = 0; g < kGroupCap; ++g) {
-      const float* qg = q_s + min(g, group - 1) * kHeadDim + qpart * kPartUnits * 8;
+      const float* qg = s.q + min(g, group - 1) * kHeadDim + qpart * kPartUnits * 8;
       float dot = dot8(k[0], qg, 0.0f);
       if constexpr (kPartUnits == 2) dot += dot8(k[1], qg + 8, 0.0f);
 #pragma unroll
@@ -218,9 +177,9 @@ __device__ __forceinline__ bool attention_partial_impl(const OpContext& ctx) {
 #pragma unroll
       for (int d = 0; d < kDimsPv; ++d) acc[g][d] *= correction;
       m[g] = m_new;
-      if (qpart == 0) e_s[tok * kMaxGroup + g] = e;
+      if (qpart == 0) s.weights[tok * kMaxGroup + g] = e;
     }
-    __syncwarp();  // e_s written
+    __syncwarp();  // the weights written
     const char* v_rows = slot + kChunkTokens * kRowBytes + lane * kDimsPv * 2;
 #pragma unroll
     for (int r = 0; r < kChunkTokens; ++r) {
@@ -238,12 +197,12 @@ __device__ __forceinline__ bool attention_partial_impl(const OpContext& ctx) {
       }
 #pragma unroll
       for (int g = 0; g < kGroupCap; ++g) {
-        const float e = e_s[r * kMaxGroup + g];
+        const float e = s.weights[r * kMaxGroup + g];
 #pragma unroll
         for (int d = 0; d < kDimsPv; ++d) acc[g][d] = fmaf(e, v[d], acc[g][d]);
       }
     }
-    __syncwarp();  // the slot and e_s are free for the next chunk
+    __syncwarp();  // the slot and the weights are free for the next chunk
   }
   copy_async_wait_all();  // the trailing empty groups
 
@@ -256,45 +215,163 @@ __device__ __forceinline__ bool attention_partial_impl(const OpContext& ctx) {
     for (int o = kChunkTokens / 2; o > 0; o /= 2)
       total += __shfl_xor_sync(0xffffffffu, total, o);
     if (lane == 0) {
-      m_s[warp * kMaxGroup + g] = m[g];
-      l_s[warp * kMaxGroup + g] = total;
+      s.m[warp * kMaxGroup + g] = m[g];
+      s.l[warp * kMaxGroup + g] = total;
     }
 #pragma unroll
     for (int d = 0; d < kDimsPv; ++d)
-      acc_s[(warp * kMaxGroup + g) * kHeadDim + lane * kDimsPv + d] = acc[g][d];
+      s.acc(warp)[g * kHeadDim + lane * kDimsPv + d] = acc[g][d];
   }
   compute_sync();
+  publish_partition<kHeadDim>(ctx, s);
+  return true;
+}
 
-  for (int i = threadIdx.x; i < group * kHeadDim; i += kComputeThreads) {
-    const int g = i / kHeadDim, d = i % kHeadDim;
-    float m_all = -CUDART_INF_F;
-    for (int w = 0; w < kComputeWarps; ++w) m_all = fmaxf(m_all, m_s[w * kMaxGroup + g]);
-    const int h = kv_head * group + g;
-    float* out = p.attn_partial_out + ((static_cast<int64_t>(t) * nq + h) * P + part) * kHeadDim;
-    float* lse = p.attn_partial_lse + (static_cast<int64_t>(t) * nq + h) * P + part;
-    if (m_all == -CUDART_INF_F) {  // empty partition
-      out[d] = 0.0f;
-      if (d == 0) *lse = -CUDART_INF_F;
-      continue;
-    }
-    float total = 0.0f, o = 0.0f;
-    for (int w = 0; w < kComputeWarps; ++w) {
-      const float e = __expf(m_s[w * kMaxGroup + g] - m_all);
-      total += l_s[w * kMaxGroup + g] * e;
-      o += acc_s[(w * kMaxGroup + g) * kHeadDim + d] * e;
-    }
-    out[d] = o / total;
-    if (d == 0) *lse = m_all + __logf(total);
+// The tensor-core path (see the top of the file). Lane (g = lane / 4, c = lane % 4) holds
+// the scores of tokens g and g + 8 for heads 2c and 2c + 1, so its softmax state is those
+// two heads' (the same in the eight lanes of a c), and O^T rows g and g + 8 of each
+// 16-dim tile.
+template <int kHeadDim>
+__device__ __forceinline__ bool attention_partial_mma(const OpContext& ctx,
+                                                      const AttentionPartition& part) {
+  static_assert(kMaxGroup == 8, "the group's heads are the 8 columns of the MMA");
+  constexpr int kChunkTokens = attention_mma_chunk_tokens(kHeadDim);
+  static_assert(kChunkTokens == 8 || kChunkTokens == 16, "chunks of 8 or 16 tokens");
+  constexpr int kTiles = kHeadDim / 16;  // k-steps of S^T, row tiles of O^T
+  using Ring = KvChunkRing<kHeadDim, kChunkTokens, /*kSwizzled=*/true>;
+
+  const AttentionSmem s(ctx.smem, kHeadDim);
+  const Ring ring(ctx, part, s.rings);
+  const int group = ctx.p.num_heads / ctx.p.num_kv_heads;
+  const int warp = ring.warp, lane = ring.lane, g = lane / 4, c = lane % 4;
+
+  ring.issue_before_wait();
+  if (!ctx.template ready<kOpAttentionPartial * 1000 + 500 + kHeadDim>()) {
+    copy_async_wait_all();
+    return false;
   }
+  stage_q_and_own_row<kHeadDim>(ctx, ring, s.q);
+
+  // B operand of S^T = K q^T, per k-step t: q[head g][16t + 2c..] and [16t + 2c + 8..],
+  // zero for the padding heads past the group; split in head and tail parts.
+  uint32_t q_head[kTiles][2], q_tail[kTiles][2];
+#pragma unroll
+  for (int t = 0; t < kTiles; ++t) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const float* q_g = s.q + g * kHeadDim + 16 * t + 8 * half + 2 * c;
+      const float2 v = g < group ? *reinterpret_cast<const float2*>(q_g) : make_float2(0.f, 0.f);
+      const SplitBf16x2 q2 = split_bf16x2(v.x, v.y);
+      q_head[t][half] = q2.head;
+      q_tail[t][half] = q2.tail;
+    }
+  }
+
+  float o[kTiles][4];
+#pragma unroll
+  for (int t = 0; t < kTiles; ++t)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[t][e] = 0.0f;
+  float m[2] = {-CUDART_INF_F, -CUDART_INF_F}, lsum[2] = {0.0f, 0.0f};
+  const float scale = rsqrtf(static_cast<float>(kHeadDim));
+  // ldmatrix rows of this lane: K as the A operand (matrices: tokens 0-7 | 8-15, then the
+  // next 8 dims), V^T as the A operand (tokens 0-7, dims | next 8 dims, then tokens 8-15).
+  // An 8-token chunk reads its rows 0-7 again as tokens 8-15, whose scores are masked.
+  constexpr int kSecondHalf = kChunkTokens == 16 ? 8 : 0;
+  const int k_row = (lane & 7) + ((lane >> 3) & 1) * kSecondHalf, k_unit = lane >> 4;
+  const int v_row = kChunkTokens + (lane & 7) + (lane >> 4) * kSecondHalf;
+  const int v_unit = (lane >> 3) & 1;
+
+  for (int i = 0; i < ring.my_chunks; ++i) {
+    ring.issue(i + Ring::kStages - 1, /*skip_own_row=*/false);
+    ring.wait_chunk();
+    const char* slot = ring.slot(i);
+
+    float sc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int t = 0; t < kTiles; ++t) {
+      uint32_t a[4];
+      ldmatrix_x4(a, slot + Ring::unit_offset(k_row, 2 * t + k_unit));
+      mma_bf16_16816(sc, a, q_head[t]);
+      mma_bf16_16816(sc, a, q_tail[t]);
+    }
+    // sc: tokens g (0, 1) and g + 8 (2, 3), heads 2c (0, 2) and 2c + 1 (1, 3).
+    const int token0 = ring.chunk_begin(i) + g;
+    const bool valid_lo = token0 < part.end;
+    const bool valid_hi = kChunkTokens == 16 && token0 + 8 < part.end;
+    float pr[4];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const float s_lo = valid_lo ? sc[h] * scale : -CUDART_INF_F;
+      const float s_hi = valid_hi ? sc[2 + h] * scale : -CUDART_INF_F;
+      float chunk_max = fmaxf(s_lo, s_hi);
+#pragma unroll
+      for (int x = 4; x < kWarpSize; x *= 2)
+        chunk_max = fmaxf(chunk_max, __shfl_xor_sync(0xffffffffu, chunk_max, x));
+      // chunk_max is finite: the chunk's first token is valid.
+      const float m_new = fmaxf(m[h], chunk_max);
+      const float correction = __expf(m[h] - m_new);
+      pr[h] = __expf(s_lo - m_new);
+      pr[2 + h] = __expf(s_hi - m_new);
+      lsum[h] = lsum[h] * correction + pr[h] + pr[2 + h];
+      m[h] = m_new;
+#pragma unroll
+      for (int t = 0; t < kTiles; ++t) {
+        o[t][h] *= correction;
+        o[t][2 + h] *= correction;
+      }
+    }
+    // P[token][head] as the B operand of O^T: the 8x8 blocks of tokens 0-7 and 8-15
+    // transposed, each in head and tail parts.
+    const SplitBf16x2 p_lo = split_bf16x2(pr[0], pr[1]), p_hi = split_bf16x2(pr[2], pr[3]);
+    const uint32_t b_head[2] = {movmatrix_trans(p_lo.head), movmatrix_trans(p_hi.head)};
+    const uint32_t b_tail[2] = {movmatrix_trans(p_lo.tail), movmatrix_trans(p_hi.tail)};
+#pragma unroll
+    for (int t = 0; t < kTiles; ++t) {
+      uint32_t a[4];
+      ldmatrix_x4_trans(a, slot + Ring::unit_offset(v_row, 2 * t + v_unit));
+      mma_bf16_16816(o[t], a, b_head);
+      mma_bf16_16816(o[t], a, b_tail);
+    }
+    __syncwarp();  // the slot is free for the next copies
+  }
+  copy_async_wait_all();  // the trailing empty groups
+
+  // Publish the warp's state: l summed over the eight lanes of each c.
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float total = lsum[h];
+#pragma unroll
+    for (int x = 4; x < kWarpSize; x *= 2) total += __shfl_xor_sync(0xffffffffu, total, x);
+    const int head = 2 * c + h;
+    if (head < group) {
+      if (g == 0) {
+        s.m[warp * kMaxGroup + head] = m[h];
+        s.l[warp * kMaxGroup + head] = total;
+      }
+      float* acc = s.acc(warp) + head * kHeadDim + g;
+#pragma unroll
+      for (int t = 0; t < kTiles; ++t) {
+        acc[16 * t] = o[t][h];
+        acc[16 * t + 8] = o[t][2 + h];
+      }
+    }
+  }
+  compute_sync();
+  publish_partition<kHeadDim>(ctx, s);
   return true;
 }
 
 __device__ __forceinline__ bool op_attention_partial(const OpContext& ctx) {
-  // head_dim is 64 or 128, the group at most kMaxGroup: checked at launch.
-  const bool small_group = ctx.p.num_heads <= 4 * ctx.p.num_kv_heads;
-  if (ctx.p.head_dim == 64)
-    return small_group ? attention_partial_impl<64, 4>(ctx) : attention_partial_impl<64, 8>(ctx);
-  return small_group ? attention_partial_impl<128, 4>(ctx) : attention_partial_impl<128, 8>(ctx);
+  // head_dim is 64 or 128, the group at most kMaxGroup: checked at launch. The path is the
+  // same in every thread: the partition's capacity depends on the position alone. Groups
+  // of more than 4 heads always take the tensor cores (in CUDA cores they would need twice
+  // the per-lane state).
+  const AttentionPartition part(ctx);
+  const bool hd64 = ctx.p.head_dim == 64;
+  if (part.capacity >= kAttnMmaMinTokens || ctx.p.num_heads > 4 * ctx.p.num_kv_heads)
+    return hd64 ? attention_partial_mma<64>(ctx, part) : attention_partial_mma<128>(ctx, part);
+  return hd64 ? attention_partial_lanes<64>(ctx, part) : attention_partial_lanes<128>(ctx, part);
 }
 
 }  // namespace mk
