@@ -10,6 +10,8 @@ alone, the torch-profiler kernel time and gap of a loop that reads each token wi
 int() (the pre-readback pattern), and Engine.generate's ms/token. profile: the kernel's
 raw profile buffer of 12 steps ($OUT/profile_raw.npy), then its stage table: the medians
 over steps 4-11 of what profiling.stage_breakdown() reports per step, and the step time.
+CONTEXT=N profiles the steps at positions N.. instead of 32.. (the cache then holds
+whatever its pages hold: only the time counts).
 Results go to $OUT (default /tmp/out)."""
 import json, os, sys
 import numpy as np
@@ -42,10 +44,11 @@ from megakernel.engine import Engine
 
 OUT = os.environ.get("OUT", "/tmp/out")
 mode = sys.argv[1]
-MAX = 1024
 prof = mode == "profile"
+CONTEXT = int(os.environ.get("CONTEXT", "32"))
+MAX = max(1024, CONTEXT + 64)
 cfg, mk = random_backend(os.environ.get("MODEL", "llama-3.2-1b"), MAX,
-                         max_seq_len=176 if prof else MAX, profile=prof)
+                         max_seq_len=(CONTEXT + 144 if prof else MAX), profile=prof)
 w, cache = mk.weights, mk.kv_cache
 prompt = torch.randint(0, cfg.vocab_size, (32,), device="cuda")
 out = mk.prefill(prompt, 0)
@@ -53,7 +56,7 @@ pending = out.greedy_token.clone()
 res = {}
 if prof:
     raws = []
-    for pos in range(32, 32 + 12):
+    for pos in range(CONTEXT, CONTEXT + 12):
         o = mk.decode(pending, pos)
         torch.cuda.synchronize()
         pending = o.greedy_token.clone()
