@@ -127,6 +127,11 @@ __device__ __forceinline__ float load_bf16_ro(const __nv_bfloat16* ptr) {
 __device__ __forceinline__ float load_act(const float* ptr) { return __ldcg(ptr); }
 __device__ __forceinline__ float4 load_act4(const float4* ptr) { return __ldcg(ptr); }
 
+// The shared-state-space address of a pointer into shared memory, for PTX operands.
+__device__ __forceinline__ uint32_t smem_address(const void* ptr) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
+}
+
 // bf16 pairs packed in a 32-bit word (element 0 in the low half) to float.
 __device__ __forceinline__ float bf16_lo(uint32_t w) { return __uint_as_float(w << 16); }
 __device__ __forceinline__ float bf16_hi(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }

@@ -12,23 +12,23 @@
 #include <cstdint>
 #include <cuda_bf16.h>
 
+#include "common.cuh"
+
 namespace mk {
 
 // Four 8x8 b16 matrices from shared memory: lanes 8i..8i+7 give the 16-byte row addresses
 // of matrix i, which lands in r[i] (row g, columns 2c and 2c+1 of it).
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
-  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(row));
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
+               : "r"(smem_address(row)));
 }
 
 // The same, each matrix transposed: r[i] holds rows 2c and 2c+1 of column g.
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
-  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(row));
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
+               : "r"(smem_address(row)));
 }
 
 // The warp's 8x8 b16 matrix (lane holds row g, columns 2c..2c+1) transposed in registers.

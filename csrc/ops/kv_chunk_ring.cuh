@@ -11,10 +11,6 @@
 
 namespace mk {
 
-__device__ __forceinline__ uint32_t smem_address(const void* ptr) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
-}
-
 // 16 bytes global -> shared through L2 (.cg: never L1, the row may have been written by
 // another block during this launch); src_bytes 0 writes zeros and reads nothing.
 __device__ __forceinline__ void copy16_async(void* dst, const void* src, uint32_t src_bytes) {
