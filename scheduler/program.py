@@ -32,6 +32,19 @@ from megakernel.instructions import (
 # per-instruction overhead when choosing block sizes.
 INSTRUCTION_OVERHEAD_BYTES = 32768
 
+# How the kernel's mat-vec ops spread a block over warps (csrc/common.cuh): warp w takes
+# passes w, w + MATVEC_WARPS, ... (a round = one pass per warp), and a pass streams each
+# weight row in load round trips of MATVEC_LOAD_BYTES (32 lanes x kMatvecUnroll x 16 B).
+MATVEC_WARPS = 15
+MATVEC_LOAD_BYTES = 4096
+# A block's last round, when it leaves warps idle, is bound by latency, not bandwidth:
+# each of its load round trips costs at least this many bytes of one SM's streaming
+# (~0.7 us at its ~23 GB/s share). Fitted: 16 KB splits only llama-3.1-8b's down_proj
+# into two waves of full rounds, the one change a sweep of block sizes measured faster
+# (benchmarks/RESULTS.md, entry 18); 24 KB would also split its o_proj, which measured
+# slower.
+PARTIAL_ROUND_TRIP_BYTES = 16384
+
 
 @dataclass(frozen=True)
 class BufferSpec:
@@ -120,10 +133,30 @@ class Program:
         return Program(**{**self.__dict__, "instructions": rows, "decoded": []})
 
 
+def block_cost(rows: int, row_bytes: int, rows_per_pass: int, loads_per_row: int) -> int:
+    """Modelled time of one block of `rows` rows, in bytes of one SM's streaming: full
+    rounds of warp passes at bandwidth, then a last round that leaves warps idle at
+    latency (PARTIAL_ROUND_TRIP_BYTES per load round trip), then the overhead. A pass
+    takes `rows_per_pass` of the rows; each row is `loads_per_row` weight rows streamed
+    side by side (gate and up; a RoPE pair)."""
+    round_rows = MATVEC_WARPS * rows_per_pass
+    full_rounds, rest = divmod(rows, round_rows)
+    cost = full_rounds * round_rows * row_bytes
+    if rest:
+        last_round = rest * row_bytes
+        if rest < MATVEC_WARPS:   # some warps have no pass in the last round
+            trips = -(-row_bytes // (loads_per_row * MATVEC_LOAD_BYTES))
+            last_round = max(last_round, trips * PARTIAL_ROUND_TRIP_BYTES)
+        cost += last_round
+    return cost + INSTRUCTION_OVERHEAD_BYTES
+
+
 def split_rows(total: int, num_sms: int, row_bytes: int, unit: int = 1,
-               max_rows: int | None = None) -> list[tuple[int, int]]:
+               max_rows: int | None = None, rows_per_pass: int = 1,
+               loads_per_row: int = 1) -> list[tuple[int, int]]:
     """Cut `total` rows into (begin, count) blocks, count a multiple of `unit` (but the
-    last), minimizing the modelled finish time: waves * (block bytes + overhead)."""
+    last), minimizing the modelled finish time: waves * block_cost (rows_per_pass and
+    loads_per_row describe the op's warp passes there)."""
     units = -(-total // unit)
     best = None
     for units_per_block in range(1, units + 1):
@@ -132,7 +165,7 @@ def split_rows(total: int, num_sms: int, row_bytes: int, unit: int = 1,
             break
         blocks = -(-units // units_per_block)
         waves = -(-blocks // num_sms)
-        t = waves * (rows * row_bytes + INSTRUCTION_OVERHEAD_BYTES)
+        t = waves * block_cost(rows, row_bytes, rows_per_pass, loads_per_row)
         if best is None or t < best[0]:
             best = (t, rows)
         if blocks <= num_sms // 4:   # fewer blocks only idles more SMs
@@ -149,7 +182,8 @@ def split_qkv(cfg, num_sms: int, row_bytes: int) -> list[tuple[int, int, int]]:
     half = cfg.head_dim // 2
     total = (cfg.num_heads + 2 * cfg.num_kv_heads) * half
     return [(g // half, g % half, n)
-            for g, n in split_rows(total, num_sms, 2 * row_bytes, max_rows=cfg.head_dim)]
+            for g, n in split_rows(total, num_sms, 2 * row_bytes, max_rows=cfg.head_dim,
+                                   loads_per_row=2)]
 
 
 def attention_partitions(cfg, num_sms: int, max_seq_len: int, page_size: int) -> int:
@@ -191,10 +225,12 @@ def build_program(cfg, num_sms: int, page_size: int, max_seq_len: int,
 
     qkv_blocks = split_qkv(cfg, num_sms, H * dtype_bytes)
     parts = attention_partitions(cfg, num_sms, max_seq_len, page_size)
-    o_blocks = split_rows(H, num_sms, cfg.q_size * dtype_bytes)
-    gu_blocks = split_rows(I, num_sms, 2 * H * dtype_bytes)
-    down_blocks = split_rows(H, num_sms, I * dtype_bytes)
-    lm_blocks = split_rows(V, num_sms, H * dtype_bytes)
+    # o_proj, down_proj and the LM head pass two rows per warp (RowPairs); gate_up one
+    # gate row with its up row.
+    o_blocks = split_rows(H, num_sms, cfg.q_size * dtype_bytes, rows_per_pass=2)
+    gu_blocks = split_rows(I, num_sms, 2 * H * dtype_bytes, loads_per_row=2)
+    down_blocks = split_rows(H, num_sms, I * dtype_bytes, rows_per_pass=2)
+    lm_blocks = split_rows(V, num_sms, H * dtype_bytes, rows_per_pass=2)
 
     c = counter("embed")
     emit(EMBED, 0, (), c, 0)

@@ -144,3 +144,48 @@ def test_blocks_scale_with_sm_count():
     few = build_program(cfg, num_sms=2, page_size=4, max_seq_len=64)
     many = build_program(cfg, num_sms=64, page_size=4, max_seq_len=64)
     assert many.num_instructions > few.num_instructions
+
+
+def test_matvec_warp_model_mirrors_the_kernel():
+    # block_cost models the kernel's warp passes: its constants must be the kernel's.
+    import re
+    from pathlib import Path
+    from megakernel.scheduler import program as program_module
+
+    common = (Path(__file__).resolve().parents[1] / "csrc" / "common.cuh").read_text()
+
+    def constant(name):
+        return int(re.search(rf"constexpr int {name} = (\d+);", common).group(1))
+
+    assert program_module.MATVEC_WARPS == constant("kComputeWarps")
+    assert program_module.MATVEC_LOAD_BYTES == (constant("kWarpSize") * constant("kMatvecUnroll")
+                                                * 16)
+
+
+def test_a_last_round_with_idle_warps_costs_its_round_trips():
+    from megakernel.scheduler.program import (INSTRUCTION_OVERHEAD_BYTES,
+                                              PARTIAL_ROUND_TRIP_BYTES, block_cost)
+    row = 28672   # llama-3.1-8b down_proj: 7 load round trips per row
+    # 16 rows in pairs: one round in which every warp has a pass, so bytes decide.
+    assert block_cost(16, row, 2, 1) == 16 * row + INSTRUCTION_OVERHEAD_BYTES
+    # 32 rows: a full round of 30, then 2 warps alone for 7 round trips.
+    assert block_cost(32, row, 2, 1) == (30 * row + 7 * PARTIAL_ROUND_TRIP_BYTES
+                                         + INSTRUCTION_OVERHEAD_BYTES)
+    # gate_up's rows are gate + up streamed side by side: 8 KB rows of 4 KB loads.
+    assert block_cost(16, 8192, 1, 2) == (15 * 8192 + max(8192, PARTIAL_ROUND_TRIP_BYTES)
+                                          + INSTRUCTION_OVERHEAD_BYTES)
+
+
+@pytest.mark.parametrize("model, blocks", [
+    # (o_proj, gate_up, down, lm_head) blocks per layer on 132 SMs: the splits that a
+    # sweep of block sizes on an H100 measured fastest (benchmarks/RESULTS.md, entry 18).
+    ("llama-3.2-1b", (128, 131, 128, 132)),
+    ("llama-3.2-3b", (128, 131, 128, 132)),
+    ("llama-3.1-8b", (128, 132, 256, 132)),
+])
+def test_block_counts_at_the_h100_shapes(model, blocks):
+    cfg = PRESETS[model]
+    counts = build_program(cfg, num_sms=132, page_size=16, max_seq_len=1024).opcode_counts()
+    per_layer = tuple(counts[name] // cfg.num_layers for name in
+                      ("o_proj_residual", "rms_gate_up_silu", "down_proj_residual"))
+    assert per_layer + (counts["rms_lm_head"],) == blocks
