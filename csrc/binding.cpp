@@ -63,11 +63,13 @@ int as_int(int64_t v, const char* what) {
 
 // Launches one step of the program (all tensors on one CUDA device, current stream).
 // Mutated: counters, queue, error_record, step_result, profile, host_status, the activations
-// (hidden ... next_token) and k_cache / v_cache.
+// (hidden ... next_token) and k_cache / v_cache. The step's tokens: step_input [2, T]
+// (token ids, then positions) or, without it, one token: token_source (a device int64,
+// read by the kernel) or else `token`, at `position`.
 void launch(const at::Tensor& instructions, at::Tensor counters, at::Tensor queue,
             at::Tensor error_record, std::optional<at::Tensor> step_result,
             std::optional<at::Tensor> profile, std::optional<at::Tensor> host_status,
-            const at::Tensor& step_input, at::Tensor hidden,
+            const std::optional<at::Tensor>& step_input, at::Tensor hidden,
             at::Tensor q, at::Tensor attn_partial_out, at::Tensor attn_partial_lse,
             at::Tensor attn_out, at::Tensor mlp_act, at::Tensor logits, at::Tensor argmax_value,
             at::Tensor argmax_index, at::Tensor next_token, const at::Tensor& embed,
@@ -76,7 +78,8 @@ void launch(const at::Tensor& instructions, at::Tensor counters, at::Tensor queu
             const at::Tensor& final_norm, const at::Tensor& lm_head, const at::Tensor& rope_cos,
             const at::Tensor& rope_sin, at::Tensor k_cache, at::Tensor v_cache,
             const at::Tensor& page_table, double rms_norm_eps, int64_t epoch,
-            int64_t timeout_ns, int64_t num_blocks, int64_t prefetch_bytes) {
+            int64_t timeout_ns, int64_t num_blocks, int64_t prefetch_bytes,
+            const std::optional<at::Tensor>& token_source, int64_t token, int64_t position) {
   const at::Device device = hidden.device();
   const auto f32 = at::kFloat, i32 = at::kInt, i64 = at::kLong, bf16 = at::kBFloat16;
   check_tensor(instructions, "instructions", i32, 2, device);
@@ -106,8 +109,17 @@ void launch(const at::Tensor& instructions, at::Tensor counters, at::Tensor queu
              cudaGetErrorString(err));
     host_status_device = static_cast<int64_t*>(dptr);
   }
-  check_tensor(step_input, "step_input", i32, 2, device);
-  MK_CHECK(step_input.size(0) == 2, "megakernel: step_input must be [2, T]");
+  if (step_input) {
+    check_tensor(*step_input, "step_input", i32, 2, device);
+    MK_CHECK(step_input->size(0) == 2, "megakernel: step_input must be [2, T]");
+  } else {
+    if (token_source) {
+      check_tensor(*token_source, "token_source", i64, -1, device);
+      MK_CHECK(token_source->numel() >= 1, "megakernel: token_source is empty");
+    }
+    MK_CHECK(position >= 0 && position <= INT32_MAX, "megakernel: position out of range: ",
+             position);
+  }
   check_tensor(k_cache, "k_cache", bf16, 5, device);
   check_tensor(v_cache, "v_cache", bf16, 5, device);
   MK_CHECK(k_cache.sizes() == v_cache.sizes(), "megakernel: k_cache and v_cache differ");
@@ -116,7 +128,7 @@ void launch(const at::Tensor& instructions, at::Tensor counters, at::Tensor queu
   check_tensor(down, "down", bf16, 3, device);
   check_tensor(lm_head, "lm_head", bf16, 2, device);
 
-  const int64_t T = step_input.size(1);
+  const int64_t T = step_input ? step_input->size(1) : 1;
   const int64_t L = qkv.size(0), H = qkv.size(2), I = down.size(2), V = lm_head.size(0);
   const int64_t nkv = k_cache.size(3), hd = k_cache.size(4);
   const int64_t nq = hd > 0 ? q.size(-1) / hd : 0;
@@ -180,8 +192,11 @@ void launch(const at::Tensor& instructions, at::Tensor counters, at::Tensor queu
   p.epoch = epoch;
   p.timeout_ns = timeout_ns;
   p.prefetch_bytes = static_cast<uint32_t>(as_int(prefetch_bytes, "prefetch_bytes"));
-  p.step_input = ptr<const int32_t>(step_input);
+  p.step_input = step_input ? ptr<const int32_t>(*step_input) : nullptr;
   p.num_tokens = as_int(T, "token count");
+  p.step_token_source = !step_input && token_source ? ptr<const int64_t>(*token_source) : nullptr;
+  p.step_token = token;
+  p.step_position = step_input ? 0 : static_cast<int>(position);
   p.hidden = ptr<float>(hidden);
   p.q = ptr<float>(q);
   p.attn_partial_out = ptr<float>(attn_partial_out);
@@ -263,7 +278,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("rope_sin"), py::arg("k_cache"), py::arg("v_cache"), py::arg("page_table"),
         py::arg("rms_norm_eps"), py::arg("epoch"), py::arg("timeout_ns"),
         py::arg("num_blocks") = 0,
-        py::arg("prefetch_bytes") = static_cast<int64_t>(mk::kDefaultPrefetchBytes));
+        py::arg("prefetch_bytes") = static_cast<int64_t>(mk::kDefaultPrefetchBytes),
+        py::arg("token_source") = py::none(), py::arg("token") = 0, py::arg("position") = 0);
   m.def("alloc_host_status", &alloc_host_status,
         "Zeroed int64 CPU tensor in mapped pinned memory for launch(host_status=...).");
   m.def("sm_count", &sm_count, "Number of SMs of the current CUDA device.");
@@ -291,6 +307,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("QUEUE_WORDS") = mk::kQueueWords;
   m.attr("PROFILE_WORDS") = mk::kProfileWords;
   m.attr("HOST_STATUS_WORDS") = mk::kHostStatusWords;
+  m.attr("HOST_RESULT_WORD") = mk::kHostResultWord;
+  m.attr("HOST_RESULT_SLOTS") = mk::kHostResultSlots;
   m.attr("DEFAULT_PREFETCH_BYTES") = static_cast<int64_t>(mk::kDefaultPrefetchBytes);
   m.attr("INSTRUCTION_WORDS") = mk::kInstructionWords;
 }

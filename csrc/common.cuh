@@ -247,6 +247,15 @@ __device__ __forceinline__ void stage_rms_normed(float* dst, const float* src,
   compute_sync();
 }
 
+// The step's token and position for row t of the batch (KernelParams: step inputs).
+__device__ __forceinline__ int64_t step_token(const KernelParams& p, int t) {
+  if (p.step_input != nullptr) return p.step_input[t];
+  return p.step_token_source != nullptr ? *p.step_token_source : p.step_token;
+}
+__device__ __forceinline__ int step_position(const KernelParams& p, int t) {
+  return p.step_input != nullptr ? p.step_input[p.num_tokens + t] : p.step_position;
+}
+
 // Positions [0, limit) have a RoPE row and a page-table slot; the controller refuses any
 // other before an instruction runs (kErrBadPosition).
 __device__ __forceinline__ int position_limit(const KernelParams& p) {

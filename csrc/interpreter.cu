@@ -108,14 +108,14 @@ __device__ bool controller_ready(const KernelParams& p, int index, const int* wo
     return false;
   }
   if (op == kOpEmbed) {
-    const int token = p.step_input[tb];
+    const int64_t token = step_token(p, tb);
     if (token < 0 || token >= p.vocab_size) {
       record_error(p, kErrBadToken, index, words, -1, token, p.vocab_size);
       return false;
     }
   }
   if (op == kOpRmsQkvRope || op == kOpAttentionPartial) {
-    const int pos = p.step_input[p.num_tokens + tb];
+    const int pos = step_position(p, tb);
     const int limit = position_limit(p);
     if (pos < 0 || pos >= limit) {
       record_error(p, kErrBadPosition, index, words, -1, pos, limit);
@@ -326,6 +326,8 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
         p.step_result[0] = code != 0 ? -code : static_cast<int64_t>(__ldcg(p.next_token));
       if (p.host_status != nullptr) {
         volatile int64_t* status = p.host_status;
+        status[kHostResultWord + (p.epoch - 1) % kHostResultSlots] =
+            code != 0 ? -code : static_cast<int64_t>(__ldcg(p.next_token));
         status[0] = code;
         status[1] = p.epoch;
         __threadfence_system();

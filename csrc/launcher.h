@@ -40,8 +40,13 @@ constexpr int kQueueWords = 2;
 
 // Host status words, written by the last block of every launch into mapped pinned host
 // memory so the host can check for errors without a device sync: [0] the error record's
-// code (sticky until the host resets it), [1] the launch's epoch.
-constexpr int kHostStatusWords = 2;
+// code (sticky until the host resets it), [1] the launch's epoch, then a ring of
+// kHostResultSlots results: launch `epoch` writes its step_result value (next_token[0], or
+// -code) to word kHostResultWord + (epoch - 1) % kHostResultSlots, so the host reads a
+// step's token once the launch is done, with no device-to-host copy behind it.
+constexpr int kHostResultWord = 2;
+constexpr int kHostResultSlots = 4;
+constexpr int kHostStatusWords = kHostResultWord + kHostResultSlots;
 
 // Default L2 prefetch budget per instruction. Measured on an H100, Llama-3.2-1B shape:
 // 0 or 64 KB 1.22 ms/token, 128 KB 1.26, 256 KB 1.30 (larger budgets evict useful lines);
@@ -69,9 +74,15 @@ struct KernelParams {
   int64_t timeout_ns;            // bound on every spin-wait
   uint32_t prefetch_bytes;       // L2 prefetch of the next instruction's weights, bytes
 
-  // Step inputs.
-  const int32_t* step_input;     // [2, T]: token ids, then positions
+  // Step inputs: step_input [2, T] (token ids, then positions), or, when it is null, one
+  // token (T = 1) given by the launch itself: *step_token_source (a device int64 a
+  // previous launch wrote, e.g. its step_result) or else step_token, at step_position. The
+  // second form needs no device write between launches (see step_token()).
+  const int32_t* step_input;
   int num_tokens;                // T
+  const int64_t* step_token_source;
+  int64_t step_token;
+  int step_position;
 
   // Activations (float32 unless noted).
   float* hidden;                 // [T, H]

@@ -205,9 +205,10 @@ class Engine:
             generator.manual_seed(self.seed if seed is None else seed)
 
         def choose(out):
+            """The step's token on the device, and the host view it lands in (or None)."""
             if temperature == 0:
-                return out.greedy_token.reshape(())
-            return sample(out.logits, temperature, top_k, top_p, generator)
+                return out.greedy_token.reshape(()), out.greedy_token_host
+            return sample(out.logits, temperature, top_k, top_p, generator), None
 
         new_tokens: list[int] = []
         logits: list[torch.Tensor] = []
@@ -216,8 +217,8 @@ class Engine:
         try:
             prompt_tensor = torch.tensor(ids, dtype=torch.int64, device=self.device)
             out = self.backend.prefill(prompt_tensor, 0)
-            pending = choose(out)                   # device tensor, not yet read
-            ticket = self.readback.push(pending)
+            pending, host = choose(out)             # device tensor, not yet read
+            ticket = self.readback.push(pending, host)
             if output_logits:
                 logits.append(out.logits.detach().float().cpu().clone())
             t_first = None
@@ -228,8 +229,8 @@ class Engine:
                 launched = None
                 if steps_left > 0 and position < self.max_seq_len:
                     launched = self.backend.decode(pending, position)
-                    nxt = choose(launched)
-                    next_ticket = self.readback.push(nxt)
+                    nxt, host = choose(launched)
+                    next_ticket = self.readback.push(nxt, host)
                     if output_logits:
                         step_logits = launched.logits.detach().float().clone()
                 token = self.readback.read(ticket)

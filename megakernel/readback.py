@@ -5,7 +5,9 @@ to drain, so in a pipelined decode loop (launch step i+1, then read step i's tok
 also waits for step i+1: the GPU then idles while the host reacts and launches step i+2
 (about 0.1 ms per token on an H100). Here each token is copied into its own pinned host
 slot right after the work that produced it, and an event recorded behind the copy is what
-the host waits on, so the read covers step i only and step i+1 keeps the GPU busy.
+the host waits on, so the read covers step i only and step i+1 keeps the GPU busy. A
+step that writes its token into host memory itself (StepOutput.greedy_token_host) needs
+no copy: push(token, host=view) records only the event.
 
     readback = TokenReadback(device)
     ticket = readback.push(token)        # [] int64 on the device; stream ordered, no sync
@@ -38,18 +40,23 @@ class TokenReadback:
         if self.cuda:
             self.host = torch.zeros(SLOTS, dtype=torch.int64, pin_memory=True)
             self.events = [torch.cuda.Event() for _ in range(SLOTS)]
+            self.sources: list[torch.Tensor | None] = [None] * SLOTS  # push(host=...)
         else:
             self.values: list[torch.Tensor | None] = [None] * SLOTS
 
-    def push(self, token: torch.Tensor) -> int:
+    def push(self, token: torch.Tensor, host: torch.Tensor | None = None) -> int:
         """Queue the copy of `token` ([] or [1] integer tensor) to the host; returns the
-        ticket to read() it with. At most SLOTS tokens may be pending at once."""
+        ticket to read() it with. At most SLOTS tokens may be pending at once. host: a CPU
+        view that the work already queued writes the token into (mapped memory); then
+        nothing is copied and read() returns the view's value once that work is done."""
         if self.pushed - self.read_count >= SLOTS:
             raise RuntimeError(f"TokenReadback holds at most {SLOTS} unread tokens")
         ticket = self.pushed
         slot = ticket % SLOTS
         if self.cuda:
-            self.host[slot:slot + 1].copy_(token.reshape(1), non_blocking=True)
+            self.sources[slot] = host
+            if host is None:
+                self.host[slot:slot + 1].copy_(token.reshape(1), non_blocking=True)
             self.events[slot].record()
         else:
             self.values[slot] = token.reshape(())
@@ -75,7 +82,8 @@ class TokenReadback:
                 if time.perf_counter() > deadline:
                     raise KernelFaultError(f"the device did not finish a decode step within "
                                            f"{self.timeout_s:g} s")
-        return int(self.host[slot])
+        source, self.sources[slot] = self.sources[slot], None
+        return int(self.host[slot] if source is None else source)
 
     def reset(self) -> None:
         """Forget unread tokens (after an error, once the device is synchronized)."""

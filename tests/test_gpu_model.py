@@ -154,3 +154,43 @@ def test_interrupt_and_bad_input_leave_the_kernel_usable(checkpoint):
     with pytest.raises(megakernel.InvalidRequestError):
         engine.generate([1, 2, 10**7], max_new_tokens=20)
     assert engine.generate([1, 2, 3], max_new_tokens=20, ignore_eos=True).token_ids == baseline
+
+
+def test_step_token_from_the_device_or_the_host(checkpoint):
+    """decode() takes the step's token as an int or as the device int64 a previous step
+    left (the kernel reads either through its launch arguments; no copy runs between the
+    steps) and writes each result to host memory as well as to the device. Both give the
+    same bits; a token outside the vocabulary is refused and the backend keeps working."""
+    path, _ = checkpoint
+    engine = make_engine(path, max_seq_len=256)
+    backend, vocab = engine.backend, engine.config.vocab_size
+    engine.kv_cache.release()
+    engine.kv_cache.reserve(32)
+
+    def run(feed_from_device: bool):
+        backend.reset()
+        out = backend.prefill(torch.tensor([1, 2, 3], device="cuda"), 0)
+        token = out.greedy_token if feed_from_device else int(out.greedy_token)
+        steps = []
+        for pos in range(3, 11):
+            out = backend.decode(token, pos)
+            torch.cuda.synchronize()
+            assert int(out.greedy_token_host) == int(out.greedy_token)
+            steps.append((int(out.greedy_token), out.logits.clone()))
+            token = out.greedy_token if feed_from_device else int(out.greedy_token)
+        return steps
+
+    from_device, from_host = run(True), run(False)
+    assert [t for t, _ in from_device] == [t for t, _ in from_host]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(from_device, from_host))
+
+    for bad in (vocab + 5, torch.tensor(-2, device="cuda"), torch.tensor([vocab])):
+        backend.decode(bad, 3)
+        torch.cuda.synchronize()
+        with pytest.raises(megakernel.KernelFaultError) as e:
+            backend.check_error()
+        assert e.value.record["kind"] == "bad_token"
+        assert e.value.record["seen"] == int(bad)
+    again = run(True)
+    assert [t for t, _ in again] == [t for t, _ in from_device]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(again, from_device))

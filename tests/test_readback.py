@@ -45,3 +45,18 @@ def test_gpu_read_does_not_wait_for_later_work():
     assert not done_later.query(), "the sleep finished before the read returned"
     assert waited < 0.2
     torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+def test_gpu_push_of_a_host_written_token_copies_nothing():
+    # Work queued before the push writes the token into host memory itself (the kernel's
+    # mapped result ring; here a copy stands in for it): read() waits for that work and
+    # returns the view's value, and the readback's own slot is never written.
+    rb = TokenReadback("cuda")
+    token = torch.tensor(41, device="cuda") + 1
+    written = torch.zeros(1, dtype=torch.int64, pin_memory=True)
+    torch.cuda._sleep(200_000_000)            # the write lands well after the push returns
+    written.copy_(token.reshape(1), non_blocking=True)
+    ticket = rb.push(token, host=written[0])
+    assert rb.read(ticket) == 42
+    assert int(rb.host[ticket % SLOTS]) == 0

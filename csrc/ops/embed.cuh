@@ -9,7 +9,7 @@ __device__ __forceinline__ bool op_embed(const OpContext& ctx) {
   if (!ctx.ready<kOpEmbed>()) return false;
   const KernelParams& p = ctx.p;
   const int t = ctx.token;
-  const int64_t token = p.step_input[t];  // validated by the controller
+  const int64_t token = step_token(p, t);  // validated by the controller
   const int H = p.hidden_size;
   const uint4* row = reinterpret_cast<const uint4*>(bf16_ptr(p.embed) + token * H);
   float4* out = reinterpret_cast<float4*>(p.hidden + static_cast<int64_t>(t) * H);

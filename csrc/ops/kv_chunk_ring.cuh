@@ -43,7 +43,7 @@ struct AttentionPartition {
     const int ps = p.page_size;
     const int nparts = ctx.arg(attention_partial::kNumPartitions);
     const int part = ctx.arg(attention_partial::kPartition);
-    pos = p.step_input[p.num_tokens + ctx.token];
+    pos = step_position(p, ctx.token);
     const int seq_len = pos + 1;
     const int seq_pages = (seq_len + ps - 1) / ps;
     capacity = (seq_pages + nparts - 1) / nparts * ps;

@@ -48,7 +48,7 @@ __device__ __forceinline__ bool op_rms_qkv_rope(const OpContext& ctx) {
   // This thread's RoPE pair (i = threadIdx.x < n), its rotation and the token's cache page:
   // launch inputs, loaded before the wait so the epilogue after the mat-vec makes no
   // global round trip of its own. The controller refuses a position outside the tables.
-  const int pos = p.step_input[p.num_tokens + t];
+  const int pos = step_position(p, t);
   const bool pos_ok = pos >= 0 && pos < position_limit(p);
   const int my_pair = first_pair + static_cast<int>(threadIdx.x);
   const int my_head = my_pair / half, my_c = my_pair % half;

@@ -16,9 +16,13 @@ class StepOutput:
 
     logits: [V] float32 logits of the last token served (valid until the next call).
     greedy_token: [] int64 argmax of those logits (lowest index among ties).
+    greedy_token_host: None, or [] int64 CPU view of host memory the step itself writes
+    greedy_token into (the megakernel backend), readable once the step has finished, so
+    reading it back needs no device-to-host copy.
     """
     logits: torch.Tensor
     greedy_token: torch.Tensor
+    greedy_token_host: torch.Tensor | None = None
 
 
 class Backend:

@@ -2,17 +2,20 @@
 compiled instruction stream; prefill goes through the torch per-op path into the same
 paged KV cache.
 
-Per decode step the host writes token and position into a small device tensor (stream
-ordered, no sync) and launches once. The kernel's dependency counters and queue head are
-never reset between steps: launch `epoch` (1-based) waits for target * epoch. After an
-error the backend zeroes them and restarts at epoch 1.
+Per decode step the host launches once and writes nothing to the device: the position is
+a launch argument, and so is the token, as an int or as a pointer to the device int64 a
+previous step left it in (the kernel reads it; no copy kernel runs between steps). The
+kernel's dependency counters and queue head are never reset between steps: launch
+`epoch` (1-based) waits for target * epoch. After an error the backend zeroes them and
+restarts at epoch 1.
 
-Errors cost no extra sync. The last block of every launch writes (a) the greedy token, or
--code after a fault, into a ring of result slots (StepOutput.greedy_token is a view of
-this launch's slot, so a token read back after the next launch is still its own), and (b)
-the error code into mapped pinned host memory. So after the engine's one sync per step
-(`token = int(out.greedy_token)`), `backend.check_error()` reads host memory only; the
-full error record is read (one sync) only when there is an error to report.
+Errors cost no extra sync. The last block of every launch writes the greedy token, or
+-code after a fault, (a) into a ring of device result slots (StepOutput.greedy_token is a
+view of this launch's slot, so a token read back after the next launch is still its own)
+and (b) into the same ring in mapped pinned host memory, next to the error code
+(StepOutput.greedy_token_host), so the host reads a finished step's token with no copy
+queued behind the kernel. `backend.check_error()` reads host memory only; the full error
+record is read (one sync) only when there is an error to report.
 """
 from __future__ import annotations
 
@@ -57,7 +60,10 @@ def load_extension():
 
 # Result slots in the ring StepOutput.greedy_token points into: the engine reads a step's
 # token after launching the next one, so consecutive launches must use different slots.
+# The kernel writes the same ring into host_status from word HOST_RESULT_WORD on
+# (csrc/launcher.h: kHostResultWord, kHostResultSlots; checked in KernelState.create).
 RESULT_SLOTS = 4
+HOST_RESULT_WORD = 2
 
 
 @dataclass
@@ -67,7 +73,7 @@ class KernelState:
     counters [num_counters]; queue [QUEUE_WORDS] (claims, finished blocks); error_record
     [ERROR_RECORD_WORDS]; results [RESULT_SLOTS]: greedy token or -error code, one slot per
     launch in turn; host_status [HOST_STATUS_WORDS] mapped pinned CPU memory (error code,
-    epoch). epoch: launches since the last reset (host side).
+    epoch, then the results' ring again). epoch: launches since the last reset (host side).
     """
     counters: torch.Tensor
     queue: torch.Tensor
@@ -81,6 +87,9 @@ class KernelState:
         z = lambda n: torch.zeros(n, dtype=torch.int64, device=device)  # noqa: E731
         with torch.cuda.device(device):
             host_status = ext.alloc_host_status()
+        if ext.HOST_RESULT_SLOTS != RESULT_SLOTS:
+            raise RuntimeError(f"the extension's {ext.HOST_RESULT_SLOTS} host result slots "
+                               f"differ from RESULT_SLOTS = {RESULT_SLOTS}: rebuild it")
         return cls(z(max(num_counters, 1)), z(ext.QUEUE_WORDS), z(ext.ERROR_RECORD_WORDS),
                    z(RESULT_SLOTS), host_status)
 
@@ -88,6 +97,12 @@ class KernelState:
     def result(self) -> torch.Tensor:
         """[] int64 view of the last launch's result slot."""
         return self.results[(self.epoch - 1) % RESULT_SLOTS]
+
+    @property
+    def host_result(self) -> torch.Tensor:
+        """[] int64 view of the last launch's result slot in mapped host memory: valid once
+        that launch has finished (an event recorded after it has completed)."""
+        return self.host_status[HOST_RESULT_WORD + (self.epoch - 1) % RESULT_SLOTS]
 
     def host_error_code(self) -> int:
         """The error code the last finished launch wrote to host memory (no device sync)."""
@@ -185,14 +200,17 @@ def decode_error(ext, record: list[int], counter_names=None, timeout_s=None,
 
 
 def launch(ext, rows: torch.Tensor, state: KernelState, buffers: dict, weights, k_cache,
-           v_cache, page_table, step_input: torch.Tensor, rms_norm_eps: float,
+           v_cache, page_table, step_input, rms_norm_eps: float,
            timeout_s: float = DEFAULT_TIMEOUT_S, profile: torch.Tensor | None = None,
            num_blocks: int = 0, prefetch_bytes: int | None = None) -> None:
     """One launch of `rows` [N, 32] int32 on the current stream; advances state.epoch.
 
-    buffers: the program's activations by name (scheduler.program.BUFFERS); step_input
-    [2, T] int32 (token ids, positions). prefetch_bytes: L2 prefetch budget per
-    instruction for the next instruction's weights (None: the extension's default).
+    buffers: the program's activations by name (scheduler.program.BUFFERS). step_input:
+    [2, T] int32 device tensor (token ids, positions), or (token, position) for one token,
+    the token an int or a one-element int64 tensor on the device that the kernel reads
+    (nothing is written to the device before the launch). prefetch_bytes: L2 prefetch
+    budget per instruction for the next instruction's weights (None: the extension's
+    default).
     Mutates buffers, k_cache, v_cache and state. When the extension refuses the launch
     (RuntimeError from its argument checks) nothing ran and state.epoch stays: the
     counters and queue head count launches that ran, so the next launch still matches them.
@@ -200,13 +218,19 @@ def launch(ext, rows: torch.Tensor, state: KernelState, buffers: dict, weights, 
     epoch = state.epoch + 1
     w = weights
     slot = (epoch - 1) % RESULT_SLOTS
+    token_source, token, position = None, 0, 0
+    if isinstance(step_input, tuple):
+        (token, position), step_input = step_input, None
+        if isinstance(token, torch.Tensor):
+            token_source, token = token, 0
     ext.launch(rows, state.counters, state.queue, state.error_record,
                state.results[slot:slot + 1], profile, state.host_status, step_input,
                *(buffers[n] for n in BUFFER_NAMES),
                w.embed, w.attn_norm, w.qkv, w.o_proj, w.mlp_norm, w.gate_up, w.down,
                w.final_norm, w.lm_head, w.rope_cos, w.rope_sin, k_cache, v_cache, page_table,
                float(rms_norm_eps), int(epoch), int(timeout_s * 1e9), int(num_blocks),
-               int(ext.DEFAULT_PREFETCH_BYTES if prefetch_bytes is None else prefetch_bytes))
+               int(ext.DEFAULT_PREFETCH_BYTES if prefetch_bytes is None else prefetch_bytes),
+               token_source, int(token), int(position))
     state.epoch = epoch
 
 
@@ -300,7 +324,6 @@ class MegakernelBackend(Backend):
         self.rows = program.instructions.to(device=device, dtype=torch.int32).contiguous()
         self.buffers = allocate_buffers(program, device=device, poison=False)
         self.state = KernelState.create(self.ext, program.num_counters, device)
-        self.step_input = torch.zeros((2, program.num_tokens), dtype=torch.int32, device=device)
         self.profile = None
         if self.profiling:
             self.profile = torch.zeros((program.num_instructions, self.ext.PROFILE_WORDS),
@@ -333,16 +356,18 @@ class MegakernelBackend(Backend):
         if not 0 <= position < limit:
             raise InvalidRequestError(f"position {position} is outside [0, {limit})")
         if isinstance(token_id, torch.Tensor):
-            self.step_input[0, 0].copy_(token_id.reshape(()), non_blocking=True)
+            # Read by the kernel where it lies (a previous step's result slot): converted
+            # only when it is not already a device int64.
+            token = token_id.reshape(-1)[:1].to(device=self.weights.device, dtype=torch.int64)
         else:
-            self.step_input[0, 0].fill_(int(token_id))
-        self.step_input[1, 0].fill_(position)
+            token = int(token_id)
         launch(self.ext, self.rows, self.state, self.buffers, self.weights, self.kv_cache.k,
-               self.kv_cache.v, self.kv_cache.page_table, self.step_input,
+               self.kv_cache.v, self.kv_cache.page_table, (token, position),
                self.config.rms_norm_eps, self.timeout_s, self.profile,
                prefetch_bytes=self.prefetch_bytes)
         self.launches += 1
-        return StepOutput(logits=self.buffers["logits"][0], greedy_token=self.state.result)
+        return StepOutput(logits=self.buffers["logits"][0], greedy_token=self.state.result,
+                          greedy_token_host=self.state.host_result)
 
     def check_error(self, greedy_token: int | None = None) -> None:
         """Raise KernelFaultError if a finished launch stopped on an error, then reset.

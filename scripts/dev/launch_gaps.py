@@ -5,9 +5,10 @@ preset name; default llama-3.2-1b).
     python3 scripts/dev/launch_gaps.py profile   # needs a MEGAKERNEL_PROFILE=1 build
     python3 scripts/dev/launch_gaps.py table RAW # stage table of a saved profile_raw.npy
 
-timing: ms/token of 128 launches back to back (tokens fed on the device), one launch
-alone, the torch-profiler kernel time and gap of a loop that reads each token with
-int() (the pre-readback pattern), and Engine.generate's ms/token. profile: the kernel's
+timing: ms/token of 128 decode steps back to back (tokens fed on the device), one launch
+alone, the torch-profiler kernel time, period and in-between GPU work of back-to-back
+decode steps, the kernel time and gap of a loop that reads each token with int() (the
+pre-readback pattern), and Engine.generate's ms/token. profile: the kernel's
 raw profile buffer of 12 steps ($OUT/profile_raw.npy), then its stage table: the medians
 over steps 4-11 of what profiling.stage_breakdown() reports per step, and the step time.
 CONTEXT=N profiles the steps at positions N.. instead of 32.. (the cache then holds
@@ -70,15 +71,27 @@ else:
     s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     ts = []
     for pos in range(168, 200):
-        mk.step_input[0, 0].fill_(5); mk.step_input[1, 0].fill_(pos)
         torch.cuda.synchronize()
         s.record()
         launch(mk.ext, mk.rows, mk.state, mk.buffers, mk.weights, cache.k, cache.v,
-               cache.page_table, mk.step_input, cfg.rms_norm_eps, mk.timeout_s)
+               cache.page_table, (5, pos), cfg.rms_norm_eps, mk.timeout_s)
         e.record(); e.synchronize()
         ts.append(s.elapsed_time(e))
     res["single_launch_ms_median"] = float(np.median(ts))
+    # What the GPU runs between the kernels of back-to-back decode() steps.
     from torch.profiler import profile, ProfilerActivity
+    with profile(activities=[ProfilerActivity.CUDA]) as p:
+        for pos in range(168, 200):
+            pending = mk.decode(pending, pos).greedy_token
+        torch.cuda.synchronize()
+    kern = sorted((e.time_range.start, e.time_range.end, e.name) for e in p.events()
+                  if e.device_type == torch.autograd.DeviceType.CUDA)
+    mks = [i for i, k in enumerate(kern) if "megakernel" in k[2]]
+    res["b2b_kernel_us_median"] = float(np.median([kern[i][1] - kern[i][0] for i in mks]))
+    res["b2b_period_us_median"] = float(np.median([kern[b][0] - kern[a][0]
+                                                   for a, b in zip(mks, mks[1:])]))
+    res["b2b_between_kernels"] = [(round(k[0] - kern[mks[-2]][1], 2), round(k[1] - k[0], 2),
+                                   k[2][:40]) for k in kern[mks[-2] + 1:mks[-1]]]
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as p:
         for pos in range(200, 232):
             o = mk.decode(pending, pos)
