@@ -23,7 +23,8 @@ class FakeExtension:
     def launch(self, *args):
         if self.refuse:
             raise RuntimeError("megakernel: prefetch_bytes out of range: 2147483648")
-        self.epochs.append(args[-4])   # epoch, timeout_ns, num_blocks, prefetch_bytes
+        # ..., epoch, timeout_ns, num_blocks, prefetch_bytes, token_source, token, position
+        self.epochs.append(args[-7])
 
 
 def launch_with(ext, state):
