@@ -24,12 +24,12 @@ original_split_rows = program_module.split_rows
 
 def build(block_rows: dict):
     """build_program with the named stages cut into blocks of block_rows[stage] rows."""
-    def split_rows(total, num_sms, row_bytes, unit=1, max_rows=None):
+    def split_rows(total, num_sms, row_bytes, unit=1, **model):
         for name, key in STAGES.items():
             if (total, row_bytes) == key and name in block_rows:
                 rows = block_rows[name]
                 return [(b, min(rows, total - b)) for b in range(0, total, rows)]
-        return original_split_rows(total, num_sms, row_bytes, unit, max_rows)
+        return original_split_rows(total, num_sms, row_bytes, unit, **model)
     program_module.split_rows = split_rows
     try:
         return program_module.build_program(cfg, num_sms=mk.num_sms, page_size=16,
