@@ -184,7 +184,13 @@ def test_step_token_from_the_device_or_the_host(checkpoint):
     assert [t for t, _ in from_device] == [t for t, _ in from_host]
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(from_device, from_host))
 
-    for bad in (vocab + 5, torch.tensor(-2, device="cuda"), torch.tensor([vocab])):
+    # From the host: refused before the launch. From the device: refused by the kernel.
+    launches = backend.launches
+    for bad in (vocab + 5, -1, 10**30):
+        with pytest.raises(megakernel.InvalidRequestError, match="outside the vocabulary"):
+            backend.decode(bad, 3)
+    assert backend.launches == launches
+    for bad in (torch.tensor(-2, device="cuda"), torch.tensor([vocab])):
         backend.decode(bad, 3)
         torch.cuda.synchronize()
         with pytest.raises(megakernel.KernelFaultError) as e:

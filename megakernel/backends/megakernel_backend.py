@@ -360,7 +360,12 @@ class MegakernelBackend(Backend):
             # only when it is not already a device int64.
             token = token_id.reshape(-1)[:1].to(device=self.weights.device, dtype=torch.int64)
         else:
+            # A token on the device is checked by the kernel (a fault, see check_error);
+            # one from the host is checked here, before anything is queued.
             token = int(token_id)
+            if not 0 <= token < self.config.vocab_size:
+                raise InvalidRequestError(
+                    f"token {token} is outside the vocabulary [0, {self.config.vocab_size})")
         launch(self.ext, self.rows, self.state, self.buffers, self.weights, self.kv_cache.k,
                self.kv_cache.v, self.kv_cache.page_table, (token, position),
                self.config.rms_norm_eps, self.timeout_s, self.profile,
