@@ -138,7 +138,8 @@ def block_cost(rows: int, row_bytes: int, rows_per_pass: int, loads_per_row: int
     rounds of warp passes at bandwidth, then a last round that leaves warps idle at
     latency (PARTIAL_ROUND_TRIP_BYTES per load round trip), then the overhead. A pass
     takes `rows_per_pass` of the rows; each row is `loads_per_row` weight rows streamed
-    side by side (gate and up; a RoPE pair)."""
+    side by side (gate_up's gate and up rows; for qkv, whose unit is a RoPE pair, the two
+    rows one warp pass takes, although the kernel pairs them by position, not by pair)."""
     round_rows = MATVEC_WARPS * rows_per_pass
     full_rounds, rest = divmod(rows, round_rows)
     cost = full_rounds * round_rows * row_bytes

@@ -87,9 +87,10 @@ class KernelState:
         z = lambda n: torch.zeros(n, dtype=torch.int64, device=device)  # noqa: E731
         with torch.cuda.device(device):
             host_status = ext.alloc_host_status()
-        if ext.HOST_RESULT_SLOTS != RESULT_SLOTS:
-            raise RuntimeError(f"the extension's {ext.HOST_RESULT_SLOTS} host result slots "
-                               f"differ from RESULT_SLOTS = {RESULT_SLOTS}: rebuild it")
+        if (ext.HOST_RESULT_WORD, ext.HOST_RESULT_SLOTS) != (HOST_RESULT_WORD, RESULT_SLOTS):
+            raise RuntimeError("the extension's host result ring (word "
+                               f"{ext.HOST_RESULT_WORD}, {ext.HOST_RESULT_SLOTS} slots) is not "
+                               "this module's: rebuild it")
         return cls(z(max(num_counters, 1)), z(ext.QUEUE_WORDS), z(ext.ERROR_RECORD_WORDS),
                    z(RESULT_SLOTS), host_status)
 
