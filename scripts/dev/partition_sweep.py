@@ -1,0 +1,42 @@
+"""Attention partitions per KV head against time: the same program with
+attention_partitions() forced to each count given, at several contexts. Same process,
+64 back-to-back steps from each context, two rounds.
+
+    MODEL=llama-3.2-1b python3 scripts/dev/partition_sweep.py 8 12 16"""
+import os
+import sys
+
+import torch
+
+import megakernel.scheduler.program as program_module
+from dev_model import back_to_back_ms, random_backend
+
+model = os.environ.get("MODEL", "llama-3.2-1b")
+CONTEXTS = (32, 1024, 8000)
+MAX = 8192
+cfg, mk = random_backend(model, MAX)
+original = program_module.attention_partitions
+
+
+def build(parts: int):
+    program_module.attention_partitions = lambda *args: parts
+    try:
+        return program_module.build_program(cfg, num_sms=mk.num_sms, page_size=16,
+                                            max_seq_len=MAX)
+    finally:
+        program_module.attention_partitions = original
+
+
+default = original(cfg, mk.num_sms, MAX, 16)
+programs = {p: build(p) for p in [default] + [int(a) for a in sys.argv[1:] if int(a) != default]}
+for round_ in range(2):
+    for parts, program in programs.items():
+        mk.load_program(program)
+        times = []
+        for context in CONTEXTS:
+            ms, _ = back_to_back_ms(mk, torch.tensor(1, device="cuda"), context, 64)
+            mk.check_error()
+            times.append(f"{context}: {ms:.4f}")
+        print(f"{model} round {round_}: {parts:>3} partitions per KV head"
+              f"{' (default)' if parts == default else ''}  ms/token at context "
+              + ", ".join(times), flush=True)
