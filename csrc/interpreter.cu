@@ -322,12 +322,11 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
     if (done + 1 == static_cast<uint64_t>(p.epoch) * gridDim.x) {
       __threadfence();
       const int64_t code = load_volatile(p.error_record + kErrCode);
-      if (p.step_result != nullptr)
-        p.step_result[0] = code != 0 ? -code : static_cast<int64_t>(__ldcg(p.next_token));
+      const int64_t result = code != 0 ? -code : static_cast<int64_t>(__ldcg(p.next_token));
+      if (p.step_result != nullptr) p.step_result[0] = result;
       if (p.host_status != nullptr) {
         volatile int64_t* status = p.host_status;
-        status[kHostResultWord + (p.epoch - 1) % kHostResultSlots] =
-            code != 0 ? -code : static_cast<int64_t>(__ldcg(p.next_token));
+        status[kHostResultWord + (p.epoch - 1) % kHostResultSlots] = result;
         status[0] = code;
         status[1] = p.epoch;
         __threadfence_system();
