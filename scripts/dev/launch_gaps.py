@@ -78,14 +78,19 @@ else:
         e.record(); e.synchronize()
         ts.append(s.elapsed_time(e))
     res["single_launch_ms_median"] = float(np.median(ts))
-    # What the GPU runs between the kernels of back-to-back decode() steps.
     from torch.profiler import profile, ProfilerActivity
+
+    def gpu_work(prof):
+        """(start, end, name) of the GPU work a torch profiler recorded, in time order."""
+        return sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                      if e.device_type == torch.autograd.DeviceType.CUDA)
+
+    # What the GPU runs between the kernels of back-to-back decode() steps.
     with profile(activities=[ProfilerActivity.CUDA]) as p:
         for pos in range(168, 200):
             pending = mk.decode(pending, pos).greedy_token
         torch.cuda.synchronize()
-    kern = sorted((e.time_range.start, e.time_range.end, e.name) for e in p.events()
-                  if e.device_type == torch.autograd.DeviceType.CUDA)
+    kern = gpu_work(p)
     mks = [i for i, k in enumerate(kern) if "megakernel" in k[2]]
     res["b2b_kernel_us_median"] = float(np.median([kern[i][1] - kern[i][0] for i in mks]))
     res["b2b_period_us_median"] = float(np.median([kern[b][0] - kern[a][0]
@@ -98,8 +103,7 @@ else:
             tok = int(pending)
             pending = o.greedy_token
         torch.cuda.synchronize()
-    evs = [e for e in p.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    kern = sorted([(e.time_range.start, e.time_range.end, e.name) for e in evs])
+    kern = gpu_work(p)
     res["kernels"] = [(a, b, n[:40]) for a, b, n in kern[-12:]]
     mks = [(a, b) for a, b, n in kern if "megakernel" in n]
     res["mk_kernel_us_median"] = float(np.median([b - a for a, b in mks]))
