@@ -93,9 +93,21 @@ __device__ void record_error(const KernelParams& p, int64_t code, int index, con
   __threadfence();
 }
 
+// The last counter value this block's controller saw satisfy a wait. Counters only grow,
+// so a wait on the same counter for no more than that value holds without a load: the
+// second block of a stage on an SM (e.g. two waves of down_proj) starts without an L2
+// round trip. The earlier acquire load, program order and barrier A still order the
+// producers' writes before the op's reads. Kept in shared memory (only the leader touches
+// it): registers live across the whole loop cost the ops spills.
+struct SeenCounter {
+  int counter;
+  uint64_t value;
+};
+
 // Controller lane 0: checks what the instruction needs from the step's inputs, then spins on
 // its waits. Returns false when the block must stop (error recorded here or elsewhere).
-__device__ bool controller_ready(const KernelParams& p, int index, const int* words) {
+__device__ bool controller_ready(const KernelParams& p, int index, const int* words,
+                                 SeenCounter& seen_counter) {
   const int op = words[word::kOpcode];
   if (op <= kOpNone || op >= kNumOpcodes) {
     record_error(p, kErrBadOpcode, index, words, -1, op, kNumOpcodes);
@@ -130,19 +142,23 @@ __device__ bool controller_ready(const KernelParams& p, int index, const int* wo
       record_error(p, kErrBadCounter, index, words, counter, -1, p.num_counters);
       return false;
     }
+    if (counter == seen_counter.counter && goal <= seen_counter.value) continue;
     uint64_t seen = load_acquire(p.counters + counter);
-    if (seen >= goal) continue;
-    const uint64_t start = global_timer_ns();
-    while (true) {
-      seen = load_acquire(p.counters + counter);
-      if (seen >= goal) break;
-      if (load_volatile(p.error_record + kErrCode) != 0) return false;
-      if (global_timer_ns() - start > static_cast<uint64_t>(p.timeout_ns)) {
-        record_error(p, kErrTimeout, index, words, counter, static_cast<int64_t>(seen),
-                     static_cast<int64_t>(goal));
-        return false;
+    if (seen < goal) {
+      const uint64_t start = global_timer_ns();
+      while (true) {
+        seen = load_acquire(p.counters + counter);
+        if (seen >= goal) break;
+        if (load_volatile(p.error_record + kErrCode) != 0) return false;
+        if (global_timer_ns() - start > static_cast<uint64_t>(p.timeout_ns)) {
+          record_error(p, kErrTimeout, index, words, counter, static_cast<int64_t>(seen),
+                       static_cast<int64_t>(goal));
+          return false;
+        }
       }
     }
+    seen_counter.counter = counter;
+    seen_counter.value = seen;
   }
   // The acquire loads, then the block barrier the compute warps pass in ctx.ready(), make
   // the producers' writes visible to them (the same pattern as a CTA-wide semaphore wait).
@@ -247,6 +263,7 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
   // the flag the compute warps of this slot may still be reading.
   __shared__ int go[2];
   __shared__ float scratch[kScratchFloats];
+  __shared__ SeenCounter seen_counter;  // the controller leader's
 #ifdef MEGAKERNEL_PROFILE
   __shared__ int64_t op_end_ns[2];  // per slot: when compute warp 0 finished the op
 #endif
@@ -256,6 +273,7 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
   const uint64_t claim_base =
       static_cast<uint64_t>(p.epoch - 1) * (static_cast<uint64_t>(p.num_instructions) + gridDim.x);
 
+  if (leader) seen_counter = {kNoCounter, 0};
   if (controller) controller_fetch(p, claim_base, slot_words[0], &slot_index[0]);
   block_sync();
 
@@ -270,7 +288,8 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
       int64_t t_start = 0, t_ready = 0;
       if (leader && p.profile != nullptr) t_start = static_cast<int64_t>(global_timer_ns());
 #endif
-      if (leader) go[slot] = index != kNoInstruction && controller_ready(p, index, words);
+      if (leader)
+        go[slot] = index != kNoInstruction && controller_ready(p, index, words, seen_counter);
 #ifdef MEGAKERNEL_PROFILE
       if (leader && p.profile != nullptr) t_ready = static_cast<int64_t>(global_timer_ns());
 #endif
