@@ -35,6 +35,10 @@ constexpr int kMaxGroup = 8;
 constexpr int kAttnChunkTokens = 4;
 constexpr int kAttnRingBytes = 12 * 1024;
 constexpr int kAttnMmaMinTokens = 64;
+// Chunks each warp copies before the wait. One, not the whole ring ahead: q, loaded after
+// the wait, queued behind ~120 KB of copies per SM at long contexts, and the chunk loop
+// waits for q (benchmarks/RESULTS.md, entry 24).
+constexpr int kAttnPreWaitChunks = 1;
 // Tokens per chunk of the tensor-core path: 4 KB of K and V rows, 3 per ring.
 __host__ __device__ constexpr int attention_mma_chunk_tokens(int head_dim) {
   return head_dim == 64 ? 16 : 8;

@@ -56,7 +56,8 @@ struct AttentionSmem {
 };
 
 // After the wait: the group's q into shared memory and the token's own K/V row into its
-// ring slot, all loaded before any is stored so their L2 round trips overlap.
+// ring slot, all loaded before any is stored so their L2 round trips overlap; the ring's
+// other chunks ahead are issued behind those loads.
 template <int kHeadDim, typename Ring>
 __device__ __forceinline__ void stage_q_and_own_row(const OpContext& ctx, const Ring& ring,
                                                     float* q_s) {
@@ -67,6 +68,7 @@ __device__ __forceinline__ void stage_q_and_own_row(const OpContext& ctx, const 
   const bool loads_q = threadIdx.x < group * kHeadDim / 4;  // <= 256 float4 on 480 threads
   const float4 q_part = loads_q ? load_act4(q_g + threadIdx.x) : float4{};
   const typename Ring::OwnRow own = ring.load_own_row();
+  ring.issue_after_wait();
   if (loads_q) reinterpret_cast<float4*>(q_s)[threadIdx.x] = q_part;
   own.store();
   compute_sync();

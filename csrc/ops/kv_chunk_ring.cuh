@@ -3,8 +3,8 @@
 // kComputeWarps, ... and copies each into its own ring of shared-memory slots
 // (kAttnRingBytes per warp) with cp.async, 16 bytes per lane through L2, all but one slot
 // ahead of the chunk it computes. Every row but the token's own is an input of the
-// launch, so the first chunks are copied before the wait; the own row (written by this
-// step's QKV blocks) is loaded after it.
+// launch, so each warp's first chunk is copied before the wait; the own row (written by
+// this step's QKV blocks) is loaded after it, with q.
 #pragma once
 
 #include "common.cuh"
@@ -130,11 +130,19 @@ struct KvChunkRing {
     copy_async_commit();
   }
 
-  // Before the wait: the chunks that fit ahead (all slots but one), without the token's
-  // own row.
+  // Chunks copied before the wait; the other slots ahead are filled after it.
+  static constexpr int kPreWaitChunks =
+      kAttnPreWaitChunks < kStages - 1 ? kAttnPreWaitChunks : kStages - 1;
+
+  // Before the wait: the first chunks, without the token's own row.
   __device__ void issue_before_wait() const {
 #pragma unroll 1
-    for (int i = 0; i < kStages - 1; ++i) issue(i, /*skip_own_row=*/true);
+    for (int i = 0; i < kPreWaitChunks; ++i) issue(i, /*skip_own_row=*/true);
+  }
+  // After the wait: the other chunks that fit ahead (all slots but one).
+  __device__ void issue_after_wait() const {
+#pragma unroll 1
+    for (int i = kPreWaitChunks; i < kStages - 1; ++i) issue(i, /*skip_own_row=*/false);
   }
 
   // Waits until chunk i has landed in every lane's slot.
@@ -143,9 +151,10 @@ struct KvChunkRing {
     __syncwarp();
   }
 
-  // After the wait: the token's own K and V row into the slot it was skipped in (a lane
-  // holds at most one unit of each). load() issues the loads, store() puts them in place,
-  // so a caller overlaps their L2 round trip with its own loads.
+  // After the wait: the token's own K and V row into the pre-wait slot it was skipped in
+  // (a lane holds at most one unit of each; the chunks issued after the wait copy it with
+  // the others). load() issues the loads, store() puts them in place, so a caller overlaps
+  // their L2 round trip with its own loads.
   struct OwnRow {
     uint4 k = {}, v = {};
     char* k_dst = nullptr;
@@ -160,7 +169,7 @@ struct KvChunkRing {
   __device__ OwnRow load_own_row() const {
     OwnRow own;
 #pragma unroll 1
-    for (int i = 0; i < kStages - 1 && i < my_chunks; ++i) {
+    for (int i = 0; i < kPreWaitChunks && i < my_chunks; ++i) {
       for_each_row(i, [&](char* k_dst, char* v_dst, int64_t off, int j) {
         if (j != part.pos) return;
         own.k_dst = k_dst;
