@@ -5,7 +5,8 @@
 //   - claims instructions with atomicAdd on queue[0], in the stream's topological order,
 //     one instruction ahead: while the block runs instruction i, the controller has already
 //     claimed i+1, copied its 32 words into the other shared-memory slot and issued L2
-//     prefetches of its first weight bytes (weights depend on no counter);
+//     prefetches of its first weight bytes (weights depend on no counter; after o_proj,
+//     only once i has signalled: prefetches_after_signal);
 //   - before an instruction runs, spins (lane 0) on its waits with ld.acquire.gpu until
 //     counter >= target * epoch, bounded by the %globaltimer watchdog;
 //   - after the compute warps wrote its outputs, signals its counter with red.release.gpu.
@@ -207,10 +208,36 @@ __device__ WeightRuns weight_runs(const KernelParams& p, const int* words) {
   return r;
 }
 
-// Controller warp: claim the next instruction, copy its words into `slot_words`, and
-// prefetch the first p.prefetch_bytes of its weight runs into L2.
+// Whether the controller issues the next instruction's L2 prefetch only after the current
+// one has signalled. o_proj streams its weights from L2 (prefetched at its claim, during
+// attention); gate_up's prefetch, issued at its claim, would fill L2 from DRAM during that
+// pass and slow it. After the signal it still overlaps the hand-over to gate_up and its
+// norm (benchmarks/RESULTS.md, entry 25).
+__device__ __forceinline__ bool prefetches_after_signal(int op) {
+  return op == kOpOProjResidual;
+}
+
+// Controller warp: prefetch the first p.prefetch_bytes of the weight runs of the
+// instruction in `slot_words` into L2.
+__device__ void prefetch_weights(const KernelParams& p, const int* slot_words) {
+  const int lane = threadIdx.x % kWarpSize;
+  if (lane < kMaxWeightRuns) {
+    const WeightRuns runs = weight_runs(p, slot_words);
+    // The instruction's prefetch budget is shared by its runs, in whole 16-byte units.
+    int num_runs = 0;
+    for (int i = 0; i < kMaxWeightRuns; ++i) num_runs += runs.bytes[i] > 0;
+    const uint32_t share = p.prefetch_bytes / max(num_runs, 1);
+    const uint32_t bytes = min(runs.bytes[lane], share) & ~15u;
+    const char* ptr = static_cast<const char*>(runs.ptr[lane]);
+    for (uint32_t off = 0; off < bytes; off += kPrefetchPiece)
+      prefetch_l2(ptr + off, min(kPrefetchPiece, bytes - off));
+  }
+}
+
+// Controller warp: claim the next instruction and copy its words into `slot_words`; with
+// `prefetch`, also prefetch_weights() for it.
 __device__ void controller_fetch(const KernelParams& p, uint64_t claim_base, int* slot_words,
-                                 int* slot_index) {
+                                 int* slot_index, bool prefetch) {
   const int lane = threadIdx.x % kWarpSize;
   int index = 0;
   if (lane == 0) {
@@ -224,17 +251,7 @@ __device__ void controller_fetch(const KernelParams& p, uint64_t claim_base, int
   const int word = __ldg(p.instructions + static_cast<int64_t>(index) * kInstructionWords + lane);
   slot_words[lane] = word;
   __syncwarp();
-  if (lane < kMaxWeightRuns) {
-    const WeightRuns runs = weight_runs(p, slot_words);
-    // The instruction's prefetch budget is shared by its runs, in whole 16-byte units.
-    int num_runs = 0;
-    for (int i = 0; i < kMaxWeightRuns; ++i) num_runs += runs.bytes[i] > 0;
-    const uint32_t share = p.prefetch_bytes / max(num_runs, 1);
-    const uint32_t bytes = min(runs.bytes[lane], share) & ~15u;
-    const char* ptr = static_cast<const char*>(runs.ptr[lane]);
-    for (uint32_t off = 0; off < bytes; off += kPrefetchPiece)
-      prefetch_l2(ptr + off, min(kPrefetchPiece, bytes - off));
-  }
+  if (prefetch) prefetch_weights(p, slot_words);
 }
 
 // Compute warps: runs the op, which passes the block barrier (ctx.ready()) once the
@@ -274,7 +291,7 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
       static_cast<uint64_t>(p.epoch - 1) * (static_cast<uint64_t>(p.num_instructions) + gridDim.x);
 
   if (leader) seen_counter = {kNoCounter, 0};
-  if (controller) controller_fetch(p, claim_base, slot_words[0], &slot_index[0]);
+  if (controller) controller_fetch(p, claim_base, slot_words[0], &slot_index[0], true);
   block_sync();
 
   const uint64_t policy = evict_first_policy();
@@ -295,7 +312,9 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
 #endif
       block_sync();  // A
       if (!go[slot]) break;
-      controller_fetch(p, claim_base, slot_words[slot ^ 1], &slot_index[slot ^ 1]);
+      const bool prefetch_late = prefetches_after_signal(words[word::kOpcode]);
+      controller_fetch(p, claim_base, slot_words[slot ^ 1], &slot_index[slot ^ 1],
+                       !prefetch_late);
       block_sync();  // B: every output of the instruction is written
 #ifdef MEGAKERNEL_PROFILE
       int64_t t_passed_b = 0;
@@ -322,6 +341,8 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
         }
 #endif
       }
+      if (prefetch_late && slot_index[slot ^ 1] != kNoInstruction)
+        prefetch_weights(p, slot_words[slot ^ 1]);
     } else {
       const OpContext ctx{p, words, reinterpret_cast<float*>(dynamic_smem), scratch, &go[slot], policy,
                           words[word::kTokenBegin]};
