@@ -4,14 +4,14 @@
 // Roles. kComputeWarps warps execute ops (csrc/ops/<opcode>.cuh). One controller warp:
 //   - claims instructions with atomicAdd on queue[0], in the stream's topological order,
 //     one instruction ahead: while the block runs instruction i, the controller has already
-//     claimed i+1, copied its 32 words into the other shared-memory slot and issued L2
-//     prefetches of its first weight bytes (weights depend on no counter; after o_proj,
-//     only once i has signalled: prefetches_after_signal);
+//     claimed i+1 and copied its 32 words into the other shared-memory slot; once i has
+//     signalled, it issues L2 prefetches of i+1's first weight bytes (weights depend on
+//     no counter);
 //   - before an instruction runs, spins (lane 0) on its waits with ld.acquire.gpu until
 //     counter >= target * epoch, bounded by the %globaltimer watchdog;
 //   - after the compute warps wrote its outputs, signals its counter with red.release.gpu.
 // Per instruction every thread passes two block barriers:
-//   controller: [lane 0 waits] A [claim + fetch + L2-prefetch next] B [lane 0 signals]
+//   controller: [lane 0 waits] A [claim + fetch next] B [lane 0 signals, L2-prefetch next]
 //   compute:    [op: dependency-free work, e.g. norm gains -> smem] A [op proper] B
 // Barrier A is inside the op (OpContext::ready), so work that needs no activation overlaps
 // the wait. Acquire-then-barrier and barrier-then-release carry the producers' writes to
@@ -208,17 +208,11 @@ __device__ WeightRuns weight_runs(const KernelParams& p, const int* words) {
   return r;
 }
 
-// Whether the controller issues the next instruction's L2 prefetch only after the current
-// one has signalled. o_proj streams its weights from L2 (prefetched at its claim, during
-// attention); gate_up's prefetch, issued at its claim, would fill L2 from DRAM during that
-// pass and slow it. After the signal it still overlaps the hand-over to gate_up and its
-// norm (benchmarks/RESULTS.md, entry 25).
-__device__ __forceinline__ bool prefetches_after_signal(int op) {
-  return op == kOpOProjResidual;
-}
-
 // Controller warp: prefetch the first p.prefetch_bytes of the weight runs of the
-// instruction in `slot_words` into L2.
+// instruction in `slot_words` into L2. Issued once the instruction before it has
+// signalled, in the hand-over between stages, not at the claim: between the claim and the
+// signal the prefetch's DRAM-to-L2 traffic slowed the running op's own loads by more than
+// it saved the next op (benchmarks/RESULTS.md, entry 25).
 __device__ void prefetch_weights(const KernelParams& p, const int* slot_words) {
   const int lane = threadIdx.x % kWarpSize;
   if (lane < kMaxWeightRuns) {
@@ -234,10 +228,9 @@ __device__ void prefetch_weights(const KernelParams& p, const int* slot_words) {
   }
 }
 
-// Controller warp: claim the next instruction and copy its words into `slot_words`; with
-// `prefetch`, also prefetch_weights() for it.
+// Controller warp: claim the next instruction and copy its words into `slot_words`.
 __device__ void controller_fetch(const KernelParams& p, uint64_t claim_base, int* slot_words,
-                                 int* slot_index, bool prefetch) {
+                                 int* slot_index) {
   const int lane = threadIdx.x % kWarpSize;
   int index = 0;
   if (lane == 0) {
@@ -251,7 +244,6 @@ __device__ void controller_fetch(const KernelParams& p, uint64_t claim_base, int
   const int word = __ldg(p.instructions + static_cast<int64_t>(index) * kInstructionWords + lane);
   slot_words[lane] = word;
   __syncwarp();
-  if (prefetch) prefetch_weights(p, slot_words);
 }
 
 // Compute warps: runs the op, which passes the block barrier (ctx.ready()) once the
@@ -291,7 +283,10 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
       static_cast<uint64_t>(p.epoch - 1) * (static_cast<uint64_t>(p.num_instructions) + gridDim.x);
 
   if (leader) seen_counter = {kNoCounter, 0};
-  if (controller) controller_fetch(p, claim_base, slot_words[0], &slot_index[0], true);
+  if (controller) {
+    controller_fetch(p, claim_base, slot_words[0], &slot_index[0]);
+    if (slot_index[0] != kNoInstruction) prefetch_weights(p, slot_words[0]);
+  }
   block_sync();
 
   const uint64_t policy = evict_first_policy();
@@ -312,9 +307,7 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
 #endif
       block_sync();  // A
       if (!go[slot]) break;
-      const bool prefetch_late = prefetches_after_signal(words[word::kOpcode]);
-      controller_fetch(p, claim_base, slot_words[slot ^ 1], &slot_index[slot ^ 1],
-                       !prefetch_late);
+      controller_fetch(p, claim_base, slot_words[slot ^ 1], &slot_index[slot ^ 1]);
       block_sync();  // B: every output of the instruction is written
 #ifdef MEGAKERNEL_PROFILE
       int64_t t_passed_b = 0;
@@ -341,8 +334,7 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
         }
 #endif
       }
-      if (prefetch_late && slot_index[slot ^ 1] != kNoInstruction)
-        prefetch_weights(p, slot_words[slot ^ 1]);
+      if (slot_index[slot ^ 1] != kNoInstruction) prefetch_weights(p, slot_words[slot ^ 1]);
     } else {
       const OpContext ctx{p, words, reinterpret_cast<float*>(dynamic_smem), scratch, &go[slot], policy,
                           words[word::kTokenBegin]};
