@@ -167,9 +167,8 @@ __device__ bool controller_ready(const KernelParams& p, int index, const int* wo
 }
 
 // Weight runs an instruction streams, for the L2 prefetch: up to kMaxWeightRuns
-// contiguous runs (gate_up's gate and up rows). rms_qkv_rope has none: its claim comes
-// during down_proj, the DRAM-bound stage, which its prefetch slowed by more than it sped
-// up qkv (benchmarks/RESULTS.md, entry 9).
+// contiguous runs (gate_up's gate and up rows; rms_qkv_rope's lo and hi rows of the
+// block's pairs in its first head).
 constexpr int kMaxWeightRuns = 2;
 struct WeightRuns {
   const void* ptr[kMaxWeightRuns];
@@ -182,6 +181,17 @@ __device__ WeightRuns weight_runs(const KernelParams& p, const int* words) {
   const int64_t l = words[word::kLayer];
   const int64_t q_size = static_cast<int64_t>(p.num_heads) * p.head_dim;
   switch (words[word::kOpcode]) {
+    case kOpRmsQkvRope: {
+      const int hd = p.head_dim, half = hd / 2;
+      const int head = words[rms_qkv_rope::kHead], p0 = words[rms_qkv_rope::kPairBegin];
+      const int pairs = min(words[rms_qkv_rope::kPairCount], half - p0);
+      const int64_t qkv_rows = static_cast<int64_t>(p.num_heads + 2 * p.num_kv_heads) * hd;
+      const __nv_bfloat16* lo = bf16_ptr(p.qkv) + (l * qkv_rows + head * hd + p0) * H;
+      r.ptr[0] = lo;
+      r.ptr[1] = lo + half * H;
+      r.bytes[0] = r.bytes[1] = static_cast<uint32_t>(pairs * H * 2);
+      break;
+    }
     case kOpOProjResidual:
       r.ptr[0] = bf16_ptr(p.o_proj) + (l * H + words[o_proj_residual::kRowBegin]) * q_size;
       r.bytes[0] = static_cast<uint32_t>(words[o_proj_residual::kRowCount] * q_size * 2);
