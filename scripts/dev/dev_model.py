@@ -35,3 +35,21 @@ def back_to_back_ms(mk, pending, first_position: int, steps: int, warmup: int = 
     end.record()
     end.synchronize()
     return start.elapsed_time(end) / steps, pending
+
+
+def program_times(mk, program, contexts, steps: int = 64):
+    """Load `program` into backend `mk` and time `steps` back-to-back decode steps from each
+    context: [(context, ms/token, last token)]."""
+    mk.load_program(program)
+    out = []
+    for context in contexts:
+        ms, token = back_to_back_ms(mk, torch.tensor(1, device=mk.weights.device), context,
+                                    steps)
+        mk.check_error()
+        out.append((context, ms, int(token)))
+    return out
+
+
+def format_times(times) -> str:
+    """program_times() as 'context: ms, ...'."""
+    return ", ".join(f"{context}: {ms:.4f}" for context, ms, _ in times)

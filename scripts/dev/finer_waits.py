@@ -6,11 +6,9 @@ must agree.
     MODEL=llama-3.2-1b python3 scripts/dev/finer_waits.py"""
 import os
 
-import torch
-
 from megakernel.instructions import ATTENTION_PARTIAL, ATTENTION_REDUCE
 from megakernel.scheduler.program import Program, build_program
-from dev_model import back_to_back_ms, random_backend
+from dev_model import format_times, program_times, random_backend
 
 WAIT0_COUNTER, WAIT0_TARGET, SIGNAL = 2, 3, 6   # header words (instruction_layout.h)
 KV_HEAD, HEAD_BEGIN = 10, 10                    # argument words of the two opcodes
@@ -50,13 +48,9 @@ programs = {"stage waits": base, "per-KV-head reduce waits": per_kv_head_reduce_
 for round_ in range(2):
     last = {}
     for name, program in programs.items():
-        mk.load_program(program)
-        times = []
-        for context in CONTEXTS:
-            ms, token = back_to_back_ms(mk, torch.tensor(1, device="cuda"), context, 64)
-            mk.check_error()
-            times.append(f"{context}: {ms:.4f}")
-            last.setdefault(context, set()).add(int(token))
-        print(f"{model} round {round_}: {name:>26}  ms/token at context " + ", ".join(times),
+        times = program_times(mk, program, CONTEXTS)
+        for context, _, token in times:
+            last.setdefault(context, set()).add(token)
+        print(f"{model} round {round_}: {name:>26}  ms/token at context " + format_times(times),
               flush=True)
     assert all(len(tokens) == 1 for tokens in last.values()), last

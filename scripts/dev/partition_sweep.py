@@ -6,10 +6,8 @@ attention_partitions() forced to each count given, at several contexts. Same pro
 import os
 import sys
 
-import torch
-
 import megakernel.scheduler.program as program_module
-from dev_model import back_to_back_ms, random_backend
+from dev_model import format_times, program_times, random_backend
 
 model = os.environ.get("MODEL", "llama-3.2-1b")
 CONTEXTS = (32, 1024, 8000)
@@ -31,12 +29,7 @@ default = original(cfg, mk.num_sms, MAX, 16)
 programs = {p: build(p) for p in [default] + [int(a) for a in sys.argv[1:] if int(a) != default]}
 for round_ in range(2):
     for parts, program in programs.items():
-        mk.load_program(program)
-        times = []
-        for context in CONTEXTS:
-            ms, _ = back_to_back_ms(mk, torch.tensor(1, device="cuda"), context, 64)
-            mk.check_error()
-            times.append(f"{context}: {ms:.4f}")
+        times = program_times(mk, program, CONTEXTS)
         print(f"{model} round {round_}: {parts:>3} partitions per KV head"
               f"{' (default)' if parts == default else ''}  ms/token at context "
-              + ", ".join(times), flush=True)
+              + format_times(times), flush=True)

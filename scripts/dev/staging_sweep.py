@@ -8,7 +8,7 @@ rebuilt: the patch adds the launch-time opcode mask `stage_ops` this script sets
 
 For each mask and L2 prefetch budget: ms/token of 128 back-to-back decode steps (two
 rounds), and whether tokens and logits are bit-identical to the first configuration."""
-import json, os, itertools
+import json, os
 import torch
 from dev_model import random_backend
 
