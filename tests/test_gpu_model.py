@@ -87,6 +87,16 @@ def test_greedy_tokens_equal_reference_over_128_steps(checkpoint):
                                             dtype=torch.bfloat16, max_seq_len=256)
     expected = ref.generate(prompt, max_new_tokens=128, ignore_eos=True)
     assert gpu.token_ids == expected.token_ids
+    # Blocks cut for four times the SMs: every SM runs several instructions of each stage,
+    # so its controller meets waits it already saw hold (and skips their loads).
+    from megakernel.scheduler import build_program
+
+    backend = engine.backend
+    backend.load_program(build_program(backend.config, num_sms=4 * backend.num_sms,
+                                       page_size=backend.kv_cache.page_size,
+                                       max_seq_len=backend.max_seq_len))
+    many_waves = engine.generate(prompt, max_new_tokens=128, ignore_eos=True)
+    assert many_waves.token_ids == expected.token_ids
 
 
 def test_one_launch_per_decode_step(checkpoint):
