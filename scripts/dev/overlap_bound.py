@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from dev_model import back_to_back_ms, random_backend
+from dev_model import program_times, random_backend
 from megakernel.scheduler import Program, build_program
 
 model = os.environ.get("MODEL", "llama-3.2-1b")
@@ -52,10 +52,8 @@ no_reduce = with_instructions(
     [0 if c in reduce_counters else t for c, t in enumerate(exact.counter_targets)])
 
 
-def ms_per_token(program, steps: int = 128) -> float:
-    mk.load_program(program)
-    ms, _ = back_to_back_ms(mk, torch.tensor(1, device="cuda"), 32, steps)
-    mk.check_error()
+def ms_per_token(program) -> float:
+    [(_, ms, _)] = program_times(mk, program, (32,), steps=128)
     return ms
 
 

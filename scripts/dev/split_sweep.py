@@ -7,10 +7,8 @@ the last token must match (rows are whole dot products, so bits do not change).
 import os
 import sys
 
-import torch
-
 import megakernel.scheduler.program as program_module
-from dev_model import back_to_back_ms, random_backend
+from dev_model import program_times, random_backend
 
 model = os.environ.get("MODEL", "llama-3.2-1b")
 MAX = 1024
@@ -46,10 +44,7 @@ programs = {name: build(w) for name, w in VARIANTS.items()}
 reference = None
 for round_ in range(2):
     for name, prog in programs.items():
-        mk.load_program(prog)
-        ms, token = back_to_back_ms(mk, torch.tensor(1, device="cuda"), 32, 128)
-        mk.check_error()
-        token = int(token)
+        [(_, ms, token)] = program_times(mk, prog, (32,), steps=128)
         reference = token if reference is None else reference
         blocks = prog.opcode_counts()
         print(f"{model} round {round_}: {name:<22} {ms:.4f} ms/token  (lm_head blocks "
