@@ -9,13 +9,13 @@ __version__ = "0.1.0"
 from .config import ModelConfig
 from .engine import (BACKENDS, Engine, GenerationResult, GenerationStats, generate,
                      megakernel_available)
-from .errors import (BackendUnavailableError, CheckpointError, InvalidRequestError,
-                     KernelFaultError, KVCacheExhaustedError, MegakernelError,
-                     UnsupportedModelError)
+from .errors import (BackendUnavailableError, CheckpointError, DeviceHungError,
+                     InvalidRequestError, KernelFaultError, KVCacheExhaustedError,
+                     MegakernelError, UnsupportedModelError)
 
 __all__ = [
     "BACKENDS", "Engine", "GenerationResult", "GenerationStats", "ModelConfig", "generate",
-    "megakernel_available", "BackendUnavailableError", "CheckpointError",
+    "megakernel_available", "BackendUnavailableError", "CheckpointError", "DeviceHungError",
     "InvalidRequestError", "KernelFaultError", "KVCacheExhaustedError", "MegakernelError",
     "UnsupportedModelError",
 ]

@@ -9,6 +9,11 @@ prompt, then decode one token per step. Decode is pipelined: step i+1 is launche
 the token of step i still on the device, and only then is that token read back for stop
 checks and streaming, through a pinned copy and an event behind step i alone
 (readback.TokenReadback), so the host never leaves the GPU idle between steps.
+
+Every wait for the device is bounded. A launch that does not finish within the readback's
+timeout (one that no kernel watchdog ended) raises DeviceHungError; the engine then marks
+itself hung rather than block on the device, refuses new work while the launch runs, and
+recovers by itself once the device is idle.
 """
 from __future__ import annotations
 
@@ -21,13 +26,15 @@ import torch
 
 from .backends.base import Backend
 from .detokenize import IncrementalDecoder
-from .errors import BackendUnavailableError, InvalidRequestError
+from .errors import BackendUnavailableError, DeviceHungError, InvalidRequestError
 from .kv_cache import PagedKVCache
 from .loading import load_model, resolve_device, resolve_dtype
-from .readback import TokenReadback
+from .readback import TokenReadback, synchronize_within
 from .sampling import sample, validate_sampling
 
 BACKENDS = ("megakernel", "torch", "reference")
+# How long recovery after an error waits for the device before it calls it hung.
+RECOVER_TIMEOUT_S = 10.0
 DEFAULT_PAGE_SIZE = 16
 
 
@@ -80,6 +87,8 @@ class Engine:
         self.seed = seed
         self.device = kv_cache.device
         self.readback = TokenReadback(self.device)
+        self.recover_timeout_s = RECOVER_TIMEOUT_S
+        self.hung = False   # a launch did not finish in time and may still be running
 
     @property
     def backend_name(self) -> str:
@@ -193,6 +202,7 @@ class Engine:
             if self.tokenizer is not None:
                 stops |= set(self.tokenizer.eos_token_ids)
 
+        self._check_device_idle()
         # The last step's K/V lands at position len(ids) + max_new_tokens - 1 at most;
         # the pipelined extra step may write one further position, which must exist.
         self.kv_cache.release()
@@ -249,8 +259,10 @@ class Engine:
                     logits.append(step_logits.cpu())
                 pending, ticket = nxt, next_ticket
                 position += 1
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+            # The pipelined step after a stop token may still run.
+            if not synchronize_within(self.device, self.readback.timeout_s):
+                raise DeviceHungError(f"the device did not finish a decode step within "
+                                      f"{self.readback.timeout_s:g} s")
             self.backend.check_error()
         except BaseException:
             # Ctrl-C, a kernel fault or any other error: leave the engine usable.
@@ -271,12 +283,29 @@ class Engine:
             finish_reason=finish, stats=stats,
             logits=torch.stack(logits[:n]) if output_logits else None)
 
+    def _check_device_idle(self) -> None:
+        """Refuse new work while a launch that did not finish in time still runs; once the
+        device is idle again, recover and go on."""
+        if not self.hung:
+            return
+        if not synchronize_within(self.device, 0.0):
+            raise DeviceHungError("the device is still running a launch that did not finish "
+                                  "in time; a kernel that never ends clears only when the "
+                                  "process exits")
+        self.hung = False
+        self._recover()
+
     def _recover(self) -> None:
-        if self.device.type == "cuda":
-            try:
-                torch.cuda.synchronize(self.device)
-            except Exception:
-                pass
+        """Leave the engine usable after an error: wait for the device (at most
+        recover_timeout_s), then reset the backend, the readback and the KV pages. A device
+        still busy then is marked hung, and nothing that would wait for it is touched."""
+        try:
+            idle = synchronize_within(self.device, self.recover_timeout_s)
+        except Exception:
+            idle = True     # a device fault: the resets below report it if it persists
+        if not idle:
+            self.hung = True
+            return
         self.backend.reset()
         self.readback.reset()
         self.kv_cache.release()

@@ -39,3 +39,11 @@ class KernelFaultError(MegakernelError, RuntimeError):
     def __init__(self, message: str, record: dict | None = None):
         super().__init__(message)
         self.record = record or {}
+
+
+class DeviceHungError(KernelFaultError):
+    """The device did not finish queued work in time (a launch that no watchdog ended).
+
+    The engine refuses new work until the device is idle again; a kernel that never ends
+    only clears when the process exits.
+    """

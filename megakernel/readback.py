@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from .errors import KernelFaultError
+from .errors import DeviceHungError
 
 # Tokens that may be pushed and not yet read: the decode loop keeps one step in flight.
 SLOTS = 4
@@ -65,8 +65,9 @@ class TokenReadback:
 
     def read(self, ticket: int) -> int:
         """The value of push()'s `ticket`, once the work before it has run. Tickets are read
-        in order. Raises KernelFaultError when the device does not get there within
-        timeout_s (the kernel's own watchdog normally ends a hung launch long before)."""
+        in order. Raises DeviceHungError (a KernelFaultError) when the device does not get
+        there within timeout_s (the kernel's own watchdog normally ends a hung launch long
+        before)."""
         if ticket != self.read_count or ticket >= self.pushed:
             raise RuntimeError(f"ticket {ticket} read out of order (next is {self.read_count})")
         slot = ticket % SLOTS
@@ -75,16 +76,33 @@ class TokenReadback:
             value = self.values[slot]
             self.values[slot] = None
             return int(value)
-        event = self.events[slot]
-        if not event.query():
-            deadline = time.perf_counter() + self.timeout_s
-            while not event.query():
-                if time.perf_counter() > deadline:
-                    raise KernelFaultError(f"the device did not finish a decode step within "
-                                           f"{self.timeout_s:g} s")
+        if not wait_for_event(self.events[slot], self.timeout_s):
+            raise DeviceHungError(f"the device did not finish a decode step within "
+                                  f"{self.timeout_s:g} s")
         source, self.sources[slot] = self.sources[slot], None
         return int(self.host[slot] if source is None else source)
 
     def reset(self) -> None:
         """Forget unread tokens (after an error, once the device is synchronized)."""
         self.read_count = self.pushed
+
+
+def wait_for_event(event: torch.cuda.Event, timeout_s: float) -> bool:
+    """Whether `event` completes within timeout_s (polled: a blocking wait on a device
+    that never gets there would never return)."""
+    deadline = time.perf_counter() + timeout_s
+    while not event.query():
+        if time.perf_counter() > deadline:
+            return False
+    return True
+
+
+def synchronize_within(device, timeout_s: float) -> bool:
+    """torch.cuda.synchronize(device) for the current stream's work, bounded: whether the
+    device got through it within timeout_s. True at once on the CPU."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return True
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return wait_for_event(event, timeout_s)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import megakernel
-from megakernel.errors import (BackendUnavailableError, InvalidRequestError,
+from megakernel.errors import (BackendUnavailableError, DeviceHungError, InvalidRequestError,
                                KVCacheExhaustedError)
 from megakernel.kv_cache import PagedKVCache
 
@@ -153,6 +153,36 @@ def test_interrupt_leaves_engine_usable(engine, baseline):
     assert calls == baseline.token_ids[:3]
     assert engine.generate("Hello", max_new_tokens=12, ignore_eos=True).token_ids == \
         baseline.token_ids
+
+
+def test_a_hung_device_is_refused_until_idle_then_the_engine_recovers(monkeypatch, baseline):
+    # A launch that outlives the readback's bound (no watchdog ended it): generate raises,
+    # recovery finds the device still busy and marks it hung instead of waiting on it;
+    # later calls are refused without touching the KV cache until the device is idle.
+    # (The device is simulated on the CPU; test_readback.py has the real one on a GPU.)
+    import megakernel.engine as engine_module
+    eng = megakernel.Engine.from_pretrained("random:tiny", device="cpu", backend="torch",
+                                            max_seq_len=128)
+    device_idle = False
+    monkeypatch.setattr(engine_module, "synchronize_within", lambda device, s: device_idle)
+
+    def read_times_out(ticket):
+        raise DeviceHungError("the device did not finish a decode step within 0.1 s")
+
+    monkeypatch.setattr(eng.readback, "read", read_times_out)
+    with pytest.raises(DeviceHungError, match="did not finish"):
+        eng.generate("Hello", max_new_tokens=12, ignore_eos=True)
+    assert eng.hung
+    monkeypatch.undo()
+    monkeypatch.setattr(engine_module, "synchronize_within", lambda device, s: device_idle)
+    reserved = eng.kv_cache.pages()      # left as the hung launch may still use them
+    with pytest.raises(DeviceHungError, match="still running"):
+        eng.generate("Hello", max_new_tokens=12, ignore_eos=True)
+    assert eng.kv_cache.pages() == reserved
+    device_idle = True
+    assert eng.generate("Hello", max_new_tokens=12, ignore_eos=True).token_ids == \
+        baseline.token_ids
+    assert not eng.hung
 
 
 def test_backend_choice_errors():

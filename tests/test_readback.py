@@ -60,3 +60,38 @@ def test_gpu_push_of_a_host_written_token_copies_nothing():
     ticket = rb.push(token, host=written[0])
     assert rb.read(ticket) == 42
     assert int(rb.host[ticket % SLOTS]) == 0
+
+
+@pytest.mark.gpu
+def test_gpu_engine_refuses_work_while_a_launch_outlives_its_bound_then_recovers():
+    # After the first token, ~3 s of GPU time are queued ahead of the next decode step,
+    # whose readback waits 0.2 s: the read gives up, recovery gives up after 0.2 s more and
+    # marks the device hung instead of blocking on it, the next call is refused at once,
+    # and once the device is idle the engine decodes as before.
+    import megakernel
+    from megakernel.errors import DeviceHungError
+
+    engine = megakernel.Engine.from_pretrained("random:tiny", device="cuda", max_seq_len=64)
+    expected = engine.generate("Hello", max_new_tokens=8, ignore_eos=True).token_ids
+    engine.readback.timeout_s = engine.recover_timeout_s = 0.2
+    streamed = []
+
+    def stall_after_first_token(token, piece):
+        if not streamed:
+            torch.cuda._sleep(6_000_000_000)
+        streamed.append(token)
+
+    t = time.perf_counter()
+    with pytest.raises(DeviceHungError, match="did not finish"):
+        engine.generate("Hello", max_new_tokens=8, ignore_eos=True,
+                        stream=stall_after_first_token)
+    assert engine.hung and time.perf_counter() - t < 1.5
+    assert streamed == expected[:len(streamed)] and 1 <= len(streamed) < 8
+    t = time.perf_counter()
+    with pytest.raises(DeviceHungError, match="still running"):
+        engine.generate("Hello", max_new_tokens=8, ignore_eos=True)
+    assert time.perf_counter() - t < 0.1
+    torch.cuda.synchronize()
+    engine.readback.timeout_s = engine.recover_timeout_s = 10.0
+    assert engine.generate("Hello", max_new_tokens=8, ignore_eos=True).token_ids == expected
+    assert not engine.hung
