@@ -49,7 +49,8 @@ from megakernel.instructions import OPCODES
 from megakernel.kv_cache import PagedKVCache
 from megakernel.loading import RANDOM_PREFIX, load_model, save_pretrained
 from megakernel.presets import PRESETS
-from megakernel.readback import TokenReadback
+from megakernel.errors import DeviceHungError
+from megakernel.readback import DEFAULT_TIMEOUT_S, TokenReadback, synchronize_within
 
 ALL_BACKENDS = ("megakernel", "torch", "torch-graph", "torch-compile", "hf", "reference")
 # Baselines every row is compared against (when they ran), with their table headers.
@@ -199,8 +200,10 @@ def _driver_version() -> str | None:
 
 
 def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    """Wait for the device's queued work, bounded: a launch that never ends is an error."""
+    if not synchronize_within(device, DEFAULT_TIMEOUT_S):
+        raise DeviceHungError(f"the device did not finish its work within "
+                              f"{DEFAULT_TIMEOUT_S:g} s")
 
 
 def measure_copy_bandwidth(device: torch.device) -> dict:
@@ -985,8 +988,8 @@ def _recover(runner: Runner, device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         try:
-            torch.cuda.synchronize(device)
-            torch.cuda.empty_cache()
+            if synchronize_within(device, DEFAULT_TIMEOUT_S):  # else hung: free nothing
+                torch.cuda.empty_cache()
         except Exception:
             pass
 
