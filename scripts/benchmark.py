@@ -45,11 +45,11 @@ import torch
 
 import megakernel
 from megakernel.engine import Engine, make_backend, megakernel_available
+from megakernel.errors import DeviceHungError
 from megakernel.instructions import OPCODES
 from megakernel.kv_cache import PagedKVCache
 from megakernel.loading import RANDOM_PREFIX, load_model, save_pretrained
 from megakernel.presets import PRESETS
-from megakernel.errors import DeviceHungError
 from megakernel.readback import DEFAULT_TIMEOUT_S, TokenReadback, synchronize_within
 
 ALL_BACKENDS = ("megakernel", "torch", "torch-graph", "torch-compile", "hf", "reference")
