@@ -50,7 +50,8 @@ from megakernel.instructions import OPCODES
 from megakernel.kv_cache import PagedKVCache
 from megakernel.loading import RANDOM_PREFIX, load_model, save_pretrained
 from megakernel.presets import PRESETS
-from megakernel.readback import DEFAULT_TIMEOUT_S, TokenReadback, synchronize_within
+from megakernel.readback import (DEFAULT_TIMEOUT_S, TokenReadback, synchronize_within,
+                                 wait_for_event)
 
 ALL_BACKENDS = ("megakernel", "torch", "torch-graph", "torch-compile", "hf", "reference")
 # Baselines every row is compared against (when they ran), with their table headers.
@@ -219,7 +220,9 @@ def measure_copy_bandwidth(device: torch.device) -> dict:
             start.record()
             dst.copy_(src)
             end.record()
-            end.synchronize()
+            if not wait_for_event(end, DEFAULT_TIMEOUT_S):
+                raise DeviceHungError(f"a device copy did not finish within "
+                                      f"{DEFAULT_TIMEOUT_S:g} s")
             ms = start.elapsed_time(end)
         else:
             t = time.perf_counter()
