@@ -29,7 +29,7 @@ from .detokenize import IncrementalDecoder
 from .errors import BackendUnavailableError, DeviceHungError, InvalidRequestError
 from .kv_cache import PagedKVCache
 from .loading import load_model, resolve_device, resolve_dtype
-from .readback import TokenReadback, synchronize_within
+from .readback import TokenReadback, synchronize_or_raise, synchronize_within
 from .sampling import sample, validate_sampling
 
 BACKENDS = ("megakernel", "torch", "reference")
@@ -260,9 +260,7 @@ class Engine:
                 pending, ticket = nxt, next_ticket
                 position += 1
             # The pipelined step after a stop token may still run.
-            if not synchronize_within(self.device, self.readback.timeout_s):
-                raise DeviceHungError(f"the device did not finish a decode step within "
-                                      f"{self.readback.timeout_s:g} s")
+            synchronize_or_raise(self.device, self.readback.timeout_s, "a decode step")
             self.backend.check_error()
         except BaseException:
             # Ctrl-C, a kernel fault or any other error: leave the engine usable.

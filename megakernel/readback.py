@@ -76,9 +76,7 @@ class TokenReadback:
             value = self.values[slot]
             self.values[slot] = None
             return int(value)
-        if not wait_for_event(self.events[slot], self.timeout_s):
-            raise DeviceHungError(f"the device did not finish a decode step within "
-                                  f"{self.timeout_s:g} s")
+        wait_or_raise(self.events[slot], self.timeout_s, "a decode step")
         source, self.sources[slot] = self.sources[slot], None
         return int(self.host[slot] if source is None else source)
 
@@ -106,3 +104,15 @@ def synchronize_within(device, timeout_s: float) -> bool:
     event = torch.cuda.Event()
     event.record(torch.cuda.current_stream(device))
     return wait_for_event(event, timeout_s)
+
+
+def wait_or_raise(event: torch.cuda.Event, timeout_s: float, what: str) -> None:
+    """wait_for_event(), or DeviceHungError: the device did not finish `what` in time."""
+    if not wait_for_event(event, timeout_s):
+        raise DeviceHungError(f"the device did not finish {what} within {timeout_s:g} s")
+
+
+def synchronize_or_raise(device, timeout_s: float, what: str) -> None:
+    """synchronize_within(), or DeviceHungError: the device did not finish `what` in time."""
+    if not synchronize_within(device, timeout_s):
+        raise DeviceHungError(f"the device did not finish {what} within {timeout_s:g} s")

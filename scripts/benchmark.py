@@ -45,13 +45,12 @@ import torch
 
 import megakernel
 from megakernel.engine import Engine, make_backend, megakernel_available
-from megakernel.errors import DeviceHungError
 from megakernel.instructions import OPCODES
 from megakernel.kv_cache import PagedKVCache
 from megakernel.loading import RANDOM_PREFIX, load_model, save_pretrained
 from megakernel.presets import PRESETS
-from megakernel.readback import (DEFAULT_TIMEOUT_S, TokenReadback, synchronize_within,
-                                 wait_for_event)
+from megakernel.readback import (DEFAULT_TIMEOUT_S, TokenReadback, synchronize_or_raise,
+                                 synchronize_within, wait_or_raise)
 
 ALL_BACKENDS = ("megakernel", "torch", "torch-graph", "torch-compile", "hf", "reference")
 # Baselines every row is compared against (when they ran), with their table headers.
@@ -202,9 +201,7 @@ def _driver_version() -> str | None:
 
 def _sync(device: torch.device) -> None:
     """Wait for the device's queued work, bounded: a launch that never ends is an error."""
-    if not synchronize_within(device, DEFAULT_TIMEOUT_S):
-        raise DeviceHungError(f"the device did not finish its work within "
-                              f"{DEFAULT_TIMEOUT_S:g} s")
+    synchronize_or_raise(device, DEFAULT_TIMEOUT_S, "its work")
 
 
 def measure_copy_bandwidth(device: torch.device) -> dict:
@@ -220,9 +217,7 @@ def measure_copy_bandwidth(device: torch.device) -> dict:
             start.record()
             dst.copy_(src)
             end.record()
-            if not wait_for_event(end, DEFAULT_TIMEOUT_S):
-                raise DeviceHungError(f"a device copy did not finish within "
-                                      f"{DEFAULT_TIMEOUT_S:g} s")
+            wait_or_raise(end, DEFAULT_TIMEOUT_S, "a copy")
             ms = start.elapsed_time(end)
         else:
             t = time.perf_counter()

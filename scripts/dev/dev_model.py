@@ -4,10 +4,14 @@ back-to-back decode steps."""
 import torch
 
 from megakernel.backends.megakernel_backend import MegakernelBackend
-from megakernel.errors import DeviceHungError
 from megakernel.kv_cache import PagedKVCache
 from megakernel.presets import PRESETS, random_weights
-from megakernel.readback import wait_for_event
+from megakernel.readback import wait_or_raise
+
+
+# Bound on waiting for a batch of steps: a launch that never ends (say a kernel deadlocked
+# in a barrier, which no watchdog ends) stops the script instead of hanging it.
+STEPS_TIMEOUT_S = 120.0
 
 
 def random_backend(model: str, max_len: int = 1024, **backend_kw):
@@ -30,22 +34,15 @@ def back_to_back_ms(mk, pending, first_position: int, steps: int, warmup: int = 
         pending = mk.decode(pending, pos).greedy_token
     warm = torch.cuda.Event()
     warm.record()
-    wait_or_raise(warm)
+    wait_or_raise(warm, STEPS_TIMEOUT_S, "the warm-up steps")
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     timed = first_position + warmup
     start.record()
     for pos in range(timed, timed + steps):
         pending = mk.decode(pending, pos).greedy_token
     end.record()
-    wait_or_raise(end)
+    wait_or_raise(end, STEPS_TIMEOUT_S, "the timed steps")
     return start.elapsed_time(end) / steps, pending
-
-
-def wait_or_raise(event, timeout_s: float = 120.0) -> None:
-    """Wait for `event`, bounded: a launch that never ends (say a kernel deadlocked in a
-    barrier, which no watchdog ends) stops the script instead of hanging it."""
-    if not wait_for_event(event, timeout_s):
-        raise DeviceHungError(f"the device did not get through the steps in {timeout_s:g} s")
 
 
 def program_times(mk, program, contexts, steps: int = 64):
