@@ -1,17 +1,19 @@
 """What the dev scripts share: a model preset with seeded random bf16 weights, a paged KV
-cache reserved to its length and the megakernel backend over them; and the time of
-back-to-back decode steps."""
+cache reserved to its length and the megakernel backend over them; the time of
+back-to-back decode steps; and the kernel profile of one step."""
 import torch
 
 from megakernel.backends.megakernel_backend import MegakernelBackend
 from megakernel.kv_cache import PagedKVCache
 from megakernel.presets import PRESETS, random_weights
+from megakernel.profiling import KERNEL_PROFILE_FIELDS
 from megakernel.readback import wait_or_raise
 
 
 # Bound on waiting for a batch of steps: a launch that never ends (say a kernel deadlocked
 # in a barrier, which no watchdog ends) stops the script instead of hanging it.
 STEPS_TIMEOUT_S = 120.0
+PROFILE_END_NS = KERNEL_PROFILE_FIELDS["end_ns"]   # zero in the records of rows that never ran
 
 
 def random_backend(model: str, max_len: int = 1024, **backend_kw):
@@ -43,6 +45,19 @@ def back_to_back_ms(mk, pending, first_position: int, steps: int, warmup: int = 
     end.record()
     wait_or_raise(end, STEPS_TIMEOUT_S, "the timed steps")
     return start.elapsed_time(end) / steps, pending
+
+
+def profiled_step(mk, position: int):
+    """One decode step at `position` on a profiling backend (random_backend(...,
+    profile=True), MEGAKERNEL_PROFILE build): its kernel profile records, as a numpy array
+    [instructions that ran, PROFILE_WORDS]."""
+    mk.decode(torch.tensor(1, device=mk.weights.device), position)
+    done = torch.cuda.Event()
+    done.record()
+    wait_or_raise(done, STEPS_TIMEOUT_S, "the profiled step")
+    mk.check_error()
+    raw = mk.last_profile().cpu().numpy().copy()
+    return raw[raw[:, PROFILE_END_NS] > 0]
 
 
 def program_times(mk, program, contexts, steps: int = 64):

@@ -7,9 +7,8 @@ import os
 import sys
 
 import numpy as np
-import torch
 
-from dev_model import random_backend
+from dev_model import profiled_step, random_backend
 from megakernel.instructions import OPCODES
 from megakernel.profiling import KERNEL_PROFILE_FIELDS as F
 
@@ -19,21 +18,13 @@ budgets = [int(a) for a in sys.argv[1:]] or [0, mk.ext.DEFAULT_PREFETCH_BYTES]
 names = {op: spec.name for op, spec in OPCODES.items()}
 
 
-def one_step(position: int) -> np.ndarray:
-    mk.decode(torch.tensor(1, device="cuda"), position)
-    torch.cuda.synchronize()
-    mk.check_error()
-    raw = mk.last_profile().cpu().numpy().copy()
-    return raw[raw[:, F["end_ns"]] > 0]
-
-
 for budget in budgets:
     mk.prefetch_bytes = budget
     for pos in range(32, 40):
-        one_step(pos)
+        profiled_step(mk, pos)
     steps, gaps, waits, by_next = [], [], [], {}
     for pos in range(40, 56):
-        raw = one_step(pos)
+        raw = profiled_step(mk, pos)
         steps.append(raw[:, F["end_ns"]].max() - raw[:, F["start_ns"]].min())
         waits.append((raw[:, F["ready_ns"]] - raw[:, F["start_ns"]]).sum() / 1e3)
         order = np.lexsort((raw[:, F["start_ns"]], raw[:, F["block"]]))

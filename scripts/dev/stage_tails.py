@@ -7,9 +7,8 @@ what balancing its blocks better could save at most.
 import os
 
 import numpy as np
-import torch
 
-from dev_model import random_backend
+from dev_model import profiled_step, random_backend
 from megakernel.instructions import OPCODES
 from megakernel.profiling import KERNEL_PROFILE_FIELDS as F
 
@@ -18,13 +17,9 @@ cfg, mk = random_backend(model, 1024, profile=True)
 names = {op: spec.name for op, spec in OPCODES.items()}
 tails, ops, spans = {}, {}, {}
 for position in range(32, 56):
-    mk.decode(torch.tensor(1, device="cuda"), position)
-    torch.cuda.synchronize()
-    mk.check_error()
+    raw = profiled_step(mk, position)
     if position < 40:
         continue                                   # warm-up steps
-    raw = mk.last_profile().cpu().numpy()
-    raw = raw[raw[:, F["end_ns"]] > 0]
     for (opcode, layer) in {(int(o), int(l)) for o, l in raw[:, [F["opcode"], F["layer"]]]}:
         stage = raw[(raw[:, F["opcode"]] == opcode) & (raw[:, F["layer"]] == layer)]
         if len(stage) < 2:
