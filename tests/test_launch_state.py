@@ -1,5 +1,6 @@
 """The host side of a megakernel launch, with a stand-in for the compiled extension: the
-step epoch advances only for launches the extension accepted (no GPU needed)."""
+step epoch advances only for launches the extension accepted (no GPU needed), and a reset
+waits for the device with a bound."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -7,7 +8,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import megakernel.backends.megakernel_backend as megakernel_backend
 from megakernel.backends.megakernel_backend import BUFFER_NAMES, KernelState, launch
+from megakernel.errors import DeviceHungError
 
 WEIGHT_NAMES = ("embed", "attn_norm", "qkv", "o_proj", "mlp_norm", "gate_up", "down",
                 "final_norm", "lm_head", "rope_cos", "rope_sin")
@@ -52,3 +55,23 @@ def test_every_buffer_the_launch_passes_is_allocated():
     program = build_program(PRESETS["tiny"], num_sms=8, page_size=16, max_seq_len=64)
     buffers = allocate_buffers(program, device="cpu", poison=False)
     assert set(BUFFER_NAMES) <= set(buffers), sorted(set(BUFFER_NAMES) - set(buffers))
+
+
+@pytest.mark.gpu
+def test_gpu_reset_while_the_device_stays_busy_raises_instead_of_blocking(monkeypatch):
+    # ~1 s of GPU time queued ahead of the reset, whose wait is bounded at 0.1 s: it raises
+    # DeviceHungError and clears nothing a running launch could still write; once the
+    # device is idle the reset goes through.
+    monkeypatch.setattr(megakernel_backend, "HOST_WAIT_TIMEOUT_S", 0.1)
+    ones = torch.ones(4, dtype=torch.int64, device="cuda")
+    state = KernelState(ones.clone(), ones.clone(), ones.clone(), ones.clone(),
+                        torch.ones(8, dtype=torch.int64))
+    state.epoch = 3
+    torch.cuda._sleep(2_000_000_000)
+    with pytest.raises(DeviceHungError, match="the launches before a reset"):
+        state.reset()
+    assert state.epoch == 3 and int(state.host_status.sum()) == 8
+    torch.cuda.synchronize()
+    state.reset()
+    assert state.epoch == 0 and int(state.counters.sum()) == 0
+    assert int(state.host_status.sum()) == 0

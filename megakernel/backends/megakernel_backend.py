@@ -25,6 +25,8 @@ import torch
 
 from megakernel.errors import BackendUnavailableError, InvalidRequestError, KernelFaultError
 from megakernel.instructions import OPCODES
+from megakernel.readback import DEFAULT_TIMEOUT_S as HOST_WAIT_TIMEOUT_S
+from megakernel.readback import synchronize_or_raise
 
 from .base import Backend, StepOutput
 
@@ -111,8 +113,10 @@ class KernelState:
 
     def reset(self) -> None:
         """Zero counters, queue and error record and restart at epoch 1. Waits for the
-        device first, so no running launch writes host_status after it is cleared."""
-        torch.cuda.synchronize(self.counters.device)
+        device first (bounded: DeviceHungError if it stays busy), so no running launch
+        writes host_status after it is cleared."""
+        synchronize_or_raise(self.counters.device, HOST_WAIT_TIMEOUT_S,
+                             "the launches before a reset")
         for t in (self.counters, self.queue, self.error_record, self.results):
             t.zero_()
         self.host_status.zero_()
@@ -382,10 +386,12 @@ class MegakernelBackend(Backend):
         memory), so it adds no sync: call it after reading a step's token. A launch still
         running is checked by the next call. greedy_token: optionally the token value just
         read; a negative one means that launch faulted. On error, the device is
-        synchronized and the full record is read."""
+        synchronized (bounded: DeviceHungError if it stays busy) and the full record is
+        read."""
         if self.state.host_error_code() == 0 and (greedy_token is None or greedy_token >= 0):
             return
-        torch.cuda.synchronize(self.weights.device)
+        synchronize_or_raise(self.weights.device, HOST_WAIT_TIMEOUT_S,
+                             "the launches after a fault")
         record = self.state.error_record.tolist()
         if record[self.ext.ERROR_WORDS["code"]] == 0:
             self.reset()
