@@ -7,13 +7,23 @@ from megakernel.backends.megakernel_backend import MegakernelBackend
 from megakernel.kv_cache import PagedKVCache
 from megakernel.presets import PRESETS, random_weights
 from megakernel.profiling import KERNEL_PROFILE_FIELDS
-from megakernel.readback import wait_or_raise
+from megakernel.readback import synchronize_or_raise, wait_or_raise
 
 
 # Bound on waiting for a batch of steps: a launch that never ends (say a kernel deadlocked
 # in a barrier, which no watchdog ends) stops the script instead of hanging it.
 STEPS_TIMEOUT_S = 120.0
 PROFILE_END_NS = KERNEL_PROFILE_FIELDS["end_ns"]   # zero in the records of rows that never ran
+
+
+def wait_for(event: torch.cuda.Event, what: str) -> None:
+    """event.synchronize(), bounded by STEPS_TIMEOUT_S (DeviceHungError past it)."""
+    wait_or_raise(event, STEPS_TIMEOUT_S, what)
+
+
+def wait_for_device(what: str) -> None:
+    """torch.cuda.synchronize() for the current stream, bounded by STEPS_TIMEOUT_S."""
+    synchronize_or_raise("cuda", STEPS_TIMEOUT_S, what)
 
 
 def random_backend(model: str, max_len: int = 1024, **backend_kw):
@@ -36,14 +46,14 @@ def back_to_back_ms(mk, pending, first_position: int, steps: int, warmup: int = 
         pending = mk.decode(pending, pos).greedy_token
     warm = torch.cuda.Event()
     warm.record()
-    wait_or_raise(warm, STEPS_TIMEOUT_S, "the warm-up steps")
+    wait_for(warm, "the warm-up steps")
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     timed = first_position + warmup
     start.record()
     for pos in range(timed, timed + steps):
         pending = mk.decode(pending, pos).greedy_token
     end.record()
-    wait_or_raise(end, STEPS_TIMEOUT_S, "the timed steps")
+    wait_for(end, "the timed steps")
     return start.elapsed_time(end) / steps, pending
 
 
@@ -54,7 +64,7 @@ def profiled_step(mk, position: int):
     mk.decode(torch.tensor(1, device=mk.weights.device), position)
     done = torch.cuda.Event()
     done.record()
-    wait_or_raise(done, STEPS_TIMEOUT_S, "the profiled step")
+    wait_for(done, "the profiled step")
     mk.check_error()
     raw = mk.last_profile().cpu().numpy().copy()
     return raw[raw[:, PROFILE_END_NS] > 0]

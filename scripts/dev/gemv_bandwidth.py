@@ -9,6 +9,7 @@ import os
 
 import torch
 
+from dev_model import wait_for
 from megakernel.presets import PRESETS
 
 cfg = PRESETS[os.environ.get("MODEL", "llama-3.2-1b")]
@@ -24,7 +25,7 @@ def median_ms(fn, iters: int = 20) -> float:
         start.record()
         fn()
         end.record()
-        end.synchronize()
+        wait_for(end, "a timed mat-vec")
         if i >= 3:
             times.append(start.elapsed_time(end))
     return sorted(times)[len(times) // 2]

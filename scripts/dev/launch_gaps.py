@@ -39,7 +39,7 @@ if sys.argv[1] == "table":
     raise SystemExit(0)
 
 import torch
-from dev_model import back_to_back_ms, random_backend
+from dev_model import back_to_back_ms, random_backend, wait_for, wait_for_device
 from megakernel.backends.megakernel_backend import launch
 from megakernel.engine import Engine
 
@@ -59,7 +59,7 @@ if prof:
     raws = []
     for pos in range(CONTEXT, CONTEXT + 12):
         o = mk.decode(pending, pos)
-        torch.cuda.synchronize()
+        wait_for_device("a profiled step")
         pending = o.greedy_token.clone()
         raws.append(mk.last_profile().cpu().numpy().copy())
     np.save(f"{OUT}/profile_raw.npy", np.stack(raws))
@@ -71,11 +71,12 @@ else:
     s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     ts = []
     for pos in range(168, 200):
-        torch.cuda.synchronize()
+        wait_for_device("the steps before a single launch")
         s.record()
         launch(mk.ext, mk.rows, mk.state, mk.buffers, mk.weights, cache.k, cache.v,
                cache.page_table, (5, pos), cfg.rms_norm_eps, mk.timeout_s)
-        e.record(); e.synchronize()
+        e.record()
+        wait_for(e, "a single launch")
         ts.append(s.elapsed_time(e))
     res["single_launch_ms_median"] = float(np.median(ts))
     from torch.profiler import profile, ProfilerActivity
@@ -89,7 +90,7 @@ else:
     with profile(activities=[ProfilerActivity.CUDA]) as p:
         for pos in range(168, 200):
             pending = mk.decode(pending, pos).greedy_token
-        torch.cuda.synchronize()
+        wait_for_device("the profiled back-to-back steps")
     kern = gpu_work(p)
     mks = [i for i, k in enumerate(kern) if "megakernel" in k[2]]
     res["b2b_kernel_us_median"] = float(np.median([kern[i][1] - kern[i][0] for i in mks]))
@@ -102,7 +103,7 @@ else:
             o = mk.decode(pending, pos)
             tok = int(pending)
             pending = o.greedy_token
-        torch.cuda.synchronize()
+        wait_for_device("the profiled steps read one by one")
     kern = gpu_work(p)
     res["kernels"] = [(a, b, n[:40]) for a, b, n in kern[-12:]]
     mks = [(a, b) for a, b, n in kern if "megakernel" in n]

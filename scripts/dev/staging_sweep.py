@@ -10,7 +10,7 @@ For each mask and L2 prefetch budget: ms/token of 128 back-to-back decode steps 
 rounds), and whether tokens and logits are bit-identical to the first configuration."""
 import json, os
 import torch
-from dev_model import random_backend
+from dev_model import random_backend, wait_for, wait_for_device
 
 OUT = os.environ.get("OUT", "/tmp/out")
 model = os.environ.get("MODEL", "llama-3.2-1b")
@@ -30,7 +30,7 @@ def run(mask, prefetch, steps=128):
     pending = first.clone()
     for pos in range(32, 40):
         pending = mk.decode(pending, pos).greedy_token
-    torch.cuda.synchronize()
+    wait_for_device("the warm-up steps")
     s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     toks = []
     s.record()
@@ -38,7 +38,8 @@ def run(mask, prefetch, steps=128):
         o = mk.decode(pending, pos)
         pending = o.greedy_token
         toks.append(pending.clone())
-    e.record(); e.synchronize()
+    e.record()
+    wait_for(e, "the timed steps")
     mk.check_error(int(pending))
     return s.elapsed_time(e) / steps, torch.stack(toks).tolist(), o.logits.clone()
 ref_toks = None
