@@ -53,6 +53,10 @@ namespace attention_partial {
 constexpr int kKvHead = 10;
 constexpr int kPartition = 11;
 constexpr int kNumPartitions = 12;
+constexpr int kHeadBegin = 13;
+constexpr int kHeadCount = 14;
+constexpr int kDimBegin = 15;
+constexpr int kDimCount = 16;
 }  // namespace attention_partial
 
 // attention_reduce: argument words.

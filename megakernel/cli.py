@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--max-seq-len", type=int, default=4096)
     pr.add_argument("--page-size", type=int, default=16)
     pr.add_argument("--list", action="store_true", help="also print every instruction")
+    pr.add_argument("--whole-context", action="store_true",
+                    help="print the program of the short positions (whole-context attention, "
+                         "no reduce stage) instead of the split one")
     return p
 
 
@@ -104,7 +107,7 @@ def _generate(args) -> int:
 def _program(args) -> int:
     import torch
     from megakernel.loading import resolve_model
-    from megakernel.scheduler import build_program
+    from megakernel.scheduler import build_program, whole_context_limit
 
     config, _source = resolve_model(args.model)
     num_sms = args.num_sms
@@ -115,10 +118,18 @@ def _program(args) -> int:
         from megakernel.errors import InvalidRequestError
         raise InvalidRequestError("--num-sms, --max-seq-len and --page-size must be >= 1")
     program = build_program(config, num_sms=num_sms, page_size=args.page_size,
-                            max_seq_len=args.max_seq_len)
+                            max_seq_len=args.max_seq_len,
+                            whole_context_attention=args.whole_context)
     print(f"model {args.model}: {config.num_layers} layers, hidden {config.hidden_size}, "
           f"{config.num_heads} heads / {config.num_kv_heads} KV heads x {config.head_dim}, "
           f"vocab {config.vocab_size}")
+    limit = whole_context_limit(config)
+    if args.whole_context:
+        print(f"decodes positions below {limit}; the others run the split program "
+              "(without --whole-context)")
+    else:
+        print(f"decodes positions from {limit} on; those below run the whole-context program "
+              "(--whole-context)")
     print(program.summary())
     if args.list:
         for i, instr in enumerate(program.instruction_list()):

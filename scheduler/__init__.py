@@ -1,7 +1,8 @@
 """Program building and ordering: compile a decode step into an instruction stream."""
 from .program import (BufferSpec, Program, allocate_buffers, attention_partitions,
-                      build_program, split_qkv, split_rows)
+                      build_program, split_qkv, split_rows, whole_context_limit)
 from .interpreter import check_counters, run_step
 
 __all__ = ["BufferSpec", "Program", "allocate_buffers", "attention_partitions",
-           "build_program", "split_qkv", "split_rows", "check_counters", "run_step"]
+           "build_program", "split_qkv", "split_rows", "whole_context_limit",
+           "check_counters", "run_step"]

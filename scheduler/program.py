@@ -7,6 +7,12 @@ build_program() emits the whole forward pass as a DAG in one topological order:
                 -> o_proj_residual x No -> rms_gate_up_silu x Ng -> down_proj_residual x Nd
     rms_lm_head x Nl -> argmax_reduce
 
+With one partition (P = 1) attention_partial writes attn_out itself and no
+attention_reduce follows. With whole_context_attention, each attention_partial covers the
+whole context for one query head and a slice of its output dims, so there is no reduce
+stage either (one dependency stage less per layer; every block then reads the whole
+context, so this is for short contexts).
+
 Each stage signals one counter per layer; every instruction of the next stage waits until
 that counter holds the stage's block count (times the step epoch). These stage barriers
 also order every write-after-read on the shared activations (hidden is updated in place
@@ -194,8 +200,32 @@ def attention_partitions(cfg, num_sms: int, max_seq_len: int, page_size: int) ->
     return max(1, min(num_sms // cfg.num_kv_heads, max_pages))
 
 
+# Whole-context attention (build_program's whole_context_attention) reads every K/V row of
+# the context in each of its blocks, where the split program's partitions read each row
+# once and then pay the attention_reduce stage. On an H100 (benchmarks/RESULTS.md, entry
+# 29) it was faster up to about 230 positions with head_dim 64 (llama-3.2-1b: 9-16 us per
+# step against 16 partitions) and 70-100 with head_dim 128 (llama-3.2-3b, llama-3.1-8b),
+# slower beyond: a budget of 48 KB of K and V per block keeps inside both.
+WHOLE_CONTEXT_KV_BYTES = 48 * 1024
+
+
+def whole_context_limit(cfg, dtype_bytes: int = 2) -> int:
+    """The positions [0, limit) that decode faster with whole-context attention."""
+    return WHOLE_CONTEXT_KV_BYTES // (2 * cfg.head_dim * dtype_bytes)
+
+
+def whole_context_dim_slices(cfg, num_sms: int) -> list[tuple[int, int]]:
+    """(dim_begin, dim_count) of the output slices each query head's whole-context
+    attention is cut into: as many as fill the SMs in one wave, whole 16-dim tiles (the
+    tensor-core path's output rows)."""
+    tiles = cfg.head_dim // 16
+    per_slice = -(-tiles // max(1, min(tiles, num_sms // cfg.num_heads))) * 16
+    return [(d, min(per_slice, cfg.head_dim - d)) for d in range(0, cfg.head_dim, per_slice)]
+
+
 def build_program(cfg, num_sms: int, page_size: int, max_seq_len: int,
-                  num_tokens: int = 1, dtype_bytes: int = 2) -> Program:
+                  num_tokens: int = 1, dtype_bytes: int = 2,
+                  whole_context_attention: bool = False) -> Program:
     """Compile one decode step for `cfg` on a GPU with `num_sms` SMs.
 
     num_tokens is the number of tokens the step serves (1 for decode); max_seq_len bounds
@@ -225,7 +255,9 @@ def build_program(cfg, num_sms: int, page_size: int, max_seq_len: int,
         return (c, targets[c])
 
     qkv_blocks = split_qkv(cfg, num_sms, H * dtype_bytes)
-    parts = attention_partitions(cfg, num_sms, max_seq_len, page_size)
+    parts = 1 if whole_context_attention else attention_partitions(cfg, num_sms, max_seq_len,
+                                                                   page_size)
+    slices = whole_context_dim_slices(cfg, num_sms)
     # o_proj, down_proj and the LM head pass two rows per warp (RowPairs); gate_up one
     # gate row with its up row.
     o_blocks = split_rows(H, num_sms, cfg.q_size * dtype_bytes, rows_per_pass=2)
@@ -244,17 +276,30 @@ def build_program(cfg, num_sms: int, page_size: int, max_seq_len: int,
         c_attn = counter(f"L{layer}.attention")
         b = 0
         for kv_head in range(cfg.num_kv_heads):
+            if whole_context_attention:
+                # Every block computes its KV head's group (the tensor cores pad it to 8
+                # heads anyway) and writes one head's slice of dims.
+                for head in range(cfg.group_size):
+                    for d0, nd in slices:
+                        emit(ATTENTION_PARTIAL, layer, [done(c_qkv)], c_attn, b,
+                             kv_head=kv_head, partition=0, num_partitions=1, head_begin=head,
+                             head_count=1, dim_begin=d0, dim_count=nd)
+                        b += 1
+                continue
             for part in range(parts):
                 emit(ATTENTION_PARTIAL, layer, [done(c_qkv)], c_attn, b, kv_head=kv_head,
-                     partition=part, num_partitions=parts)
+                     partition=part, num_partitions=parts, head_begin=0,
+                     head_count=cfg.group_size, dim_begin=0, dim_count=cfg.head_dim)
                 b += 1
-        c_red = counter(f"L{layer}.attention_reduce")
-        for h in range(cfg.num_heads):
-            emit(ATTENTION_REDUCE, layer, [done(c_attn)], c_red, h, head_begin=h,
-                 head_count=1, num_partitions=parts)
+        attn_done = c_attn
+        if parts > 1:     # one partition writes attn_out itself
+            attn_done = counter(f"L{layer}.attention_reduce")
+            for h in range(cfg.num_heads):
+                emit(ATTENTION_REDUCE, layer, [done(c_attn)], attn_done, h, head_begin=h,
+                     head_count=1, num_partitions=parts)
         c_o = counter(f"L{layer}.o_proj")
         for b, (r0, n) in enumerate(o_blocks):
-            emit(O_PROJ_RESIDUAL, layer, [done(c_red)], c_o, b, row_begin=r0, row_count=n)
+            emit(O_PROJ_RESIDUAL, layer, [done(attn_done)], c_o, b, row_begin=r0, row_count=n)
         c_gu = counter(f"L{layer}.gate_up")
         for b, (r0, n) in enumerate(gu_blocks):
             emit(RMS_GATE_UP_SILU, layer, [done(c_o)], c_gu, b, row_begin=r0, row_count=n)

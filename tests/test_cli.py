@@ -71,6 +71,11 @@ def test_program_subcommand():
     assert "bytes moved per step" in r.stdout
     r = run_cli("program", "--model", "random:tiny", "--num-sms", "4", "--list")
     assert r.returncode == 0 and r.stdout.count("rms_lm_head") >= 2
+    assert "attention_reduce" in r.stdout and "positions from 192 on" in r.stdout
+    r = run_cli("program", "--model", "random:tiny", "--num-sms", "4", "--list",
+                "--whole-context")
+    assert r.returncode == 0 and "attention_reduce" not in r.stdout
+    assert r.stdout.count("attention_partial") >= 2
 
 
 def test_ctrl_c_stops_cleanly():

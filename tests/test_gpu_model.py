@@ -39,10 +39,11 @@ def hf_logits(model, prompt, new_tokens):
     return logits[len(prompt) - 1:].cpu()
 
 
-def make_engine(path, max_seq_len):
+def make_engine(path, max_seq_len, **backend_options):
     return megakernel.Engine.from_pretrained(str(path), device="cuda", backend="megakernel",
                                              max_seq_len=max_seq_len, page_size=16,
-                                             shuffle_pages_seed=11, poison_cache=True)
+                                             shuffle_pages_seed=11, poison_cache=True,
+                                             **backend_options)
 
 
 @pytest.mark.parametrize("prompt_len", [1, 37, 1500])
@@ -97,6 +98,32 @@ def test_greedy_tokens_equal_reference_over_128_steps(checkpoint):
                                        max_seq_len=backend.max_seq_len))
     many_waves = engine.generate(prompt, max_new_tokens=128, ignore_eos=True)
     assert many_waves.token_ids == expected.token_ids
+
+
+def test_whole_context_attention_below_its_limit_then_the_split_program(checkpoint):
+    """Positions below whole_context_limit() decode with the program whose attention needs
+    no reduce stage, the others with the split one: a generation across the switch gives
+    the tokens and logits of a backend that runs the split program everywhere."""
+    from megakernel.scheduler import whole_context_limit
+
+    path, _ = checkpoint
+    engine = make_engine(path, max_seq_len=512)
+    split = make_engine(path, max_seq_len=512, whole_context_positions=0)
+    limit = whole_context_limit(engine.config)
+
+    def reduces(backend, position):
+        return "attention_reduce" in backend.program_for(position).opcode_counts()
+
+    assert not reduces(engine.backend, limit - 1) and reduces(engine.backend, limit)
+    assert reduces(split.backend, 0)
+    prompt = [3 + i % 200 for i in range(limit - 20)]
+    a = engine.generate(prompt, max_new_tokens=40, ignore_eos=True, output_logits=True)
+    b = split.generate(prompt, max_new_tokens=40, ignore_eos=True, output_logits=True)
+    assert a.token_ids == b.token_ids
+    assert relative_error(a.logits, b.logits) < 1e-3
+    # The engine switched back for the next prompt: the same result again.
+    again = engine.generate(prompt, max_new_tokens=40, ignore_eos=True)
+    assert again.token_ids == a.token_ids
 
 
 def test_one_launch_per_decode_step(checkpoint):

@@ -184,10 +184,45 @@ def test_rms_qkv_rope(cfg_name, position, spanning):
     # in a chunk copied after the wait.
     (1000, 1024, None), (1000, 1024, 1), (1023, 1024, 3)])
 def test_attention_partial(cfg_name, position, max_seq, partitions):
-    case = OpCase(cfg_name, position=position, max_seq=max_seq)
+    case = attention_case(cfg_name, position, max_seq)
     cfg = case.cfg
     P = partitions or case.program.attn_partitions
-    # The token's own slot is written by rms_qkv_rope in a real step; fill it here.
+    instrs = [make(ATTENTION_PARTIAL, b, kv_head=kvh, partition=p, num_partitions=P,
+                   head_begin=0, head_count=cfg.group_size, dim_begin=0,
+                   dim_count=cfg.head_dim)
+              for b, (kvh, p) in enumerate((kvh, p) for kvh in range(cfg.num_kv_heads)
+                                           for p in range(P))]
+    case.run(instrs)
+    # One partition is the whole context: the heads' attention, straight into attn_out.
+    case.check(*(("attn_out",) if P == 1 else ("attn_partial_out", "attn_partial_lse")))
+
+
+@pytest.mark.parametrize("cfg_name", list(CONFIGS))
+@pytest.mark.parametrize("position", [0, 37, 100, 255])
+@pytest.mark.parametrize("partitions", [1, 3])
+def test_attention_partial_head_and_dim_slices(cfg_name, position, partitions):
+    # Instructions that each publish some heads of the group and a slice of their dims, as
+    # whole-context programs emit them (one head, 16- or 32-dim slices), here at odd sizes:
+    # together they cover every head and dim once.
+    case = attention_case(cfg_name, position, MAX_SEQ)
+    cfg, P = case.cfg, partitions
+    hd = cfg.head_dim
+    slices = [(0, 1, 0, 16), (0, 1, 16, hd - 16), (1, cfg.group_size - 1, 0, 48),
+              (1, cfg.group_size - 1, 48, hd - 48)]
+    instrs = [make(ATTENTION_PARTIAL, b, kv_head=kvh, partition=p, num_partitions=P,
+                   head_begin=h0, head_count=nh, dim_begin=d0, dim_count=nd)
+              for b, (kvh, p, (h0, nh, d0, nd)) in enumerate(
+                  (kvh, p, sl) for kvh in range(cfg.num_kv_heads) for p in range(P)
+                  for sl in slices)]
+    case.run(instrs)
+    case.check(*(("attn_out",) if P == 1 else ("attn_partial_out", "attn_partial_lse")))
+
+
+def attention_case(cfg_name: str, position: int, max_seq: int) -> OpCase:
+    """An OpCase whose cache also holds the token's own K/V row (written by rms_qkv_rope
+    in a real step)."""
+    case = OpCase(cfg_name, position=position, max_seq=max_seq)
+    cfg = case.cfg
     page = int(case.cache_cpu.page_table[0, position // PAGE_SIZE])
     gen = torch.Generator().manual_seed(5)
     for cache_cpu, cache_gpu in ((case.cache_cpu.k, case.cache_gpu.k),
@@ -195,11 +230,7 @@ def test_attention_partial(cfg_name, position, max_seq, partitions):
         cache_cpu[:, page, position % PAGE_SIZE] = torch.randn(
             cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, generator=gen).to(torch.bfloat16)
         cache_gpu.copy_(cache_cpu)
-    instrs = [make(ATTENTION_PARTIAL, b, kv_head=kvh, partition=p, num_partitions=P)
-              for b, (kvh, p) in enumerate((kvh, p) for kvh in range(cfg.num_kv_heads)
-                                           for p in range(P))]
-    case.run(instrs)
-    case.check("attn_partial_out", "attn_partial_lse")
+    return case
 
 
 @pytest.mark.parametrize("cfg_name", list(CONFIGS))

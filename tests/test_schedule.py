@@ -11,7 +11,8 @@ from megakernel.kv_cache import PagedKVCache
 from megakernel.backends.reference_backend import ReferenceBackend
 from megakernel.instructions.rms_qkv_rope import block_rows
 from megakernel.presets import PRESETS, random_weights
-from megakernel.scheduler import build_program, split_qkv
+from megakernel.scheduler import build_program, split_qkv, whole_context_limit
+from tolerances import RELATIVE_TOLERANCE, relative_error
 
 CONFIGS = {
     "gqa1-hd64": dict(num_heads=2, num_kv_heads=2, head_dim=64),
@@ -127,6 +128,55 @@ def test_program_structure(num_sms):
                if i.spec.name == "rms_qkv_rope") <= cfg.head_dim
     assert program.opcode_counts()["argmax_reduce"] == 1
     assert program.instructions.dtype == torch.int32 and program.instructions.shape[1] == 32
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("num_sms", [5, 40])
+def test_whole_context_attention_equals_the_split_program(name, num_sms):
+    """Whole-context attention (each block the whole context, one head and a slice of its
+    dims, no reduce stage) computes what the partitions and their reduce do, up to float
+    rounding, in any order the dependencies allow."""
+    weights = random_weights(small_config(**CONFIGS[name]), seed=3, init_std=0.1)
+    cfg = weights.config
+    whole = build_program(cfg, num_sms=num_sms, page_size=4, max_seq_len=32, dtype_bytes=4,
+                          whole_context_attention=True)
+    counts = whole.opcode_counts()
+    assert "attention_reduce" not in counts and whole.attn_partitions == 1
+    # Every (head, dim) of attn_out is written by exactly one block per layer.
+    covered = torch.zeros(cfg.num_heads, cfg.head_dim, dtype=torch.int64)
+    for ins in whole.instruction_list():
+        if ins.spec.name == "attention_partial" and ins.layer == 0:
+            a = ins.args
+            h0 = a["kv_head"] * cfg.group_size + a["head_begin"]
+            covered[h0:h0 + a["head_count"], a["dim_begin"]:a["dim_begin"] + a["dim_count"]] += 1
+    assert bool((covered == 1).all())
+    assert counts["attention_partial"] // cfg.num_layers <= max(num_sms, cfg.num_heads)
+    expected = run_tokens(weights, PROMPT, num_sms=num_sms)
+    got = run_tokens(weights, PROMPT, program=whole, num_sms=num_sms)
+    assert relative_error(got, expected) < RELATIVE_TOLERANCE[torch.float32]
+    for seed in range(2):
+        assert torch.equal(run_tokens(weights, PROMPT, order_seed=seed, program=whole,
+                                      num_sms=num_sms), got)
+
+
+def test_one_partition_needs_no_reduce_stage():
+    # With one partition (few SMs or pages) the split program's attention writes attn_out
+    # itself, as whole-context attention does, and o_proj waits on attention directly.
+    cfg = small_config(**CONFIGS["gqa2-hd64"])
+    program = build_program(cfg, num_sms=1, page_size=4, max_seq_len=64)
+    assert program.attn_partitions == 1
+    assert "attention_reduce" not in program.opcode_counts()
+    attention = {program.counter_names.index(f"L{layer}.attention")
+                 for layer in range(cfg.num_layers)}
+    assert all(ins.waits[0][0] in attention for ins in program.instruction_list()
+               if ins.spec.name == "o_proj_residual")
+
+
+def test_whole_context_limit_keeps_a_blocks_kv_under_the_budget():
+    # 48 KB of K and V rows per block: 192 positions at head_dim 64, 96 at 128.
+    assert whole_context_limit(PRESETS["llama-3.2-1b"]) == 192
+    assert whole_context_limit(PRESETS["llama-3.1-8b"]) == 96
+    assert whole_context_limit(PRESETS["llama-3.2-3b"]) == 96
 
 
 def test_qkv_blocks_fill_every_sm_once_at_the_1b_shape():

@@ -74,25 +74,33 @@ __device__ __forceinline__ void stage_q_and_own_row(const OpContext& ctx, const 
   compute_sync();
 }
 
-// After every warp published m, l (summed over its tokens) and acc per head: the
-// partition's out (normalized) and lse per head, merged over the warps.
+// After every warp published m, l (summed over its tokens) and acc per head of the group:
+// the instruction's heads [head_begin, +head_count) and dims [dim_begin, +dim_count) of the
+// partition's out (normalized) and their lse, merged over the warps. With one partition
+// the out is the heads' attention itself and goes to attn_out (no lse, no reduce).
 template <int kHeadDim>
 __device__ __forceinline__ void publish_partition(const OpContext& ctx, const AttentionSmem& s) {
   const KernelParams& p = ctx.p;
   const int nq = p.num_heads, group = nq / p.num_kv_heads, P = p.attn_partitions;
   const int kv_head = ctx.arg(attention_partial::kKvHead);
   const int part = ctx.arg(attention_partial::kPartition);
-  for (int i = threadIdx.x; i < group * kHeadDim; i += kComputeThreads) {
-    const int g = i / kHeadDim, d = i % kHeadDim;
+  const bool whole = ctx.arg(attention_partial::kNumPartitions) == 1;
+  const int head_begin = ctx.arg(attention_partial::kHeadBegin);
+  const int dim_begin = ctx.arg(attention_partial::kDimBegin);
+  const int dims = ctx.arg(attention_partial::kDimCount);
+  const int n = ctx.arg(attention_partial::kHeadCount) * dims;
+  for (int i = threadIdx.x; i < n; i += kComputeThreads) {
+    const int g = head_begin + i / dims, d = dim_begin + i % dims;
     float m_all = -CUDART_INF_F;
     for (int w = 0; w < kComputeWarps; ++w) m_all = fmaxf(m_all, s.m[w * kMaxGroup + g]);
-    const int h = kv_head * group + g;
-    const int64_t row = static_cast<int64_t>(ctx.token) * nq + h;
-    float* out = p.attn_partial_out + (row * P + part) * kHeadDim;
+    const int64_t row = static_cast<int64_t>(ctx.token) * nq + kv_head * group + g;
+    float* out = whole ? p.attn_out + row * kHeadDim
+                       : p.attn_partial_out + (row * P + part) * kHeadDim;
     float* lse = p.attn_partial_lse + row * P + part;
-    if (m_all == -CUDART_INF_F) {  // empty partition
+    const bool writes_lse = !whole && d == dim_begin;
+    if (m_all == -CUDART_INF_F) {  // empty partition (never the only one: it holds pos)
       out[d] = 0.0f;
-      if (d == 0) *lse = -CUDART_INF_F;
+      if (writes_lse) *lse = -CUDART_INF_F;
       continue;
     }
     float total = 0.0f, o = 0.0f;
@@ -102,7 +110,7 @@ __device__ __forceinline__ void publish_partition(const OpContext& ctx, const At
       o += s.acc(w)[g * kHeadDim + d] * e;
     }
     out[d] = o / total;
-    if (d == 0) *lse = m_all + __logf(total);
+    if (writes_lse) *lse = m_all + __logf(total);
   }
 }
 

@@ -269,6 +269,17 @@ def run_program(instructions, *, weights, buffers: dict, k_cache, v_cache, page_
     return state
 
 
+@dataclass
+class ProgramRun:
+    """A program and what its launches use: its instruction rows on the device, its
+    activation buffers, kernel state (counters, epoch) and profile buffer."""
+    program: object
+    rows: torch.Tensor
+    buffers: dict
+    state: KernelState
+    profile: torch.Tensor | None
+
+
 class MegakernelBackend(Backend):
     """Decode through the persistent kernel; prefill through TorchBackend.
 
@@ -277,6 +288,10 @@ class MegakernelBackend(Backend):
     for this GPU's SM count (or pass `program`). timeout_s bounds every dependency wait
     inside the kernel. profile=True (MEGAKERNEL_PROFILE builds) records per-instruction
     timestamps (last_profile()). prefetch_bytes: L2 prefetch budget per instruction.
+    whole_context_positions: positions below it decode with a second program whose
+    attention covers the whole context in every block and needs no reduce stage (faster at
+    short contexts); None takes the scheduler's whole_context_limit() for the model, 0
+    never does. A given `program` is used at every position.
     prefill_mode: "torch" (default) runs the prompt through TorchBackend in chunks;
     "decode" runs it through the kernel one token at a time (slow for long prompts, but
     every K/V then comes from the same float32-activation math as the reference
@@ -286,7 +301,7 @@ class MegakernelBackend(Backend):
 
     def __init__(self, weights, kv_cache, max_seq_len: int, timeout_s: float = DEFAULT_TIMEOUT_S,
                  program=None, profile: bool = False, prefetch_bytes: int | None = None,
-                 prefill_mode: str = "torch"):
+                 prefill_mode: str = "torch", whole_context_positions: int | None = None):
         super().__init__(weights, kv_cache)
         if prefill_mode not in ("torch", "decode"):
             raise ValueError(f"prefill_mode must be 'torch' or 'decode', got {prefill_mode!r}")
@@ -298,7 +313,7 @@ class MegakernelBackend(Backend):
             raise BackendUnavailableError(
                 f"megakernel backend needs bf16 weights and KV cache, got {weights.dtype} / "
                 f"{kv_cache.k.dtype}")
-        from megakernel.scheduler import build_program
+        from megakernel.scheduler import build_program, whole_context_limit
 
         device = weights.device
         with torch.cuda.device(device):
@@ -311,28 +326,67 @@ class MegakernelBackend(Backend):
             raise BackendUnavailableError(
                 "profiling needs the extension built with MEGAKERNEL_PROFILE=1")
         self.launches = 0          # kernel launches so far (one per decode step)
-        self.load_program(program or build_program(
-            self.config, num_sms=self.num_sms, page_size=kv_cache.page_size,
-            max_seq_len=max_seq_len, dtype_bytes=2))
         self._prefill_backend = None
+        if program is not None:
+            self.load_program(program)
+            return
+        if whole_context_positions is None:
+            whole_context_positions = whole_context_limit(self.config)
+        if whole_context_positions < 0:
+            raise ValueError("whole_context_positions must be >= 0, got "
+                             f"{whole_context_positions}")
 
-    def load_program(self, program) -> None:
-        """Use `program` (a scheduler Program for this model) from now on: new activation
-        buffers and kernel state, epoch restarting at 1."""
+        def build(whole: bool):
+            return build_program(self.config, num_sms=self.num_sms,
+                                 page_size=kv_cache.page_size, max_seq_len=max_seq_len,
+                                 dtype_bytes=2, whole_context_attention=whole)
+
+        runs = [(max_seq_len, self._program_run(build(False)))]
+        if whole_context_positions > 0 and runs[0][1].program.attn_partitions > 1:
+            runs.insert(0, (whole_context_positions, self._program_run(build(True))))
+        self._install(runs)
+
+    def _program_run(self, program) -> ProgramRun:
         from megakernel.scheduler import allocate_buffers
 
         if program.page_size != self.kv_cache.page_size:
             raise ValueError(f"program built for page_size {program.page_size}, the cache "
                              f"has {self.kv_cache.page_size}")
         device = self.weights.device
-        self.program = program
-        self.rows = program.instructions.to(device=device, dtype=torch.int32).contiguous()
-        self.buffers = allocate_buffers(program, device=device, poison=False)
-        self.state = KernelState.create(self.ext, program.num_counters, device)
-        self.profile = None
+        profile = None
         if self.profiling:
-            self.profile = torch.zeros((program.num_instructions, self.ext.PROFILE_WORDS),
-                                       dtype=torch.int64, device=device)
+            profile = torch.zeros((program.num_instructions, self.ext.PROFILE_WORDS),
+                                  dtype=torch.int64, device=device)
+        return ProgramRun(
+            program=program,
+            rows=program.instructions.to(device=device, dtype=torch.int32).contiguous(),
+            buffers=allocate_buffers(program, device=device, poison=False),
+            state=KernelState.create(self.ext, program.num_counters, device),
+            profile=profile)
+
+    def _install(self, runs: list) -> None:
+        """runs: (position limit, ProgramRun) by rising limit; a position decodes with the
+        first run whose limit is above it (the last run's at any other)."""
+        self._runs = runs
+        self._use(runs[0][1])
+
+    def _use(self, run: ProgramRun) -> None:
+        # program, rows, buffers, state and profile name the run of the last decode (before
+        # any, the run of position 0).
+        self.program, self.rows, self.buffers = run.program, run.rows, run.buffers
+        self.state, self.profile = run.state, run.profile
+
+    def load_program(self, program) -> None:
+        """Decode every position with `program` (a scheduler Program for this model) from
+        now on: new activation buffers and kernel state, epoch restarting at 1."""
+        self._install([(self.max_seq_len, self._program_run(program))])
+
+    def program_for(self, position: int):
+        """The program that decodes a token at `position`."""
+        return self._run_for(position).program
+
+    def _run_for(self, position: int) -> ProgramRun:
+        return next((run for limit, run in self._runs if position < limit), self._runs[-1][1])
 
     # Backend interface ------------------------------------------------------------------
     def prefill(self, token_ids: torch.Tensor, start_position: int) -> StepOutput:
@@ -371,6 +425,7 @@ class MegakernelBackend(Backend):
             if not 0 <= token < self.config.vocab_size:
                 raise InvalidRequestError(
                     f"token {token} is outside the vocabulary [0, {self.config.vocab_size})")
+        self._use(self._run_for(position))
         launch(self.ext, self.rows, self.state, self.buffers, self.weights, self.kv_cache.k,
                self.kv_cache.v, self.kv_cache.page_table, (token, position),
                self.config.rms_norm_eps, self.timeout_s, self.profile,
@@ -388,24 +443,29 @@ class MegakernelBackend(Backend):
         read; a negative one means that launch faulted. On error, the device is
         synchronized (bounded: DeviceHungError if it stays busy) and the full record is
         read."""
-        if self.state.host_error_code() == 0 and (greedy_token is None or greedy_token >= 0):
+        faulted = [run for _, run in self._runs if run.state.host_error_code() != 0]
+        if not faulted and (greedy_token is None or greedy_token >= 0):
             return
         synchronize_or_raise(self.weights.device, HOST_WAIT_TIMEOUT_S,
                              "the launches after a fault")
-        record = self.state.error_record.tolist()
-        if record[self.ext.ERROR_WORDS["code"]] == 0:
+        code = self.ext.ERROR_WORDS["code"]
+        run = next((r for _, r in self._runs if int(r.state.error_record[code]) != 0), None)
+        if run is None:
             self.reset()
             raise KernelFaultError(f"megakernel returned token {greedy_token} without an "
                                    "error record", {})
-        err = decode_error(self.ext, record, self.program.counter_names, self.timeout_s,
-                           self.program.instructions.tolist(), self.state.counters.tolist(),
-                           self.state.epoch)
+        err = decode_error(self.ext, run.state.error_record.tolist(),
+                           run.program.counter_names, self.timeout_s,
+                           run.program.instructions.tolist(), run.state.counters.tolist(),
+                           run.state.epoch)
         self.reset()
         raise err
 
     def reset(self) -> None:
-        """Zero the kernel's counters, queue head and error record (epoch restarts at 1)."""
-        self.state.reset()
+        """Zero every program's counters, queue head and error record (epochs restart at
+        1)."""
+        for _, run in self._runs:
+            run.state.reset()
         if self._prefill_backend is not None:
             self._prefill_backend.reset()
 
@@ -416,5 +476,5 @@ class MegakernelBackend(Backend):
         return self.profile
 
 
-__all__ = ["MegakernelBackend", "KernelState", "run_program", "launch", "load_extension",
-           "decode_error", "BUFFER_NAMES"]
+__all__ = ["MegakernelBackend", "KernelState", "ProgramRun", "run_program", "launch",
+           "load_extension", "decode_error", "BUFFER_NAMES"]
