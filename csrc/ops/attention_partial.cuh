@@ -86,11 +86,13 @@ __device__ __forceinline__ void publish_partition(const OpContext& ctx, const At
   const int part = ctx.arg(attention_partial::kPartition);
   const bool whole = ctx.arg(attention_partial::kNumPartitions) == 1;
   const int head_begin = ctx.arg(attention_partial::kHeadBegin);
+  const int head_end = head_begin + ctx.arg(attention_partial::kHeadCount);
   const int dim_begin = ctx.arg(attention_partial::kDimBegin);
-  const int dims = ctx.arg(attention_partial::kDimCount);
-  const int n = ctx.arg(attention_partial::kHeadCount) * dims;
-  for (int i = threadIdx.x; i < n; i += kComputeThreads) {
-    const int g = head_begin + i / dims, d = dim_begin + i % dims;
+  const int dim_end = dim_begin + ctx.arg(attention_partial::kDimCount);
+  // The whole group's elements, the others skipped: no division by a run-time count.
+  for (int i = threadIdx.x; i < group * kHeadDim; i += kComputeThreads) {
+    const int g = i / kHeadDim, d = i % kHeadDim;
+    if (g < head_begin || g >= head_end || d < dim_begin || d >= dim_end) continue;
     float m_all = -CUDART_INF_F;
     for (int w = 0; w < kComputeWarps; ++w) m_all = fmaxf(m_all, s.m[w * kMaxGroup + g]);
     const int64_t row = static_cast<int64_t>(ctx.token) * nq + kv_head * group + g;
