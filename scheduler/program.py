@@ -214,12 +214,23 @@ def whole_context_limit(cfg, dtype_bytes: int = 2) -> int:
     return WHOLE_CONTEXT_KV_BYTES // (2 * cfg.head_dim * dtype_bytes)
 
 
-def whole_context_dim_slices(cfg, num_sms: int) -> list[tuple[int, int]]:
+# A layer's whole-context blocks each read their KV head's K and V rows of the whole
+# context from L2: together at most this many bytes per token of context. On an H100
+# (RESULTS entry 29) llama-3.1-8b ran 25-33 us per step faster with 64 blocks (64 x 512 B
+# per token) than with 128 (128 x 512 B), while llama-3.2-1b's 128 blocks (128 x 256 B)
+# tied with 64.
+WHOLE_CONTEXT_L2_BYTES_PER_TOKEN = 32 * 1024
+
+
+def whole_context_dim_slices(cfg, num_sms: int, dtype_bytes: int = 2) -> list[tuple[int, int]]:
     """(dim_begin, dim_count) of the output slices each query head's whole-context
-    attention is cut into: as many as fill the SMs in one wave, whole 16-dim tiles (the
-    tensor-core path's output rows)."""
+    attention is cut into: whole 16-dim tiles (the tensor-core path's output rows), no
+    more blocks than SMs, and within WHOLE_CONTEXT_L2_BYTES_PER_TOKEN."""
     tiles = cfg.head_dim // 16
-    per_slice = -(-tiles // max(1, min(tiles, num_sms // cfg.num_heads))) * 16
+    row_bytes = 2 * cfg.head_dim * dtype_bytes                  # one token's K and V row
+    slices = min(tiles, num_sms // cfg.num_heads,
+                 WHOLE_CONTEXT_L2_BYTES_PER_TOKEN // (cfg.num_heads * row_bytes))
+    per_slice = -(-tiles // max(1, slices)) * 16
     return [(d, min(per_slice, cfg.head_dim - d)) for d in range(0, cfg.head_dim, per_slice)]
 
 
@@ -257,7 +268,7 @@ def build_program(cfg, num_sms: int, page_size: int, max_seq_len: int,
     qkv_blocks = split_qkv(cfg, num_sms, H * dtype_bytes)
     parts = 1 if whole_context_attention else attention_partitions(cfg, num_sms, max_seq_len,
                                                                    page_size)
-    slices = whole_context_dim_slices(cfg, num_sms)
+    slices = whole_context_dim_slices(cfg, num_sms, dtype_bytes)
     # o_proj, down_proj and the LM head pass two rows per warp (RowPairs); gate_up one
     # gate row with its up row.
     o_blocks = split_rows(H, num_sms, cfg.q_size * dtype_bytes, rows_per_pass=2)

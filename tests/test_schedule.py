@@ -172,11 +172,20 @@ def test_one_partition_needs_no_reduce_stage():
                if ins.spec.name == "o_proj_residual")
 
 
-def test_whole_context_limit_keeps_a_blocks_kv_under_the_budget():
-    # 48 KB of K and V rows per block: 192 positions at head_dim 64, 96 at 128.
-    assert whole_context_limit(PRESETS["llama-3.2-1b"]) == 192
-    assert whole_context_limit(PRESETS["llama-3.1-8b"]) == 96
-    assert whole_context_limit(PRESETS["llama-3.2-3b"]) == 96
+def test_whole_context_limits_and_blocks_at_the_real_shapes():
+    # 48 KB of K and V rows per block: 192 positions at head_dim 64, 96 at 128. A layer's
+    # blocks read at most 32 KB of K/V per token of context: 128 blocks of 16 dims on 1B,
+    # 64 of 64 dims on 8B, 48 on 3B.
+    expected = {"llama-3.2-1b": (192, 128, 16), "llama-3.1-8b": (96, 64, 64),
+                "llama-3.2-3b": (96, 48, 64)}
+    for name, (limit, blocks, dims) in expected.items():
+        cfg = PRESETS[name]
+        program = build_program(cfg, num_sms=132, page_size=16, max_seq_len=4096,
+                                whole_context_attention=True)
+        attention = [i for i in program.instruction_list()
+                     if i.spec.name == "attention_partial" and i.layer == 0]
+        assert whole_context_limit(cfg) == limit
+        assert len(attention) == blocks and {i.args["dim_count"] for i in attention} == {dims}
 
 
 def test_qkv_blocks_fill_every_sm_once_at_the_1b_shape():
