@@ -204,8 +204,9 @@ def attention_partitions(cfg, num_sms: int, max_seq_len: int, page_size: int) ->
 # the context in each of its blocks, where the split program's partitions read each row
 # once and then pay the attention_reduce stage. On an H100 (benchmarks/RESULTS.md, entry
 # 29) it was faster up to about 230 positions with head_dim 64 (llama-3.2-1b: 9-16 us per
-# step against 16 partitions) and 70-100 with head_dim 128 (llama-3.2-3b, llama-3.1-8b),
-# slower beyond: a budget of 48 KB of K and V per block keeps inside both.
+# step against 16 partitions) and 70-130 with head_dim 128 (llama-3.2-3b, llama-3.1-8b;
+# the more blocks, the earlier), slower beyond: 48 KB of K and V per block keeps inside
+# both.
 WHOLE_CONTEXT_KV_BYTES = 48 * 1024
 
 
