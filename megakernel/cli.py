@@ -127,6 +127,8 @@ def _program(args) -> int:
     if args.whole_context:
         print(f"decodes positions below {limit}; the others run the split program "
               "(without --whole-context)")
+    elif program.attn_partitions == 1:
+        print("decodes every position: one attention partition needs no reduce stage")
     else:
         print(f"decodes positions from {limit} on; those below run the whole-context program "
               "(--whole-context)")

@@ -76,6 +76,8 @@ def test_program_subcommand():
                 "--whole-context")
     assert r.returncode == 0 and "attention_reduce" not in r.stdout
     assert r.stdout.count("attention_partial") >= 2
+    r = run_cli("program", "--model", "random:tiny", "--num-sms", "1")
+    assert r.returncode == 0 and "decodes every position" in r.stdout
 
 
 def test_ctrl_c_stops_cleanly():
