@@ -3,6 +3,7 @@ cache reserved to its length and the megakernel backend over them; the time of
 back-to-back decode steps; and the kernel profile of one step."""
 import torch
 
+import megakernel.scheduler.program as program_module
 from megakernel.backends.megakernel_backend import MegakernelBackend
 from megakernel.kv_cache import PagedKVCache
 from megakernel.presets import PRESETS, random_weights
@@ -24,6 +25,20 @@ def wait_for(event: torch.cuda.Event, what: str) -> None:
 def wait_for_device(what: str) -> None:
     """torch.cuda.synchronize() for the current stream, bounded by STEPS_TIMEOUT_S."""
     synchronize_or_raise("cuda", STEPS_TIMEOUT_S, what)
+
+
+def program_with(cfg, num_sms: int, max_len: int, replaced: dict, **build_kw):
+    """build_program (page size 16) with functions of scheduler.program replaced for this
+    one build, e.g. {"attention_partitions": lambda *args: 1}."""
+    originals = {name: getattr(program_module, name) for name in replaced}
+    for name, fn in replaced.items():
+        setattr(program_module, name, fn)
+    try:
+        return program_module.build_program(cfg, num_sms=num_sms, page_size=16,
+                                            max_seq_len=max_len, **build_kw)
+    finally:
+        for name, fn in originals.items():
+            setattr(program_module, name, fn)
 
 
 def random_backend(model: str, max_len: int = 1024, **backend_kw):

@@ -29,9 +29,8 @@ import os
 
 import torch
 
-import megakernel.scheduler.program as program_module
 
-from dev_model import program_times, random_backend
+from dev_model import program_times, program_with, random_backend
 from megakernel.scheduler import Program, build_program
 
 model = os.environ.get("MODEL", "llama-3.2-1b")
@@ -40,15 +39,18 @@ cfg, mk = random_backend(model, MAX)
 exact = build_program(cfg, num_sms=mk.num_sms, page_size=16, max_seq_len=MAX)
 
 
-def stage_done(suffix: str) -> dict:
+def stage_done(suffix: str, program: Program = exact) -> dict:
     """layer -> (counter, per-step target) of the layer's stage named `suffix`."""
-    return {int(name[1:name.index(".")]): (exact.counter_names.index(name), target)
-            for name, target in zip(exact.counter_names, exact.counter_targets)
+    return {int(name[1:name.index(".")]): (program.counter_names.index(name), target)
+            for name, target in zip(program.counter_names, program.counter_targets)
             if name.endswith(suffix)}
 
 
-def with_instructions(instrs: list, targets: list) -> Program:
-    return Program(**{**exact.__dict__, "decoded": instrs, "counter_targets": targets,
+def with_instructions(instrs: list, targets: list, program: Program = exact,
+                      names: list | None = None) -> Program:
+    """`program` with these instructions, counter targets and (if given) counter names."""
+    return Program(**{**program.__dict__, "decoded": instrs, "counter_targets": targets,
+                      "counter_names": names or program.counter_names,
                       "instructions": torch.tensor([i.encode() for i in instrs],
                                                    dtype=torch.int32)})
 
@@ -64,25 +66,13 @@ def overlapping(opcode: str, earlier_stage: str, layer_offset: int = 0) -> Progr
 
 
 def without_reduce(program: Program) -> Program:
-    done = {int(n[1:n.index(".")]): (c, t) for c, (n, t) in
-            enumerate(zip(program.counter_names, program.counter_targets))
-            if n.endswith(".attention")}
-    reduce = {c for c, n in enumerate(program.counter_names) if n.endswith(".attention_reduce")}
+    done = stage_done(".attention", program)
+    reduce = {c for c, _ in stage_done(".attention_reduce", program).values()}
     instrs = [dataclasses.replace(i, waits=(done[i.layer],))
               if i.spec.name == "o_proj_residual" else i
               for i in program.instruction_list() if i.spec.name != "attention_reduce"]
-    return Program(**{**program.__dict__, "decoded": instrs, "counter_targets": [
-        0 if c in reduce else t for c, t in enumerate(program.counter_targets)],
-        "instructions": torch.tensor([i.encode() for i in instrs], dtype=torch.int32)})
-
-
-def one_partition() -> Program:
-    original = program_module.attention_partitions
-    program_module.attention_partitions = lambda *args: 1
-    try:
-        return build_program(cfg, num_sms=mk.num_sms, page_size=16, max_seq_len=MAX)
-    finally:
-        program_module.attention_partitions = original
+    return with_instructions(instrs, [0 if c in reduce else t
+                                      for c, t in enumerate(program.counter_targets)], program)
 
 
 def down_after_first_gate_up_blocks(k: int) -> Program:
@@ -100,9 +90,7 @@ def down_after_first_gate_up_blocks(k: int) -> Program:
         elif i.spec.name == "down_proj_residual":
             i = dataclasses.replace(i, waits=((first[i.layer], k),))
         instrs.append(i)
-    program = with_instructions(instrs, targets)
-    program.counter_names = names
-    return program
+    return with_instructions(instrs, targets, names=names)
 
 
 gate_up_blocks = sum(i.spec.name == "rms_gate_up_silu" and i.layer == 0
@@ -119,7 +107,8 @@ variants = {
     "layer 0's qkv without the embed wait": with_instructions(
         [dataclasses.replace(i, waits=()) if i.spec.name == "rms_qkv_rope" and i.layer == 0
          else i for i in exact.instruction_list()], exact.counter_targets),
-    "one partition per KV head, no reduce": without_reduce(one_partition()),
+    "one partition per KV head, no reduce": without_reduce(program_with(
+        cfg, mk.num_sms, MAX, {"attention_partitions": lambda *args: 1})),
     "no reduce stage": without_reduce(exact),
 }
 

@@ -7,25 +7,19 @@ import os
 import sys
 
 import megakernel.scheduler.program as program_module
-from dev_model import format_times, program_times, random_backend
+from dev_model import format_times, program_times, program_with, random_backend
 
 model = os.environ.get("MODEL", "llama-3.2-1b")
 CONTEXTS = (32, 1024, 8000)
 MAX = 8192
 cfg, mk = random_backend(model, MAX)
-original = program_module.attention_partitions
 
 
 def build(parts: int):
-    program_module.attention_partitions = lambda *args: parts
-    try:
-        return program_module.build_program(cfg, num_sms=mk.num_sms, page_size=16,
-                                            max_seq_len=MAX)
-    finally:
-        program_module.attention_partitions = original
+    return program_with(cfg, mk.num_sms, MAX, {"attention_partitions": lambda *args: parts})
 
 
-default = original(cfg, mk.num_sms, MAX, 16)
+default = program_module.attention_partitions(cfg, mk.num_sms, MAX, 16)
 programs = {p: build(p) for p in [default] + [int(a) for a in sys.argv[1:] if int(a) != default]}
 for round_ in range(2):
     for parts, program in programs.items():

@@ -8,7 +8,7 @@ import os
 import sys
 
 import megakernel.scheduler.program as program_module
-from dev_model import program_times, random_backend
+from dev_model import program_times, program_with, random_backend
 
 model = os.environ.get("MODEL", "llama-3.2-1b")
 MAX = 1024
@@ -28,12 +28,7 @@ def build(block_rows: dict):
                 rows = block_rows[name]
                 return [(b, min(rows, total - b)) for b in range(0, total, rows)]
         return original_split_rows(total, num_sms, row_bytes, unit, **model)
-    program_module.split_rows = split_rows
-    try:
-        return program_module.build_program(cfg, num_sms=mk.num_sms, page_size=16,
-                                            max_seq_len=MAX)
-    finally:
-        program_module.split_rows = original_split_rows
+    return program_with(cfg, mk.num_sms, MAX, {"split_rows": split_rows})
 
 
 VARIANTS = {"scheduler's split": {}}

@@ -14,8 +14,8 @@ import os
 
 import torch
 
-from dev_model import format_times, program_times, random_backend, wait_for
-import megakernel.scheduler.program as program_module
+from dev_model import (format_times, program_times, program_with, random_backend,
+                       wait_for)
 from megakernel.scheduler import build_program
 
 model = os.environ.get("MODEL", "llama-3.2-1b")
@@ -29,15 +29,10 @@ programs = {name: build_program(cfg, num_sms=mk.num_sms, page_size=16, max_seq_l
 
 
 def with_slices(n: int):
-    original = program_module.whole_context_dim_slices
     width = cfg.head_dim // n
-    program_module.whole_context_dim_slices = lambda *args: [(d, width) for d in
-                                                             range(0, cfg.head_dim, width)]
-    try:
-        return build_program(cfg, num_sms=mk.num_sms, page_size=16, max_seq_len=MAX,
-                             whole_context_attention=True)
-    finally:
-        program_module.whole_context_dim_slices = original
+    slices = [(d, width) for d in range(0, cfg.head_dim, width)]
+    return program_with(cfg, mk.num_sms, MAX, {"whole_context_dim_slices": lambda *a: slices},
+                        whole_context_attention=True)
 
 
 for n in filter(None, os.environ.get("SLICES", "").split(",")):
