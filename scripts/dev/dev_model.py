@@ -59,9 +59,7 @@ def back_to_back_ms(mk, pending, first_position: int, steps: int, warmup: int = 
     device), after `warmup` untimed ones from `first_position`; and the last token."""
     for pos in range(first_position, first_position + warmup):
         pending = mk.decode(pending, pos).greedy_token
-    warm = torch.cuda.Event()
-    warm.record()
-    wait_for(warm, "the warm-up steps")
+    wait_for_device("the warm-up steps")
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     timed = first_position + warmup
     start.record()
@@ -77,9 +75,7 @@ def profiled_step(mk, position: int):
     profile=True), MEGAKERNEL_PROFILE build): its kernel profile records, as a numpy array
     [instructions that ran, PROFILE_WORDS]."""
     mk.decode(torch.tensor(1, device=mk.weights.device), position)
-    done = torch.cuda.Event()
-    done.record()
-    wait_for(done, "the profiled step")
+    wait_for_device("the profiled step")
     mk.check_error()
     raw = mk.last_profile().cpu().numpy().copy()
     return raw[raw[:, PROFILE_END_NS] > 0]

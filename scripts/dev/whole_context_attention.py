@@ -15,7 +15,7 @@ import os
 import torch
 
 from dev_model import (format_times, program_times, program_with, random_backend,
-                       wait_for)
+                       wait_for_device)
 from megakernel.scheduler import build_program
 
 model = os.environ.get("MODEL", "llama-3.2-1b")
@@ -48,9 +48,7 @@ logits = {}
 for name, program in programs.items():
     mk.load_program(program)
     out = mk.decode(torch.tensor(1, device="cuda"), 1500)
-    done = torch.cuda.Event()
-    done.record()
-    wait_for(done, "the compared step")
+    wait_for_device("the compared step")
     mk.check_error()
     logits[name] = out.logits.float().clone()
 split = logits.pop("split")
