@@ -57,6 +57,8 @@ constexpr int kHeadBegin = 13;
 constexpr int kHeadCount = 14;
 constexpr int kDimBegin = 15;
 constexpr int kDimCount = 16;
+constexpr int kPrefetchRowBegin = 17;
+constexpr int kPrefetchRowCount = 18;
 }  // namespace attention_partial
 
 // attention_reduce: argument words.

@@ -12,6 +12,7 @@ from megakernel.backends.reference_backend import ReferenceBackend
 from megakernel.instructions.rms_qkv_rope import block_rows
 from megakernel.presets import PRESETS, random_weights
 from megakernel.scheduler import build_program, split_qkv, whole_context_limit
+from megakernel.scheduler.program import prefetches_gate_up_under_attention
 from tolerances import RELATIVE_TOLERANCE, relative_error
 
 CONFIGS = {
@@ -186,6 +187,26 @@ def test_whole_context_limits_and_blocks_at_the_real_shapes():
                      if i.spec.name == "attention_partial" and i.layer == 0]
         assert whole_context_limit(cfg) == limit
         assert len(attention) == blocks and {i.args["dim_count"] for i in attention} == {dims}
+
+
+def test_attention_names_gate_up_blocks_to_prefetch_where_o_proj_is_small():
+    # llama-3.2-1b's attention blocks each name one gate_up block (the kernel prefetches
+    # its weights while the attention runs), in both programs; llama-3.1-8b's name none.
+    for name, expected in (("llama-3.2-1b", True), ("llama-3.1-8b", False)):
+        cfg = PRESETS[name]
+        assert prefetches_gate_up_under_attention(cfg) == expected
+        for whole in (False, True):
+            program = build_program(cfg, num_sms=132, page_size=16, max_seq_len=4096,
+                                    whole_context_attention=whole)
+            layer0 = [i for i in program.instruction_list() if i.layer == 0]
+            gate_up = [(i.args["row_begin"], i.args["row_count"]) for i in layer0
+                       if i.spec.name == "rms_gate_up_silu"]
+            named = [(i.args["prefetch_row_begin"], i.args["prefetch_row_count"])
+                     for i in layer0 if i.spec.name == "attention_partial"]
+            if expected:
+                assert named == gate_up[:len(named)] and len(named) >= len(gate_up) - 4
+            else:
+                assert {n for _, n in named} == {0}
 
 
 def test_qkv_blocks_fill_every_sm_once_at_the_1b_shape():
