@@ -241,13 +241,17 @@ def whole_context_dim_slices(cfg, num_sms: int, dtype_bytes: int = 2) -> list[tu
 # bytes (latency-bound) the memory system has room for them, where it moves many it has
 # not. On an H100 (RESULTS entry 32): llama-3.2-1b (8.4 MB of o_proj per layer) 12 us per
 # step faster; llama-3.1-8b (33.5 MB) gained nothing (96 KB per run: 3-6 us slower than
-# the same kernel without it). llama-3.2-3b (18.9 MB) was not measured and stays out.
+# the same kernel without it). llama-3.2-3b (18.9 MB) was not measured and stays out, and
+# so does the split program: it serves the long contexts, where attention streams K/V
+# (measured only at the whole-context program's short positions).
 EARLY_GATE_UP_MAX_O_PROJ_BYTES = 16 * 1024 * 1024
 
 
-def prefetches_gate_up_under_attention(cfg, dtype_bytes: int = 2) -> bool:
-    """Whether attention instructions name gate_up blocks to prefetch."""
-    return cfg.hidden_size * cfg.q_size * dtype_bytes <= EARLY_GATE_UP_MAX_O_PROJ_BYTES
+def prefetches_gate_up_under_attention(cfg, dtype_bytes: int = 2,
+                                       whole_context_attention: bool = True) -> bool:
+    """Whether the program's attention instructions name gate_up blocks to prefetch."""
+    return (whole_context_attention and
+            cfg.hidden_size * cfg.q_size * dtype_bytes <= EARLY_GATE_UP_MAX_O_PROJ_BYTES)
 
 
 def build_program(cfg, num_sms: int, page_size: int, max_seq_len: int,
@@ -292,7 +296,8 @@ def build_program(cfg, num_sms: int, page_size: int, max_seq_len: int,
     down_blocks = split_rows(H, num_sms, I * dtype_bytes, rows_per_pass=2)
     lm_blocks = split_rows(V, num_sms, H * dtype_bytes, rows_per_pass=2)
 
-    early_gate_up = prefetches_gate_up_under_attention(cfg, dtype_bytes)
+    early_gate_up = prefetches_gate_up_under_attention(cfg, dtype_bytes,
+                                                       whole_context_attention)
 
     def gate_up_prefetch(b: int) -> dict:
         """Attention block b names gate_up block b, whose weights the kernel prefetches

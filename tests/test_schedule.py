@@ -190,23 +190,24 @@ def test_whole_context_limits_and_blocks_at_the_real_shapes():
 
 
 def test_attention_names_gate_up_blocks_to_prefetch_where_o_proj_is_small():
-    # llama-3.2-1b's attention blocks each name one gate_up block (the kernel prefetches
-    # its weights while the attention runs), in both programs; llama-3.1-8b's name none.
-    for name, expected in (("llama-3.2-1b", True), ("llama-3.1-8b", False)):
+    # llama-3.2-1b's whole-context attention blocks each name one gate_up block (the
+    # kernel prefetches its weights while the attention runs); its split program's
+    # blocks and llama-3.1-8b's name none.
+    for name, whole, expected in (("llama-3.2-1b", True, True), ("llama-3.2-1b", False, False),
+                                  ("llama-3.1-8b", True, False)):
         cfg = PRESETS[name]
-        assert prefetches_gate_up_under_attention(cfg) == expected
-        for whole in (False, True):
-            program = build_program(cfg, num_sms=132, page_size=16, max_seq_len=4096,
-                                    whole_context_attention=whole)
-            layer0 = [i for i in program.instruction_list() if i.layer == 0]
-            gate_up = [(i.args["row_begin"], i.args["row_count"]) for i in layer0
-                       if i.spec.name == "rms_gate_up_silu"]
-            named = [(i.args["prefetch_row_begin"], i.args["prefetch_row_count"])
-                     for i in layer0 if i.spec.name == "attention_partial"]
-            if expected:
-                assert named == gate_up[:len(named)] and len(named) >= len(gate_up) - 4
-            else:
-                assert {n for _, n in named} == {0}
+        assert prefetches_gate_up_under_attention(cfg, 2, whole) == expected
+        program = build_program(cfg, num_sms=132, page_size=16, max_seq_len=4096,
+                                whole_context_attention=whole)
+        layer0 = [i for i in program.instruction_list() if i.layer == 0]
+        gate_up = [(i.args["row_begin"], i.args["row_count"]) for i in layer0
+                   if i.spec.name == "rms_gate_up_silu"]
+        named = [(i.args["prefetch_row_begin"], i.args["prefetch_row_count"])
+                 for i in layer0 if i.spec.name == "attention_partial"]
+        if expected:
+            assert named == gate_up[:len(named)] and len(named) >= len(gate_up) - 4
+        else:
+            assert {n for _, n in named} == {0}
 
 
 def test_qkv_blocks_fill_every_sm_once_at_the_1b_shape():
