@@ -4,14 +4,14 @@ same process, 64 back-to-back steps from several contexts, two rounds; the last 
 must agree.
 
     MODEL=llama-3.2-1b python3 scripts/dev/finer_waits.py"""
+import dataclasses
 import os
+
+import torch
 
 from megakernel.instructions import ATTENTION_PARTIAL, ATTENTION_REDUCE
 from megakernel.scheduler.program import Program, build_program
 from dev_model import format_times, program_times, random_backend
-
-WAIT0_COUNTER, WAIT0_TARGET, SIGNAL = 2, 3, 6   # header words (instruction_layout.h)
-KV_HEAD, HEAD_BEGIN = 10, 10                    # argument words of the two opcodes
 
 model = os.environ.get("MODEL", "llama-3.2-1b")
 CONTEXTS = (32, 1024, 8000)
@@ -20,27 +20,28 @@ cfg, mk = random_backend(model, MAX)
 
 
 def per_kv_head_reduce_waits(program: Program) -> Program:
-    rows = program.instructions.clone()
     names, targets = list(program.counter_names), list(program.counter_targets)
-    group = cfg.num_heads // cfg.num_kv_heads
     fine: dict[tuple[int, int], int] = {}
-    for i in range(rows.shape[0]):
-        op, layer = int(rows[i, 0]), int(rows[i, 1])
-        if op == ATTENTION_PARTIAL.code:
-            key = (layer, int(rows[i, KV_HEAD]))
+    instrs = []
+    for ins in program.instruction_list():
+        if ins.spec is ATTENTION_PARTIAL:
+            key = (ins.layer, ins.args["kv_head"])
             if key not in fine:
                 fine[key] = len(names)
-                names.append(f"L{layer}.attention.kv{key[1]}")
+                names.append(f"L{ins.layer}.attention.kv{key[1]}")
                 targets.append(0)
-            targets[int(rows[i, SIGNAL])] -= 1
-            rows[i, SIGNAL] = fine[key]
+            targets[ins.signal] -= 1
             targets[fine[key]] += 1
-        elif op == ATTENTION_REDUCE.code:
-            c = fine[(layer, int(rows[i, HEAD_BEGIN]) // group)]
-            rows[i, WAIT0_COUNTER] = c
-            rows[i, WAIT0_TARGET] = targets[c]
+            ins = dataclasses.replace(ins, signal=fine[key])
+        elif ins.spec is ATTENTION_REDUCE:
+            # Every partition of the layer comes before its reduce blocks: targets[c] is
+            # final here.
+            c = fine[(ins.layer, ins.args["head_begin"] // cfg.group_size)]
+            ins = dataclasses.replace(ins, waits=((c, targets[c]),) + ins.waits[1:])
+        instrs.append(ins)
+    rows = torch.tensor([i.encode() for i in instrs], dtype=torch.int32)
     return Program(**{**program.__dict__, "instructions": rows, "counter_names": names,
-                      "counter_targets": targets, "decoded": []})
+                      "counter_targets": targets, "decoded": instrs})
 
 
 base = build_program(cfg, num_sms=mk.num_sms, page_size=16, max_seq_len=MAX)
