@@ -57,8 +57,6 @@ constexpr int kHeadBegin = 13;
 constexpr int kHeadCount = 14;
 constexpr int kDimBegin = 15;
 constexpr int kDimCount = 16;
-constexpr int kPrefetchRowBegin = 17;
-constexpr int kPrefetchRowCount = 18;
 }  // namespace attention_partial
 
 // attention_reduce: argument words.
@@ -96,6 +94,17 @@ constexpr int kRowCount = 11;
 namespace argmax_reduce {
 constexpr int kNumBlocks = 10;
 }  // namespace argmax_reduce
+
+// Trailer words, common to every opcode: the L2 prefetch the instruction carries
+// (instructions/base.py: L2Prefetch; byte_end <= byte_begin: none).
+namespace l2_prefetch {
+constexpr int kOpcode = 26;
+constexpr int kLayer = 27;
+constexpr int kRowBegin = 28;
+constexpr int kRowCount = 29;
+constexpr int kByteBegin = 30;
+constexpr int kByteEnd = 31;
+}  // namespace l2_prefetch
 
 inline const char* opcode_name(int op) {
   switch (op) {

@@ -7,8 +7,8 @@
 //     claimed i+1 and copied its 32 words into the other shared-memory slot; once i has
 //     signalled, it issues L2 prefetches of i+1's first weight bytes (weights depend on
 //     no counter);
-//   - while an attention instruction runs (few bytes of its own), prefetches the gate_up
-//     weights it names into L2;
+//   - while an instruction runs, issues the L2 prefetch of a later instruction's weights
+//     it carries, if any (scheduler/program.py puts them where the memory system idles);
 //   - before an instruction runs, spins (lane 0) on its waits with ld.acquire.gpu until
 //     counter >= target * epoch, bounded by the %globaltimer watchdog;
 //   - after the compute warps wrote its outputs, signals its counter with red.release.gpu.
@@ -177,13 +177,49 @@ struct WeightRuns {
   uint32_t bytes[kMaxWeightRuns];
 };
 
-__device__ WeightRuns weight_runs(const KernelParams& p, const int* words) {
+// The runs of rows [r0, r0 + n) of layer l's weights of a row-block op (one whose
+// OpSpec streams_weight_rows); none for another opcode or rows out of range.
+__device__ WeightRuns row_block_runs(const KernelParams& p, int op, int64_t l, int64_t r0,
+                                     int64_t n) {
   WeightRuns r = {};
   const int64_t H = p.hidden_size, I = p.intermediate_size;
-  const int64_t l = words[word::kLayer];
   const int64_t q_size = static_cast<int64_t>(p.num_heads) * p.head_dim;
-  switch (words[word::kOpcode]) {
+  const int64_t rows = op == kOpRmsGateUpSilu ? I : op == kOpRmsLmHead ? p.vocab_size : H;
+  const int64_t layers = op == kOpRmsLmHead ? 1 : p.num_layers;
+  if (l < 0 || l >= layers || r0 < 0 || n < 1 || r0 + n > rows) return r;
+  switch (op) {
+    case kOpOProjResidual:
+      r.ptr[0] = bf16_ptr(p.o_proj) + (l * H + r0) * q_size;
+      r.bytes[0] = static_cast<uint32_t>(n * q_size * 2);
+      break;
+    case kOpRmsGateUpSilu: {
+      const __nv_bfloat16* base = bf16_ptr(p.gate_up) + l * 2 * I * H;
+      r.ptr[0] = base + r0 * H;
+      r.ptr[1] = base + (I + r0) * H;
+      r.bytes[0] = r.bytes[1] = static_cast<uint32_t>(n * H * 2);
+      break;
+    }
+    case kOpDownProjResidual:
+      r.ptr[0] = bf16_ptr(p.down) + (l * H + r0) * I;
+      r.bytes[0] = static_cast<uint32_t>(n * I * 2);
+      break;
+    case kOpRmsLmHead:
+      r.ptr[0] = bf16_ptr(p.lm_head) + r0 * H;
+      r.bytes[0] = static_cast<uint32_t>(n * H * 2);
+      break;
+    default:
+      break;
+  }
+  return r;
+}
+
+__device__ WeightRuns weight_runs(const KernelParams& p, const int* words) {
+  const int op = words[word::kOpcode];
+  const int64_t l = words[word::kLayer];
+  switch (op) {
     case kOpRmsQkvRope: {
+      WeightRuns r = {};
+      const int64_t H = p.hidden_size;
       const int hd = p.head_dim, half = hd / 2;
       const int head = words[rms_qkv_rope::kHead], p0 = words[rms_qkv_rope::kPairBegin];
       const int pairs = min(words[rms_qkv_rope::kPairCount], half - p0);
@@ -192,32 +228,30 @@ __device__ WeightRuns weight_runs(const KernelParams& p, const int* words) {
       r.ptr[0] = lo;
       r.ptr[1] = lo + half * H;
       r.bytes[0] = r.bytes[1] = static_cast<uint32_t>(pairs * H * 2);
-      break;
+      return r;
     }
     case kOpOProjResidual:
-      r.ptr[0] = bf16_ptr(p.o_proj) + (l * H + words[o_proj_residual::kRowBegin]) * q_size;
-      r.bytes[0] = static_cast<uint32_t>(words[o_proj_residual::kRowCount] * q_size * 2);
-      break;
-    case kOpRmsGateUpSilu: {
-      const __nv_bfloat16* base = bf16_ptr(p.gate_up) + l * 2 * I * H;
-      const int64_t r0 = words[rms_gate_up_silu::kRowBegin];
-      r.ptr[0] = base + r0 * H;
-      r.ptr[1] = base + (I + r0) * H;
-      r.bytes[0] = r.bytes[1] = static_cast<uint32_t>(words[rms_gate_up_silu::kRowCount] * H * 2);
-      break;
-    }
+      return row_block_runs(p, op, l, words[o_proj_residual::kRowBegin],
+                            words[o_proj_residual::kRowCount]);
+    case kOpRmsGateUpSilu:
+      return row_block_runs(p, op, l, words[rms_gate_up_silu::kRowBegin],
+                            words[rms_gate_up_silu::kRowCount]);
     case kOpDownProjResidual:
-      r.ptr[0] = bf16_ptr(p.down) + (l * H + words[down_proj_residual::kRowBegin]) * I;
-      r.bytes[0] = static_cast<uint32_t>(words[down_proj_residual::kRowCount] * I * 2);
-      break;
+      return row_block_runs(p, op, l, words[down_proj_residual::kRowBegin],
+                            words[down_proj_residual::kRowCount]);
     case kOpRmsLmHead:
-      r.ptr[0] = bf16_ptr(p.lm_head) + words[rms_lm_head::kRowBegin] * H;
-      r.bytes[0] = static_cast<uint32_t>(words[rms_lm_head::kRowCount] * H * 2);
-      break;
+      return row_block_runs(p, op, l, words[rms_lm_head::kRowBegin],
+                            words[rms_lm_head::kRowCount]);
     default:
-      break;
+      return WeightRuns{};
   }
-  return r;
+}
+
+// Bytes [begin, end) of a weight run into L2, in pieces of at most kPrefetchPiece.
+__device__ void prefetch_run(const void* run, uint32_t begin, uint32_t end) {
+  const char* ptr = static_cast<const char*>(run);
+  for (uint32_t off = begin; off < end; off += kPrefetchPiece)
+    prefetch_l2(ptr + off, min(kPrefetchPiece, end - off));
 }
 
 // Controller warp: prefetch the first p.prefetch_bytes of the weight runs of the
@@ -233,35 +267,22 @@ __device__ void prefetch_weights(const KernelParams& p, const int* slot_words) {
     int num_runs = 0;
     for (int i = 0; i < kMaxWeightRuns; ++i) num_runs += runs.bytes[i] > 0;
     const uint32_t share = p.prefetch_bytes / max(num_runs, 1);
-    const uint32_t bytes = min(runs.bytes[lane], share) & ~15u;
-    const char* ptr = static_cast<const char*>(runs.ptr[lane]);
-    for (uint32_t off = 0; off < bytes; off += kPrefetchPiece)
-      prefetch_l2(ptr + off, min(kPrefetchPiece, bytes - off));
+    prefetch_run(runs.ptr[lane], 0, min(runs.bytes[lane], share) & ~15u);
   }
 }
 
-// Bytes of each of a gate_up block's two weight runs that an attention instruction naming
-// the block (prefetch_row_begin/count) prefetches into L2 while it runs, after the share
-// the hand-over into gate_up prefetches (prefetch_weights: prefetch_bytes / 2 per run).
-// llama-3.2-1b on an H100: 32 KB -5 us per step, 96 KB -12 us (RESULTS entry 32). The
-// scheduler names blocks only where that pays (prefetches_gate_up_under_attention).
-constexpr uint32_t kGateUpEarlyBytes = 96 * 1024;
-
-// Controller warp, between barriers A and B of an attention instruction: the gate_up
-// weights it names into L2, while the memory system is idle under the attention.
-__device__ void prefetch_gate_up_early(const KernelParams& p, const int* words) {
+// Controller warp, between barriers A and B: the L2 prefetch the running instruction
+// carries (its l2_prefetch trailer, chosen by the scheduler), a later instruction's
+// weights brought into L2 while this one leaves the memory system room.
+__device__ void prefetch_carried(const KernelParams& p, const int* words) {
   const int lane = threadIdx.x % kWarpSize;
-  const int n = words[attention_partial::kPrefetchRowCount];
-  if (n <= 0 || lane >= 2) return;
-  const int64_t H = p.hidden_size, I = p.intermediate_size;
-  const int64_t row = words[attention_partial::kPrefetchRowBegin] + (lane == 1 ? I : 0);
-  const char* run = reinterpret_cast<const char*>(
-      bf16_ptr(p.gate_up) + (static_cast<int64_t>(words[word::kLayer]) * 2 * I + row) * H);
-  const uint32_t run_bytes = static_cast<uint32_t>(n * H * 2);
-  const uint32_t begin = min(run_bytes, (p.prefetch_bytes / 2) & ~15u);
-  const uint32_t end = min(run_bytes, begin + kGateUpEarlyBytes);
-  for (uint32_t off = begin; off < end; off += kPrefetchPiece)
-    prefetch_l2(run + off, min(kPrefetchPiece, end - off));
+  const int begin = words[l2_prefetch::kByteBegin], end = words[l2_prefetch::kByteEnd];
+  if (end <= begin || begin < 0 || lane >= kMaxWeightRuns) return;
+  const WeightRuns runs =
+      row_block_runs(p, words[l2_prefetch::kOpcode], words[l2_prefetch::kLayer],
+                     words[l2_prefetch::kRowBegin], words[l2_prefetch::kRowCount]);
+  const uint32_t run_end = min(runs.bytes[lane], static_cast<uint32_t>(end)) & ~15u;
+  prefetch_run(runs.ptr[lane], static_cast<uint32_t>(begin) & ~15u, run_end);
 }
 
 // Controller warp: claim the next instruction and copy its words into `slot_words`.
@@ -344,7 +365,7 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
       block_sync();  // A
       if (!go[slot]) break;
       controller_fetch(p, claim_base, slot_words[slot ^ 1], &slot_index[slot ^ 1]);
-      if (words[word::kOpcode] == kOpAttentionPartial) prefetch_gate_up_early(p, words);
+      prefetch_carried(p, words);
       block_sync();  // B: every output of the instruction is written
 #ifdef MEGAKERNEL_PROFILE
       int64_t t_passed_b = 0;

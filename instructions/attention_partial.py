@@ -10,10 +10,6 @@ Each of those heads writes those dims of its normalized partial output, and its
 log-sum-exp; an empty partition writes out = 0, lse = -inf. With one partition
 (num_partitions == 1) the output is the head's attention itself: it goes to attn_out and
 no attention_reduce follows.
-
-prefetch_row_begin, prefetch_row_count: rows of the layer's rms_gate_up_silu (gate rows
-and their up rows) whose weights the kernel prefetches into L2 while the attention runs,
-when the memory system has room (no effect on the results; count 0: none).
 """
 import math
 
@@ -80,6 +76,5 @@ def cost(instr, cfg, dtype_bytes):
 
 ATTENTION_PARTIAL = register(OpSpec("attention_partial", 3,
                                     ("kv_head", "partition", "num_partitions", "head_begin",
-                                     "head_count", "dim_begin", "dim_count",
-                                     "prefetch_row_begin", "prefetch_row_count"),
+                                     "head_count", "dim_begin", "dim_count"),
                                     reference, cost, __doc__))

@@ -1,9 +1,11 @@
 """The instruction record and the machine state its reference semantics act on.
 
 Every instruction is a fixed record of WORDS int32 words. The first HEADER_WORDS words
-are common to all opcodes (what to wait on, what to signal, which tokens); the rest are
-named per opcode, in the order each opcode module lists them. This module is the single
-definition of that layout: csrc/instruction_layout.h is generated from it (codegen.py).
+are common to all opcodes (what to wait on, what to signal, which tokens); the next ones
+are named per opcode, in the order each opcode module lists them; the last
+L2_PREFETCH_WORDS are again common: an optional L2 prefetch (L2Prefetch). This module is
+the single definition of that layout: csrc/instruction_layout.h is generated from it
+(codegen.py).
 """
 from __future__ import annotations
 
@@ -30,7 +32,39 @@ HEADER_FIELDS = (
     "block_index",     # index of this block among the opcode's blocks in the layer
 )
 HEADER_WORDS = len(HEADER_FIELDS)
-MAX_ARGS = WORDS - HEADER_WORDS
+
+# Trailer words, common to every opcode: an L2 prefetch of a later instruction's weights
+# that the controller issues while this instruction runs (see L2Prefetch).
+L2_PREFETCH_FIELDS = ("opcode", "layer", "row_begin", "row_count", "byte_begin", "byte_end")
+L2_PREFETCH_WORDS = len(L2_PREFETCH_FIELDS)
+L2_PREFETCH_WORD = WORDS - L2_PREFETCH_WORDS      # first trailer word
+MAX_ARGS = L2_PREFETCH_WORD - HEADER_WORDS
+
+
+@dataclass(frozen=True)
+class L2Prefetch:
+    """Bytes [byte_begin, byte_end) of each weight run that the `opcode` instruction of
+    `layer` over rows [row_begin, row_begin + row_count) would stream (gate_up: its gate
+    rows and its up rows; the other row-block ops: one run), prefetched into L2 by the
+    controller while the carrying instruction runs. A hint: it changes no result, and the
+    kernel skips one whose layer or rows are out of range. `opcode` must be one whose
+    OpSpec streams_weight_rows."""
+    opcode: int
+    layer: int
+    row_begin: int
+    row_count: int
+    byte_begin: int
+    byte_end: int
+
+    def words(self) -> list[int]:
+        spec = OPCODES.get(self.opcode)
+        if spec is None or not spec.streams_weight_rows:
+            raise ValueError(f"L2 prefetch of opcode {self.opcode}: only opcodes that stream "
+                             f"weight rows ({', '.join(s.name for s in row_block_specs())})")
+        if self.row_count < 1 or self.byte_end <= self.byte_begin or self.byte_begin < 0:
+            raise ValueError(f"empty or negative L2 prefetch: {self}")
+        return [self.opcode, self.layer, self.row_begin, self.row_count, self.byte_begin,
+                self.byte_end]
 
 
 class ScheduleError(RuntimeError):
@@ -47,6 +81,7 @@ class Instruction:
     token_count: int = 1
     block_index: int = 0
     args: dict[str, int] = field(default_factory=dict)
+    l2_prefetch: L2Prefetch | None = None
 
     @property
     def spec(self) -> "OpSpec":
@@ -62,7 +97,8 @@ class Instruction:
         words = [self.opcode, self.layer, waits[0][0], waits[0][1], waits[1][0], waits[1][1],
                  self.signal, self.token_begin, self.token_count, self.block_index]
         words += [int(self.args[name]) for name in spec.args]
-        words += [0] * (WORDS - len(words))
+        words += [0] * (L2_PREFETCH_WORD - len(words))
+        words += self.l2_prefetch.words() if self.l2_prefetch else [0] * L2_PREFETCH_WORDS
         return words
 
     @classmethod
@@ -72,15 +108,22 @@ class Instruction:
         waits = tuple((words[2 + 2 * i], words[3 + 2 * i]) for i in range(MAX_WAITS)
                       if words[2 + 2 * i] != NO_COUNTER)
         args = {name: words[HEADER_WORDS + i] for i, name in enumerate(spec.args)}
+        trailer = words[L2_PREFETCH_WORD:]
+        prefetch = L2Prefetch(*trailer) if trailer[0] != 0 else None
         return cls(opcode=words[0], layer=words[1], waits=waits, signal=words[6],
                    token_begin=words[7], token_count=words[8], block_index=words[9],
-                   args=args)
+                   args=args, l2_prefetch=prefetch)
 
     def __str__(self) -> str:
         args = " ".join(f"{k}={v}" for k, v in self.args.items())
         waits = ",".join(f"c{c}>={t}" for c, t in self.waits) or "-"
-        return (f"{self.spec.name:<20} L{self.layer:<3} wait[{waits}] signal c{self.signal} "
+        text = (f"{self.spec.name:<20} L{self.layer:<3} wait[{waits}] signal c{self.signal} "
                 f"{args}")
+        if self.l2_prefetch:
+            q = self.l2_prefetch
+            text += (f" l2_prefetch={OPCODES[q.opcode].name} L{q.layer} rows {q.row_begin}"
+                     f"+{q.row_count} bytes [{q.byte_begin}, {q.byte_end})")
+        return text
 
 
 @dataclass
@@ -126,6 +169,8 @@ class OpSpec:
     reference(instr, state) performs the op on MachineState (waits and signal are done by
     the interpreter around it). cost(instr, config, dtype_bytes) returns the bytes of
     device memory the op must move (weights read once + activations + KV).
+    streams_weight_rows: the op streams rows [row_begin, row_begin + row_count) of its
+    layer's weight matrix (its first two args), so an L2Prefetch can name its weights.
     """
     name: str
     code: int
@@ -133,10 +178,14 @@ class OpSpec:
     reference: Callable[[Instruction, MachineState], None]
     cost: Callable[[Instruction, object, int], int]
     doc: str = ""
+    streams_weight_rows: bool = False
 
     def __post_init__(self):
         if len(self.args) > MAX_ARGS:
             raise ValueError(f"{self.name}: too many args")
+        if self.streams_weight_rows and self.args[:2] != ("row_begin", "row_count"):
+            raise ValueError(f"{self.name}: a weight-row op's first args are row_begin, "
+                             f"row_count")
 
     def make(self, **kw) -> Instruction:
         args = {k: kw.pop(k) for k in self.args}
@@ -144,6 +193,11 @@ class OpSpec:
 
 
 OPCODES: dict[int, OpSpec] = {}
+
+
+def row_block_specs() -> list[OpSpec]:
+    """The opcodes an L2Prefetch can name, by opcode number."""
+    return [OPCODES[c] for c in sorted(OPCODES) if OPCODES[c].streams_weight_rows]
 
 
 def register(spec: OpSpec) -> OpSpec:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from . import OPCODES, HEADER_FIELDS, WORDS, MAX_WAITS, NO_COUNTER, HEADER_WORDS
+from . import (OPCODES, HEADER_FIELDS, WORDS, MAX_WAITS, NO_COUNTER, HEADER_WORDS,
+               L2_PREFETCH_FIELDS, L2_PREFETCH_WORD)
 
 HEADER_PATH = Path(__file__).resolve().parent.parent / "csrc" / "instruction_layout.h"
 
@@ -51,6 +52,12 @@ def generate() -> str:
             out.append(f"constexpr int {_camel(name)} = {HEADER_WORDS + i};")
         out.append(f"}}  // namespace {spec.name}")
         out.append("")
+    out += ["// Trailer words, common to every opcode: the L2 prefetch the instruction carries",
+            "// (instructions/base.py: L2Prefetch; byte_end <= byte_begin: none).",
+            "namespace l2_prefetch {"]
+    for i, name in enumerate(L2_PREFETCH_FIELDS):
+        out.append(f"constexpr int {_camel(name)} = {L2_PREFETCH_WORD + i};")
+    out += ["}  // namespace l2_prefetch", ""]
     out += ["inline const char* opcode_name(int op) {", "  switch (op) {"]
     for code in sorted(OPCODES):
         out.append(f'    case {code}: return "{OPCODES[code].name}";')

@@ -16,4 +16,5 @@ def cost(instr, cfg, dtype_bytes):
 
 
 DOWN_PROJ_RESIDUAL = register(OpSpec("down_proj_residual", 7, ("row_begin", "row_count"),
-                                     reference, cost, __doc__))
+                                     reference, cost, __doc__,
+                                     streams_weight_rows=True))

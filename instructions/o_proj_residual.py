@@ -18,4 +18,5 @@ def cost(instr, cfg, dtype_bytes):
 
 
 O_PROJ_RESIDUAL = register(OpSpec("o_proj_residual", 5, ("row_begin", "row_count"),
-                                  reference, cost, __doc__))
+                                  reference, cost, __doc__,
+                                  streams_weight_rows=True))

@@ -25,4 +25,5 @@ def cost(instr, cfg, dtype_bytes):
 
 
 RMS_GATE_UP_SILU = register(OpSpec("rms_gate_up_silu", 6, ("row_begin", "row_count"),
-                                   reference, cost, __doc__))
+                                   reference, cost, __doc__,
+                                   streams_weight_rows=True))

@@ -26,4 +26,5 @@ def cost(instr, cfg, dtype_bytes):
 
 
 RMS_LM_HEAD = register(OpSpec("rms_lm_head", 8, ("row_begin", "row_count"),
-                              reference, cost, __doc__))
+                              reference, cost, __doc__,
+                              streams_weight_rows=True))

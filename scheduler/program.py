@@ -30,7 +30,7 @@ import torch
 from megakernel.instructions import (
     ARGMAX_REDUCE, ATTENTION_PARTIAL, ATTENTION_REDUCE, DOWN_PROJ_RESIDUAL, EMBED,
     O_PROJ_RESIDUAL, OPCODES, RMS_GATE_UP_SILU, RMS_LM_HEAD, RMS_QKV_ROPE, WORDS,
-    Instruction,
+    Instruction, L2Prefetch,
 )
 
 # Fixed cost of one instruction (claim, waits, signal, pipeline fill), in bytes of weight
@@ -235,23 +235,30 @@ def whole_context_dim_slices(cfg, num_sms: int, dtype_bytes: int = 2) -> list[tu
     return [(d, min(per_slice, cfg.head_dim - d)) for d in range(0, cfg.head_dim, per_slice)]
 
 
-# The attention stage moves few bytes, so its instructions prefetch the next gate_up
-# blocks' weights into L2 (csrc/interpreter.cu: prefetch_gate_up_early). Those bytes then
-# share the attention and o_proj stages with o_proj's own reads: where o_proj moves few
-# bytes (latency-bound) the memory system has room for them, where it moves many it has
-# not. On an H100 (RESULTS entry 32): llama-3.2-1b (8.4 MB of o_proj per layer) 12 us per
-# step faster; llama-3.1-8b (33.5 MB) gained nothing (96 KB per run: 3-6 us slower than
-# the same kernel without it). llama-3.2-3b (18.9 MB) was not measured and stays out, and
-# so does the split program: it serves the long contexts, where attention streams K/V
-# (measured only at the whole-context program's short positions).
+# The attention stage moves few bytes, so its instructions carry L2 prefetches of the
+# next gate_up blocks' weights (attention block b: gate_up block b; csrc/interpreter.cu:
+# prefetch_carried). Those bytes then share the attention and o_proj stages with o_proj's
+# own reads: where o_proj moves few bytes (latency-bound) the memory system has room for
+# them, where it moves many it has not. On an H100 (RESULTS entry 32): llama-3.2-1b (8.4
+# MB of o_proj per layer) 12 us per step faster; llama-3.1-8b (33.5 MB) gained nothing
+# (3-6 us slower). llama-3.2-3b (18.9 MB) was not measured and stays out, and so does the
+# split program: it serves the long contexts, where attention streams K/V (measured only
+# at the whole-context program's short positions).
 EARLY_GATE_UP_MAX_O_PROJ_BYTES = 16 * 1024 * 1024
+# Bytes of each gate_up run (its gate rows, its up rows) prefetched under the attention:
+# from the end of what the hand-over into gate_up prefetches itself (the kernel's default
+# 64 KB budget over two runs) on, 96 KB (entry 32: 32 KB gave -5 us, 96 KB -12 us).
+EARLY_GATE_UP_BYTES = (32 * 1024, 128 * 1024)
 
 
-def prefetches_gate_up_under_attention(cfg, dtype_bytes: int = 2,
-                                       whole_context_attention: bool = True) -> bool:
-    """Whether the program's attention instructions name gate_up blocks to prefetch."""
-    return (whole_context_attention and
-            cfg.hidden_size * cfg.q_size * dtype_bytes <= EARLY_GATE_UP_MAX_O_PROJ_BYTES)
+def early_gate_up_bytes(cfg, dtype_bytes: int = 2,
+                        whole_context_attention: bool = True) -> tuple[int, int] | None:
+    """[begin, end) of each gate_up run that the attention blocks prefetch into L2, or
+    None where they prefetch nothing."""
+    if (whole_context_attention and
+            cfg.hidden_size * cfg.q_size * dtype_bytes <= EARLY_GATE_UP_MAX_O_PROJ_BYTES):
+        return EARLY_GATE_UP_BYTES
+    return None
 
 
 def build_program(cfg, num_sms: int, page_size: int, max_seq_len: int,
@@ -296,14 +303,13 @@ def build_program(cfg, num_sms: int, page_size: int, max_seq_len: int,
     down_blocks = split_rows(H, num_sms, I * dtype_bytes, rows_per_pass=2)
     lm_blocks = split_rows(V, num_sms, H * dtype_bytes, rows_per_pass=2)
 
-    early_gate_up = prefetches_gate_up_under_attention(cfg, dtype_bytes,
-                                                       whole_context_attention)
+    early_gate_up = early_gate_up_bytes(cfg, dtype_bytes, whole_context_attention)
 
-    def gate_up_prefetch(b: int) -> dict:
-        """Attention block b names gate_up block b, whose weights the kernel prefetches
-        into L2 while the attention runs."""
-        r0, n = gu_blocks[b] if early_gate_up and b < len(gu_blocks) else (0, 0)
-        return {"prefetch_row_begin": r0, "prefetch_row_count": n}
+    def gate_up_prefetch(layer: int, b: int) -> L2Prefetch | None:
+        """What attention block b prefetches while it runs: gate_up block b's weights."""
+        if early_gate_up is None or b >= len(gu_blocks):
+            return None
+        return L2Prefetch(RMS_GATE_UP_SILU.code, layer, *gu_blocks[b], *early_gate_up)
 
     c = counter("embed")
     emit(EMBED, 0, (), c, 0)
@@ -324,14 +330,14 @@ def build_program(cfg, num_sms: int, page_size: int, max_seq_len: int,
                         emit(ATTENTION_PARTIAL, layer, [done(c_qkv)], c_attn, b,
                              kv_head=kv_head, partition=0, num_partitions=1, head_begin=head,
                              head_count=1, dim_begin=d0, dim_count=nd,
-                             **gate_up_prefetch(b))
+                             l2_prefetch=gate_up_prefetch(layer, b))
                         b += 1
                 continue
             for part in range(parts):
                 emit(ATTENTION_PARTIAL, layer, [done(c_qkv)], c_attn, b, kv_head=kv_head,
                      partition=part, num_partitions=parts, head_begin=0,
                      head_count=cfg.group_size, dim_begin=0, dim_count=cfg.head_dim,
-                     **gate_up_prefetch(b))
+                     l2_prefetch=gate_up_prefetch(layer, b))
                 b += 1
         attn_done = c_attn
         if parts > 1:     # one partition writes attn_out itself

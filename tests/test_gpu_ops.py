@@ -189,7 +189,7 @@ def test_attention_partial(cfg_name, position, max_seq, partitions):
     P = partitions or case.program.attn_partitions
     instrs = [make(ATTENTION_PARTIAL, b, kv_head=kvh, partition=p, num_partitions=P,
                    head_begin=0, head_count=cfg.group_size, dim_begin=0,
-                   dim_count=cfg.head_dim, prefetch_row_begin=0, prefetch_row_count=0)
+                   dim_count=cfg.head_dim)
               for b, (kvh, p) in enumerate((kvh, p) for kvh in range(cfg.num_kv_heads)
                                            for p in range(P))]
     case.run(instrs)
@@ -210,8 +210,7 @@ def test_attention_partial_head_and_dim_slices(cfg_name, position, partitions):
     slices = [(0, 1, 0, 16), (0, 1, 16, hd - 16), (1, cfg.group_size - 1, 0, 48),
               (1, cfg.group_size - 1, 48, hd - 48)]
     instrs = [make(ATTENTION_PARTIAL, b, kv_head=kvh, partition=p, num_partitions=P,
-                   head_begin=h0, head_count=nh, dim_begin=d0, dim_count=nd,
-                   prefetch_row_begin=0, prefetch_row_count=0)
+                   head_begin=h0, head_count=nh, dim_begin=d0, dim_count=nd)
               for b, (kvh, p, (h0, nh, d0, nd)) in enumerate(
                   (kvh, p, sl) for kvh in range(cfg.num_kv_heads) for p in range(P)
                   for sl in slices)]

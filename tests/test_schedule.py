@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from megakernel.config import ModelConfig
-from megakernel.instructions import ScheduleError
+from megakernel.instructions import RMS_GATE_UP_SILU, ScheduleError
 from megakernel.kv_cache import PagedKVCache
 from megakernel.backends.reference_backend import ReferenceBackend
 from megakernel.instructions.rms_qkv_rope import block_rows
 from megakernel.presets import PRESETS, random_weights
 from megakernel.scheduler import build_program, split_qkv, whole_context_limit
-from megakernel.scheduler.program import prefetches_gate_up_under_attention
+from megakernel.scheduler.program import EARLY_GATE_UP_BYTES, early_gate_up_bytes
 from tolerances import RELATIVE_TOLERANCE, relative_error
 
 CONFIGS = {
@@ -189,25 +189,30 @@ def test_whole_context_limits_and_blocks_at_the_real_shapes():
         assert len(attention) == blocks and {i.args["dim_count"] for i in attention} == {dims}
 
 
-def test_attention_names_gate_up_blocks_to_prefetch_where_o_proj_is_small():
-    # llama-3.2-1b's whole-context attention blocks each name one gate_up block (the
-    # kernel prefetches its weights while the attention runs); its split program's
-    # blocks and llama-3.1-8b's name none.
+def test_attention_carries_gate_up_prefetches_where_o_proj_is_small():
+    # llama-3.2-1b's whole-context attention blocks each carry an L2 prefetch of one
+    # gate_up block of their layer (the kernel issues it while the attention runs); its
+    # split program's blocks and llama-3.1-8b's carry none, and no other opcode does.
     for name, whole, expected in (("llama-3.2-1b", True, True), ("llama-3.2-1b", False, False),
                                   ("llama-3.1-8b", True, False)):
         cfg = PRESETS[name]
-        assert prefetches_gate_up_under_attention(cfg, 2, whole) == expected
+        assert (early_gate_up_bytes(cfg, 2, whole) is not None) == expected
         program = build_program(cfg, num_sms=132, page_size=16, max_seq_len=4096,
                                 whole_context_attention=whole)
-        layer0 = [i for i in program.instruction_list() if i.layer == 0]
-        gate_up = [(i.args["row_begin"], i.args["row_count"]) for i in layer0
-                   if i.spec.name == "rms_gate_up_silu"]
-        named = [(i.args["prefetch_row_begin"], i.args["prefetch_row_count"])
-                 for i in layer0 if i.spec.name == "attention_partial"]
-        if expected:
-            assert named == gate_up[:len(named)] and len(named) >= len(gate_up) - 4
-        else:
-            assert {n for _, n in named} == {0}
+        instrs = program.instruction_list()
+        assert all(i.l2_prefetch is None for i in instrs if i.spec.name != "attention_partial")
+        for layer in (0, cfg.num_layers - 1):
+            gate_up = [(i.args["row_begin"], i.args["row_count"]) for i in instrs
+                       if i.layer == layer and i.spec.name == "rms_gate_up_silu"]
+            carried = [i.l2_prefetch for i in instrs
+                       if i.layer == layer and i.spec.name == "attention_partial"]
+            if not expected:
+                assert carried == [None] * len(carried)
+                continue
+            assert [(q.row_begin, q.row_count) for q in carried] == gate_up[:len(carried)]
+            assert len(carried) >= len(gate_up) - 4
+            assert {(q.opcode, q.layer, q.byte_begin, q.byte_end) for q in carried} == {
+                (RMS_GATE_UP_SILU.code, layer, *EARLY_GATE_UP_BYTES)}
 
 
 def test_qkv_blocks_fill_every_sm_once_at_the_1b_shape():
