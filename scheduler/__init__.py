@@ -1,8 +1,9 @@
 """Program building and ordering: compile a decode step into an instruction stream."""
 from .program import (BufferSpec, Program, allocate_buffers, attention_partitions,
-                      build_program, split_qkv, split_rows, whole_context_limit)
+                      build_program, decode_programs, early_gate_up_limit, split_qkv,
+                      split_rows, whole_context_limit)
 from .interpreter import check_counters, run_step
 
 __all__ = ["BufferSpec", "Program", "allocate_buffers", "attention_partitions",
-           "build_program", "split_qkv", "split_rows", "whole_context_limit",
-           "check_counters", "run_step"]
+           "build_program", "decode_programs", "early_gate_up_limit", "split_qkv",
+           "split_rows", "whole_context_limit", "check_counters", "run_step"]

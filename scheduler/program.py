@@ -235,39 +235,69 @@ def whole_context_dim_slices(cfg, num_sms: int, dtype_bytes: int = 2) -> list[tu
     return [(d, min(per_slice, cfg.head_dim - d)) for d in range(0, cfg.head_dim, per_slice)]
 
 
-# The attention stage moves few bytes, so its instructions carry L2 prefetches of the
-# next gate_up blocks' weights (attention block b: gate_up block b; csrc/interpreter.cu:
-# prefetch_carried). Those bytes then share the attention and o_proj stages with o_proj's
-# own reads: where o_proj moves few bytes (latency-bound) the memory system has room for
-# them, where it moves many it has not. On an H100 (RESULTS entry 32): llama-3.2-1b (8.4
-# MB of o_proj per layer) 12 us per step faster; llama-3.1-8b (33.5 MB) gained nothing
-# (3-6 us slower). llama-3.2-3b (18.9 MB) was not measured and stays out, and so does the
-# split program: it serves the long contexts, where attention streams K/V (measured only
-# at the whole-context program's short positions).
-EARLY_GATE_UP_MAX_O_PROJ_BYTES = 16 * 1024 * 1024
-# Bytes of each gate_up run (its gate rows, its up rows) prefetched under the attention:
-# from the end of what the hand-over into gate_up prefetches itself (the kernel's default
-# 64 KB budget over two runs) on, 96 KB (entry 32: 32 KB gave -5 us, 96 KB -12 us).
-EARLY_GATE_UP_BYTES = (32 * 1024, 128 * 1024)
+# The attention and o_proj stages move few bytes (o_proj is latency-bound), so the memory
+# system has room under them: their instructions carry L2 prefetches of the same layer's
+# gate_up weights (block b of either stage: gate_up block b; csrc/interpreter.cu:
+# prefetch_carried), and gate_up, which streams at the device's limit, then finds part of
+# its bytes in L2. Of each gate_up run (a block's gate rows, its up rows), gate_up's own
+# hand-over prefetches the first HANDOVER_GATE_UP_BYTES; the attention blocks carry the
+# next bytes, EARLY_GATE_UP_L2_BYTES per layer over all of them; each o_proj block the
+# next O_PROJ_GATE_UP_BYTES. On an H100 (RESULTS entry 33, back-to-back steps at context
+# 32, ms/token against no carried prefetch): llama-3.2-1b's 128 attention blocks best at
+# 96 KB per run (24 MB per layer; 64 KB and 128 KB less), 16 KB more under o_proj -10 us;
+# llama-3.2-3b's 48 blocks still gaining at 224 KB (21 MB), llama-3.1-8b's 64 at 160 KB
+# (20 MB). More than the L2 keeps evicts bytes before gate_up reads them.
+HANDOVER_GATE_UP_BYTES = 32 * 1024     # the kernel's default prefetch_bytes over two runs
+EARLY_GATE_UP_L2_BYTES = 24 * 1024 * 1024
+O_PROJ_GATE_UP_BYTES = 16 * 1024
+# Past some context the attention streams enough K/V that the carried bytes slow it more
+# than they save (llama-3.2-1b, split program: -26 us per step at 2048 tokens, -1 at 4096,
+# +45 at 8000): no carried prefetch once a layer's K/V exceeds this.
+EARLY_GATE_UP_MAX_KV_BYTES = 8 * 1024 * 1024
 
 
-def early_gate_up_bytes(cfg, dtype_bytes: int = 2,
-                        whole_context_attention: bool = True) -> tuple[int, int] | None:
-    """[begin, end) of each gate_up run that the attention blocks prefetch into L2, or
-    None where they prefetch nothing."""
-    if (whole_context_attention and
-            cfg.hidden_size * cfg.q_size * dtype_bytes <= EARLY_GATE_UP_MAX_O_PROJ_BYTES):
-        return EARLY_GATE_UP_BYTES
-    return None
+def early_gate_up_limit(cfg, dtype_bytes: int = 2) -> int:
+    """The positions [0, limit) whose steps carry gate_up prefetches under the attention."""
+    return EARLY_GATE_UP_MAX_KV_BYTES // (2 * cfg.num_kv_heads * cfg.head_dim * dtype_bytes)
+
+
+def early_gate_up_ranges(run_bytes: int, attention_blocks: int) -> tuple[tuple[int, int], ...]:
+    """([begin, end) of each gate_up run carried by an attention block, the same for an
+    o_proj block), given the run's length and how many attention blocks carry one."""
+    per_run = EARLY_GATE_UP_L2_BYTES // (2 * max(1, attention_blocks)) // 16384 * 16384
+    attention_end = min(run_bytes, HANDOVER_GATE_UP_BYTES + per_run)
+    o_proj_end = min(run_bytes, attention_end + O_PROJ_GATE_UP_BYTES)
+    return (HANDOVER_GATE_UP_BYTES, attention_end), (attention_end, o_proj_end)
+
+
+def decode_programs(max_seq_len: int, whole_context_positions: int,
+                    early_gate_up_positions: int, split_partitions: int):
+    """The programs a backend decodes with, by the positions they serve: [(limit,
+    whole_context_attention, early_gate_up)] by rising limit; a position takes the first
+    entry whose limit is above it (the last entry's at any other). Whole-context attention
+    below whole_context_positions, unless the split program has one partition anyway
+    (split_partitions: its attention_partitions()); then the split program with the
+    carried gate_up prefetches below early_gate_up_positions, and without them."""
+    early_end = min(early_gate_up_positions, max_seq_len)
+    whole_end = min(whole_context_positions, max_seq_len) if split_partitions > 1 else 0
+    plan = []
+    if whole_end > 0:
+        plan.append((whole_end, True, early_end >= whole_end))
+    if whole_end < early_end < max_seq_len:
+        plan.append((early_end, False, True))
+    return plan + [(max_seq_len, False, early_end >= max_seq_len)]
 
 
 def build_program(cfg, num_sms: int, page_size: int, max_seq_len: int,
                   num_tokens: int = 1, dtype_bytes: int = 2,
-                  whole_context_attention: bool = False) -> Program:
+                  whole_context_attention: bool = False,
+                  early_gate_up: bool = True) -> Program:
     """Compile one decode step for `cfg` on a GPU with `num_sms` SMs.
 
     num_tokens is the number of tokens the step serves (1 for decode); max_seq_len bounds
-    the context and so the attention partitions.
+    the context and so the attention partitions. early_gate_up: the attention and o_proj
+    instructions carry L2 prefetches of gate_up's weights (for positions below
+    early_gate_up_limit()).
     """
     if num_sms < 1:
         raise ValueError("num_sms must be >= 1")
@@ -303,13 +333,18 @@ def build_program(cfg, num_sms: int, page_size: int, max_seq_len: int,
     down_blocks = split_rows(H, num_sms, I * dtype_bytes, rows_per_pass=2)
     lm_blocks = split_rows(V, num_sms, H * dtype_bytes, rows_per_pass=2)
 
-    early_gate_up = early_gate_up_bytes(cfg, dtype_bytes, whole_context_attention)
+    attention_blocks = (cfg.num_heads * len(slices) if whole_context_attention
+                        else cfg.num_kv_heads * parts)
+    carried = early_gate_up_ranges(max(n for _, n in gu_blocks) * H * dtype_bytes,
+                                   min(attention_blocks, len(gu_blocks)))
 
-    def gate_up_prefetch(layer: int, b: int) -> L2Prefetch | None:
-        """What attention block b prefetches while it runs: gate_up block b's weights."""
-        if early_gate_up is None or b >= len(gu_blocks):
+    def gate_up_prefetch(stage: int, layer: int, b: int) -> L2Prefetch | None:
+        """What block b of the attention (stage 0) or o_proj (stage 1) prefetches while
+        it runs: bytes carried[stage] of each of gate_up block b's runs."""
+        begin, end = carried[stage]
+        if not early_gate_up or b >= len(gu_blocks) or end <= begin:
             return None
-        return L2Prefetch(RMS_GATE_UP_SILU.code, layer, *gu_blocks[b], *early_gate_up)
+        return L2Prefetch(RMS_GATE_UP_SILU.code, layer, *gu_blocks[b], begin, end)
 
     c = counter("embed")
     emit(EMBED, 0, (), c, 0)
@@ -330,14 +365,14 @@ def build_program(cfg, num_sms: int, page_size: int, max_seq_len: int,
                         emit(ATTENTION_PARTIAL, layer, [done(c_qkv)], c_attn, b,
                              kv_head=kv_head, partition=0, num_partitions=1, head_begin=head,
                              head_count=1, dim_begin=d0, dim_count=nd,
-                             l2_prefetch=gate_up_prefetch(layer, b))
+                             l2_prefetch=gate_up_prefetch(0, layer, b))
                         b += 1
                 continue
             for part in range(parts):
                 emit(ATTENTION_PARTIAL, layer, [done(c_qkv)], c_attn, b, kv_head=kv_head,
                      partition=part, num_partitions=parts, head_begin=0,
                      head_count=cfg.group_size, dim_begin=0, dim_count=cfg.head_dim,
-                     l2_prefetch=gate_up_prefetch(layer, b))
+                     l2_prefetch=gate_up_prefetch(0, layer, b))
                 b += 1
         attn_done = c_attn
         if parts > 1:     # one partition writes attn_out itself
@@ -347,7 +382,8 @@ def build_program(cfg, num_sms: int, page_size: int, max_seq_len: int,
                      head_count=1, num_partitions=parts)
         c_o = counter(f"L{layer}.o_proj")
         for b, (r0, n) in enumerate(o_blocks):
-            emit(O_PROJ_RESIDUAL, layer, [done(attn_done)], c_o, b, row_begin=r0, row_count=n)
+            emit(O_PROJ_RESIDUAL, layer, [done(attn_done)], c_o, b, row_begin=r0, row_count=n,
+                 l2_prefetch=gate_up_prefetch(1, layer, b))
         c_gu = counter(f"L{layer}.gate_up")
         for b, (r0, n) in enumerate(gu_blocks):
             emit(RMS_GATE_UP_SILU, layer, [done(c_o)], c_gu, b, row_begin=r0, row_count=n)

@@ -126,6 +126,35 @@ def test_whole_context_attention_below_its_limit_then_the_split_program(checkpoi
     assert again.token_ids == a.token_ids
 
 
+def test_carried_gate_up_prefetches_change_no_result():
+    """On the 1B shape (gate_up runs long enough to carry prefetches): the programs below
+    early_gate_up_positions carry L2 prefetches, the split program above it none, and a
+    generation across both switches gives, bit for bit, the logits of an engine whose
+    programs carry none."""
+    from megakernel.scheduler import whole_context_limit
+
+    def engine(early):
+        return megakernel.Engine.from_pretrained(
+            "random:llama-3.2-1b", device="cuda", backend="megakernel", max_seq_len=512,
+            early_gate_up_positions=early)
+
+    def carries(backend, position):
+        return any(i.l2_prefetch for i in backend.program_for(position).instruction_list())
+
+    carrying, plain = engine(256), engine(0)
+    whole_end = whole_context_limit(carrying.config)
+    assert whole_end < 256
+    assert [carries(carrying.backend, p) for p in (0, whole_end, 255, 256)] == [
+        True, True, True, False]
+    assert not any(carries(plain.backend, p) for p in (0, whole_end, 256))
+    prompt = [1000 + i for i in range(whole_end - 40)]
+    a = carrying.generate(prompt, max_new_tokens=150, ignore_eos=True, output_logits=True)
+    b = plain.generate(prompt, max_new_tokens=150, ignore_eos=True, output_logits=True)
+    assert len(prompt) + 150 > 256
+    assert a.token_ids == b.token_ids
+    assert torch.equal(a.logits, b.logits)
+
+
 def test_one_launch_per_decode_step(checkpoint):
     path, _ = checkpoint
     engine = make_engine(path, max_seq_len=256)

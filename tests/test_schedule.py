@@ -11,8 +11,9 @@ from megakernel.kv_cache import PagedKVCache
 from megakernel.backends.reference_backend import ReferenceBackend
 from megakernel.instructions.rms_qkv_rope import block_rows
 from megakernel.presets import PRESETS, random_weights
-from megakernel.scheduler import build_program, split_qkv, whole_context_limit
-from megakernel.scheduler.program import EARLY_GATE_UP_BYTES, early_gate_up_bytes
+from megakernel.scheduler import (build_program, decode_programs, split_qkv,
+                                  whole_context_limit)
+from megakernel.scheduler.program import EARLY_GATE_UP_L2_BYTES, early_gate_up_limit
 from tolerances import RELATIVE_TOLERANCE, relative_error
 
 CONFIGS = {
@@ -189,30 +190,75 @@ def test_whole_context_limits_and_blocks_at_the_real_shapes():
         assert len(attention) == blocks and {i.args["dim_count"] for i in attention} == {dims}
 
 
-def test_attention_carries_gate_up_prefetches_where_o_proj_is_small():
-    # llama-3.2-1b's whole-context attention blocks each carry an L2 prefetch of one
-    # gate_up block of their layer (the kernel issues it while the attention runs); its
-    # split program's blocks and llama-3.1-8b's carry none, and no other opcode does.
-    for name, whole, expected in (("llama-3.2-1b", True, True), ("llama-3.2-1b", False, False),
-                                  ("llama-3.1-8b", True, False)):
-        cfg = PRESETS[name]
-        assert (early_gate_up_bytes(cfg, 2, whole) is not None) == expected
-        program = build_program(cfg, num_sms=132, page_size=16, max_seq_len=4096,
-                                whole_context_attention=whole)
-        instrs = program.instruction_list()
-        assert all(i.l2_prefetch is None for i in instrs if i.spec.name != "attention_partial")
-        for layer in (0, cfg.num_layers - 1):
-            gate_up = [(i.args["row_begin"], i.args["row_count"]) for i in instrs
-                       if i.layer == layer and i.spec.name == "rms_gate_up_silu"]
+@pytest.mark.parametrize("name, whole, attention_range, o_proj_range", [
+    # 128 attention blocks: 24 MB over 256 runs is 96 KB each after the hand-over's 32 KB.
+    ("llama-3.2-1b", True, (32, 128), (128, 144)),
+    ("llama-3.2-1b", False, (32, 128), (128, 144)),
+    # 64 whole-context attention blocks: 192 KB per run.
+    ("llama-3.1-8b", True, (32, 224), (224, 240)),
+])
+def test_attention_and_o_proj_carry_gate_up_prefetches(name, whole, attention_range,
+                                                       o_proj_range):
+    # Block b of the attention and of o_proj each carry an L2 prefetch of gate_up block b
+    # of their layer: the attention the bytes after what gate_up's hand-over prefetches,
+    # o_proj the next 16 KB. No other opcode carries one.
+    cfg = PRESETS[name]
+    program = build_program(cfg, num_sms=132, page_size=16, max_seq_len=4096,
+                            whole_context_attention=whole)
+    instrs = program.instruction_list()
+    carriers = {"attention_partial": attention_range, "o_proj_residual": o_proj_range}
+    assert all(i.l2_prefetch is None for i in instrs if i.spec.name not in carriers)
+    for layer in (0, cfg.num_layers - 1):
+        gate_up = [(i.args["row_begin"], i.args["row_count"]) for i in instrs
+                   if i.layer == layer and i.spec.name == "rms_gate_up_silu"]
+        for stage, (begin_kb, end_kb) in carriers.items():
             carried = [i.l2_prefetch for i in instrs
-                       if i.layer == layer and i.spec.name == "attention_partial"]
-            if not expected:
-                assert carried == [None] * len(carried)
-                continue
-            assert [(q.row_begin, q.row_count) for q in carried] == gate_up[:len(carried)]
-            assert len(carried) >= len(gate_up) - 4
-            assert {(q.opcode, q.layer, q.byte_begin, q.byte_end) for q in carried} == {
-                (RMS_GATE_UP_SILU.code, layer, *EARLY_GATE_UP_BYTES)}
+                       if i.layer == layer and i.spec.name == stage]
+            named = [(q.row_begin, q.row_count) for q in carried if q is not None]
+            assert named == gate_up[:len(named)]
+            assert len(named) == min(len(carried), len(gate_up))
+            assert {(q.opcode, q.layer, q.byte_begin, q.byte_end) for q in carried if q} == {
+                (RMS_GATE_UP_SILU.code, layer, begin_kb * 1024, end_kb * 1024)}
+    # Under the L2 budget: what the attention carries per layer.
+    per_layer = sum(2 * (i.l2_prefetch.byte_end - i.l2_prefetch.byte_begin) for i in instrs
+                    if i.layer == 0 and i.spec.name == "attention_partial")
+    assert per_layer <= EARLY_GATE_UP_L2_BYTES
+
+
+def test_no_carried_prefetch_when_off_or_when_gate_up_runs_are_short():
+    big = build_program(PRESETS["llama-3.2-1b"], num_sms=132, page_size=16, max_seq_len=4096,
+                        early_gate_up=False)
+    # A small model's gate_up runs end before the hand-over's own 32 KB.
+    small = build_program(small_config(**CONFIGS["gqa2-hd64"]), num_sms=8, page_size=4,
+                          max_seq_len=64)
+    for program in (big, small):
+        assert all(i.l2_prefetch is None for i in program.instruction_list())
+
+
+def test_carried_prefetches_stop_where_a_layer_has_8_mb_of_kv():
+    # K and V of one token and layer: 2 KB on llama-3.2-1b (8 KV heads of 64), 4 KB on
+    # llama-3.2-3b and llama-3.1-8b (8 of 128).
+    assert early_gate_up_limit(PRESETS["llama-3.2-1b"]) == 4096
+    assert early_gate_up_limit(PRESETS["llama-3.2-3b"]) == 2048
+    assert early_gate_up_limit(PRESETS["llama-3.1-8b"]) == 2048
+
+
+@pytest.mark.parametrize("max_seq_len, whole, early, partitions, expected", [
+    # The default 1B engine: whole-context attention, then split with and without the
+    # carried prefetches.
+    (8192, 192, 4096, 4, [(192, True, True), (4096, False, True), (8192, False, False)]),
+    # A short engine (the benchmark's 161 positions): every program carries them, also
+    # where max_seq_len ends before the whole-context limit.
+    (161, 192, 4096, 4, [(161, True, True), (161, False, True)]),
+    (3000, 192, 4096, 4, [(192, True, True), (3000, False, True)]),
+    # Switched off; and no whole-context program where the split one has one partition.
+    (8192, 0, 0, 4, [(8192, False, False)]),
+    (8192, 192, 0, 4, [(192, True, False), (8192, False, False)]),
+    (8192, 192, 4096, 1, [(4096, False, True), (8192, False, False)]),
+    (8192, 192, 100, 4, [(192, True, False), (8192, False, False)]),
+])
+def test_decode_programs_by_position(max_seq_len, whole, early, partitions, expected):
+    assert decode_programs(max_seq_len, whole, early, partitions) == expected
 
 
 def test_qkv_blocks_fill_every_sm_once_at_the_1b_shape():

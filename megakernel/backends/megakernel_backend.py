@@ -291,7 +291,10 @@ class MegakernelBackend(Backend):
     whole_context_positions: positions below it decode with a second program whose
     attention covers the whole context in every block and needs no reduce stage (faster at
     short contexts); None takes the scheduler's whole_context_limit() for the model, 0
-    never does. A given `program` is used at every position.
+    never does. early_gate_up_positions: positions below it decode with programs whose
+    attention and o_proj instructions prefetch gate_up's weights into L2 (the split
+    program beyond them carries none); None takes the scheduler's early_gate_up_limit(),
+    0 never does. A given `program` is used at every position.
     prefill_mode: "torch" (default) runs the prompt through TorchBackend in chunks;
     "decode" runs it through the kernel one token at a time (slow for long prompts, but
     every K/V then comes from the same float32-activation math as the reference
@@ -301,7 +304,8 @@ class MegakernelBackend(Backend):
 
     def __init__(self, weights, kv_cache, max_seq_len: int, timeout_s: float = DEFAULT_TIMEOUT_S,
                  program=None, profile: bool = False, prefetch_bytes: int | None = None,
-                 prefill_mode: str = "torch", whole_context_positions: int | None = None):
+                 prefill_mode: str = "torch", whole_context_positions: int | None = None,
+                 early_gate_up_positions: int | None = None):
         super().__init__(weights, kv_cache)
         if prefill_mode not in ("torch", "decode"):
             raise ValueError(f"prefill_mode must be 'torch' or 'decode', got {prefill_mode!r}")
@@ -313,7 +317,9 @@ class MegakernelBackend(Backend):
             raise BackendUnavailableError(
                 f"megakernel backend needs bf16 weights and KV cache, got {weights.dtype} / "
                 f"{kv_cache.k.dtype}")
-        from megakernel.scheduler import build_program, whole_context_limit
+        from megakernel.scheduler import (attention_partitions, build_program,
+                                          decode_programs, early_gate_up_limit,
+                                          whole_context_limit)
 
         device = weights.device
         with torch.cuda.device(device):
@@ -332,19 +338,24 @@ class MegakernelBackend(Backend):
             return
         if whole_context_positions is None:
             whole_context_positions = whole_context_limit(self.config)
-        if whole_context_positions < 0:
-            raise ValueError("whole_context_positions must be >= 0, got "
-                             f"{whole_context_positions}")
+        if early_gate_up_positions is None:
+            early_gate_up_positions = early_gate_up_limit(self.config)
+        for name, value in (("whole_context_positions", whole_context_positions),
+                            ("early_gate_up_positions", early_gate_up_positions)):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
 
-        def build(whole: bool):
+        def build(whole: bool, early: bool):
             return build_program(self.config, num_sms=self.num_sms,
                                  page_size=kv_cache.page_size, max_seq_len=max_seq_len,
-                                 dtype_bytes=2, whole_context_attention=whole)
+                                 dtype_bytes=2, whole_context_attention=whole,
+                                 early_gate_up=early)
 
-        runs = [(max_seq_len, self._program_run(build(False)))]
-        if whole_context_positions > 0 and runs[0][1].program.attn_partitions > 1:
-            runs.insert(0, (whole_context_positions, self._program_run(build(True))))
-        self._install(runs)
+        plan = decode_programs(max_seq_len, whole_context_positions, early_gate_up_positions,
+                               attention_partitions(self.config, self.num_sms, max_seq_len,
+                                                    kv_cache.page_size))
+        self._install([(limit, self._program_run(build(whole, early)))
+                       for limit, whole, early in plan])
 
     def _program_run(self, program) -> ProgramRun:
         from megakernel.scheduler import allocate_buffers
