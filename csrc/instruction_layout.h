@@ -96,14 +96,16 @@ constexpr int kNumBlocks = 10;
 }  // namespace argmax_reduce
 
 // Trailer words, common to every opcode: the L2 prefetch the instruction carries
-// (instructions/base.py: L2Prefetch; byte_end <= byte_begin: none).
+// (instructions/base.py: L2Prefetch; a range with end <= begin: none).
 namespace l2_prefetch {
-constexpr int kOpcode = 26;
-constexpr int kLayer = 27;
-constexpr int kRowBegin = 28;
-constexpr int kRowCount = 29;
-constexpr int kByteBegin = 30;
-constexpr int kByteEnd = 31;
+constexpr int kOpcode = 24;
+constexpr int kLayer = 25;
+constexpr int kRowBegin = 26;
+constexpr int kRowCount = 27;
+constexpr int kRun0Begin = 28;
+constexpr int kRun0End = 29;
+constexpr int kRun1Begin = 30;
+constexpr int kRun1End = 31;
 }  // namespace l2_prefetch
 
 inline const char* opcode_name(int op) {

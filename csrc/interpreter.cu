@@ -275,9 +275,15 @@ __device__ void prefetch_weights(const KernelParams& p, const int* slot_words) {
 // carries (its l2_prefetch trailer, chosen by the scheduler), a later instruction's
 // weights brought into L2 while this one leaves the memory system room.
 __device__ void prefetch_carried(const KernelParams& p, const int* words) {
+  static_assert(l2_prefetch::kRun0End == l2_prefetch::kRun0Begin + 1 &&
+                    l2_prefetch::kRun1Begin == l2_prefetch::kRun0Begin + 2 &&
+                    l2_prefetch::kRun1End == l2_prefetch::kRun0Begin + 3,
+                "lane r reads run r's [begin, end) pair");
   const int lane = threadIdx.x % kWarpSize;
-  const int begin = words[l2_prefetch::kByteBegin], end = words[l2_prefetch::kByteEnd];
-  if (end <= begin || begin < 0 || lane >= kMaxWeightRuns) return;
+  if (lane >= kMaxWeightRuns) return;
+  const int begin = words[l2_prefetch::kRun0Begin + 2 * lane];
+  const int end = words[l2_prefetch::kRun0End + 2 * lane];
+  if (end <= begin || begin < 0) return;
   const WeightRuns runs =
       row_block_runs(p, words[l2_prefetch::kOpcode], words[l2_prefetch::kLayer],
                      words[l2_prefetch::kRowBegin], words[l2_prefetch::kRowCount]);

@@ -35,7 +35,8 @@ HEADER_WORDS = len(HEADER_FIELDS)
 
 # Trailer words, common to every opcode: an L2 prefetch of a later instruction's weights
 # that the controller issues while this instruction runs (see L2Prefetch).
-L2_PREFETCH_FIELDS = ("opcode", "layer", "row_begin", "row_count", "byte_begin", "byte_end")
+L2_PREFETCH_FIELDS = ("opcode", "layer", "row_begin", "row_count", "run0_begin", "run0_end",
+                      "run1_begin", "run1_end")
 L2_PREFETCH_WORDS = len(L2_PREFETCH_FIELDS)
 L2_PREFETCH_WORD = WORDS - L2_PREFETCH_WORDS      # first trailer word
 MAX_ARGS = L2_PREFETCH_WORD - HEADER_WORDS
@@ -43,28 +44,33 @@ MAX_ARGS = L2_PREFETCH_WORD - HEADER_WORDS
 
 @dataclass(frozen=True)
 class L2Prefetch:
-    """Bytes [byte_begin, byte_end) of each weight run that the `opcode` instruction of
-    `layer` over rows [row_begin, row_begin + row_count) would stream (gate_up: its gate
-    rows and its up rows; the other row-block ops: one run), prefetched into L2 by the
-    controller while the carrying instruction runs. A hint: it changes no result, and the
-    kernel skips one whose layer or rows are out of range. `opcode` must be one whose
-    OpSpec streams_weight_rows."""
+    """Bytes [run0_begin, run0_end) of the first weight run and [run1_begin, run1_end) of
+    the second that the `opcode` instruction of `layer` over rows [row_begin, row_begin +
+    row_count) would stream (gate_up: its gate rows, then its up rows; the other row-block
+    ops have one run), prefetched into L2 by the controller while the carrying instruction
+    runs; an empty range prefetches nothing. A hint: it changes no result, and the kernel
+    skips one whose layer or rows are out of range. `opcode` must be one whose OpSpec
+    streams_weight_rows."""
     opcode: int
     layer: int
     row_begin: int
     row_count: int
-    byte_begin: int
-    byte_end: int
+    run0_begin: int
+    run0_end: int
+    run1_begin: int = 0
+    run1_end: int = 0
 
     def words(self) -> list[int]:
         spec = OPCODES.get(self.opcode)
         if spec is None or not spec.streams_weight_rows:
             raise ValueError(f"L2 prefetch of opcode {self.opcode}: only opcodes that stream "
                              f"weight rows ({', '.join(s.name for s in row_block_specs())})")
-        if self.row_count < 1 or self.byte_end <= self.byte_begin or self.byte_begin < 0:
+        ranges = ((self.run0_begin, self.run0_end), (self.run1_begin, self.run1_end))
+        if (self.row_count < 1 or min(min(r) for r in ranges) < 0
+                or all(end <= begin for begin, end in ranges)):
             raise ValueError(f"empty or negative L2 prefetch: {self}")
-        return [self.opcode, self.layer, self.row_begin, self.row_count, self.byte_begin,
-                self.byte_end]
+        return [self.opcode, self.layer, self.row_begin, self.row_count, self.run0_begin,
+                self.run0_end, self.run1_begin, self.run1_end]
 
 
 class ScheduleError(RuntimeError):
@@ -122,7 +128,8 @@ class Instruction:
         if self.l2_prefetch:
             q = self.l2_prefetch
             text += (f" l2_prefetch={OPCODES[q.opcode].name} L{q.layer} rows {q.row_begin}"
-                     f"+{q.row_count} bytes [{q.byte_begin}, {q.byte_end})")
+                     f"+{q.row_count} bytes [{q.run0_begin}, {q.run0_end}) "
+                     f"[{q.run1_begin}, {q.run1_end})")
         return text
 
 

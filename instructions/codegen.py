@@ -53,7 +53,7 @@ def generate() -> str:
         out.append(f"}}  // namespace {spec.name}")
         out.append("")
     out += ["// Trailer words, common to every opcode: the L2 prefetch the instruction carries",
-            "// (instructions/base.py: L2Prefetch; byte_end <= byte_begin: none).",
+            "// (instructions/base.py: L2Prefetch; a range with end <= begin: none).",
             "namespace l2_prefetch {"]
     for i, name in enumerate(L2_PREFETCH_FIELDS):
         out.append(f"constexpr int {_camel(name)} = {L2_PREFETCH_WORD + i};")

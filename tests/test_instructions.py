@@ -26,12 +26,13 @@ def test_encode_decode_round_trip(code):
 def test_l2_prefetch_trailer_round_trips(code):
     # Any opcode may carry the L2 prefetch of a row-block op's weights, in the last words.
     spec = OPCODES[code]
-    prefetch = L2Prefetch(RMS_GATE_UP_SILU.code, 7, 128, 63, 32768, 131072)
+    prefetch = L2Prefetch(RMS_GATE_UP_SILU.code, 7, 128, 63, 32768, 131072, 126976, 225280)
     instr = spec.make(layer=3, waits=((4, 17),), signal=5, token_begin=0, token_count=1,
                       block_index=11, l2_prefetch=prefetch,
                       **{name: 1000 + i for i, name in enumerate(spec.args)})
     words = instr.encode()
-    assert words[L2_PREFETCH_WORD:] == [RMS_GATE_UP_SILU.code, 7, 128, 63, 32768, 131072]
+    assert words[L2_PREFETCH_WORD:] == [RMS_GATE_UP_SILU.code, 7, 128, 63, 32768, 131072,
+                                        126976, 225280]
     assert Instruction.decode(words) == instr
     plain = Instruction.decode(spec.make(layer=3, token_count=1, **{
         name: 1 for name in spec.args}).encode())
@@ -41,10 +42,14 @@ def test_l2_prefetch_trailer_round_trips(code):
 def test_l2_prefetch_names_only_weight_row_ops():
     assert [s.name for s in row_block_specs()] == [
         "o_proj_residual", "rms_gate_up_silu", "down_proj_residual", "rms_lm_head"]
-    for bad in (L2Prefetch(RMS_QKV_ROPE.code, 0, 0, 4, 0, 1024),       # not row blocks
-                L2Prefetch(RMS_GATE_UP_SILU.code, 0, 0, 4, 1024, 1024),  # empty
-                L2Prefetch(RMS_GATE_UP_SILU.code, 0, 0, 0, 0, 1024),     # no rows
-                L2Prefetch(RMS_GATE_UP_SILU.code, 0, 0, 4, -16, 1024)):
+    # One empty range of the two is fine; both empty, no rows or a negative offset is not.
+    assert L2Prefetch(RMS_GATE_UP_SILU.code, 0, 0, 4, 0, 0, 16, 1024).words()[-2:] == [16, 1024]
+    for bad in (L2Prefetch(RMS_QKV_ROPE.code, 0, 0, 4, 0, 1024),                # not row blocks
+                L2Prefetch(RMS_GATE_UP_SILU.code, 0, 0, 4, 1024, 1024),           # empty
+                L2Prefetch(RMS_GATE_UP_SILU.code, 0, 0, 4, 1024, 1024, 64, 32),   # empty
+                L2Prefetch(RMS_GATE_UP_SILU.code, 0, 0, 0, 0, 1024),              # no rows
+                L2Prefetch(RMS_GATE_UP_SILU.code, 0, 0, 4, -16, 1024),
+                L2Prefetch(RMS_GATE_UP_SILU.code, 0, 0, 4, 0, 1024, -16, 64)):
         with pytest.raises(ValueError):
             Instruction(opcode=RMS_QKV_ROPE.code, l2_prefetch=bad,
                         args={a: 0 for a in RMS_QKV_ROPE.args}).encode()

@@ -200,8 +200,9 @@ def test_whole_context_limits_and_blocks_at_the_real_shapes():
 def test_attention_and_o_proj_carry_gate_up_prefetches(name, whole, attention_range,
                                                        o_proj_range):
     # Block b of the attention and of o_proj each carry an L2 prefetch of gate_up block b
-    # of their layer: the attention the bytes after what gate_up's hand-over prefetches,
-    # o_proj the next 16 KB. No other opcode carries one.
+    # of their layer: of its gate run the bytes after what gate_up's hand-over prefetches
+    # (o_proj the 16 KB after the attention's), of its up run as many, as far from the
+    # run's end as those are from the hand-over's share. No other opcode carries one.
     cfg = PRESETS[name]
     program = build_program(cfg, num_sms=132, page_size=16, max_seq_len=4096,
                             whole_context_attention=whole)
@@ -217,11 +218,15 @@ def test_attention_and_o_proj_carry_gate_up_prefetches(name, whole, attention_ra
             named = [(q.row_begin, q.row_count) for q in carried if q is not None]
             assert named == gate_up[:len(named)]
             assert len(named) == min(len(carried), len(gate_up))
-            assert {(q.opcode, q.layer, q.byte_begin, q.byte_end) for q in carried if q} == {
-                (RMS_GATE_UP_SILU.code, layer, begin_kb * 1024, end_kb * 1024)}
+            for q in filter(None, carried):
+                run = q.row_count * cfg.hidden_size * 2
+                begin, end = begin_kb * 1024, end_kb * 1024
+                assert (q.opcode, q.layer) == (RMS_GATE_UP_SILU.code, layer)
+                assert (q.run0_begin, q.run0_end) == (begin, end)
+                assert (q.run1_begin, q.run1_end) == (run - end + 32768, run - begin + 32768)
     # Under the L2 budget: what the attention carries per layer.
-    per_layer = sum(2 * (i.l2_prefetch.byte_end - i.l2_prefetch.byte_begin) for i in instrs
-                    if i.layer == 0 and i.spec.name == "attention_partial")
+    per_layer = sum(q.run0_end - q.run0_begin + q.run1_end - q.run1_begin for q in (
+        i.l2_prefetch for i in instrs if i.layer == 0 and i.spec.name == "attention_partial"))
     assert per_layer <= EARLY_GATE_UP_L2_BYTES
 
 

@@ -9,9 +9,10 @@ process, back-to-back steps from context 32, two rounds; the last tokens must ag
 SPLIT=1: the split program (attention partitions and the reduce stage, the long contexts'
 program) instead; CONTEXTS: the first positions of the timed runs (default 32).
 
-A variant is a '+'-joined list of carriers, each STAGE:BEGIN_KB:END_KB[:TARGET]: the
-stage's block b (attn, qkv, o_proj) carries bytes [BEGIN, END) KB of each weight run of
-block b of TARGET (gate_up, the default, or down) of its layer. 'none': no carried
+A variant is a '+'-joined list of carriers, each STAGE:BEGIN_KB:END_KB[:TARGET[:mirror]]:
+the stage's block b (attn, qkv, o_proj) carries bytes [BEGIN, END) KB of each weight run
+of block b of TARGET (gate_up, the default, or down) of its layer; with 'mirror', of the
+up run as many bytes counted back from its end (the scheduler's placement). 'none': no carried
 prefetch; 'scheduler': the program as built. A '*' after a stage (o_proj*) makes it
 carry only the TARGET blocks the earlier carriers left out; 'gu128' as a carrier builds
 the program with gate_up cut into 128 blocks of equal rows first."""
@@ -64,9 +65,11 @@ def build(variant: str) -> Program:
     for carrier in carriers:
         if carrier in ("none", "gu128"):
             continue
-        stage, begin, end, *target = carrier.split(":")
+        stage, begin, end, *rest = carrier.split(":") + [""]
+        begin, end = int(begin) * 1024, int(end) * 1024
+        mirror = rest[1:2] == ["mirror"]
         leftovers = stage.endswith("*")
-        spec, target = STAGES[stage.rstrip("*")], TARGETS[target[0] if target else "gate_up"]
+        spec, target = STAGES[stage.rstrip("*")], TARGETS[rest[0] or "gate_up"]
         seen = {}
         for n, i in enumerate(instrs):
             if i.opcode != spec.code:
@@ -77,9 +80,11 @@ def build(variant: str) -> Program:
             k = (todo[b] if b < len(todo) else None) if leftovers else b
             if k is None or k >= len(blocks[(target.code, i.layer)]) or i.l2_prefetch:
                 continue
+            r0, rows = blocks[(target.code, i.layer)][k]
+            run = rows * cfg.hidden_size * 2
+            up = (run - end + 32768, run - begin + 32768) if mirror else (begin, end)
             instrs[n] = dataclasses.replace(i, l2_prefetch=L2Prefetch(
-                target.code, i.layer, *blocks[(target.code, i.layer)][k],
-                int(begin) * 1024, int(end) * 1024))
+                target.code, i.layer, r0, rows, begin, end, *up))
         covered |= {(q.opcode, q.layer, blocks[(q.opcode, q.layer)].index(
             (q.row_begin, q.row_count))) for q in (i.l2_prefetch for i in instrs) if q}
     rows = torch.tensor([i.encode() for i in instrs], dtype=torch.int32)
