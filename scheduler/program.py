@@ -262,7 +262,7 @@ EARLY_GATE_UP_MAX_KV_BYTES = 8 * 1024 * 1024
 
 def early_gate_up_limit(cfg, dtype_bytes: int = 2) -> int:
     """The positions [0, limit) whose steps carry gate_up prefetches under the attention."""
-    return EARLY_GATE_UP_MAX_KV_BYTES // (2 * cfg.num_kv_heads * cfg.head_dim * dtype_bytes)
+    return EARLY_GATE_UP_MAX_KV_BYTES // (2 * cfg.kv_size * dtype_bytes)
 
 
 def early_gate_up_ranges(run_bytes: int, attention_blocks: int) -> tuple[tuple[int, int], ...]:
@@ -272,6 +272,16 @@ def early_gate_up_ranges(run_bytes: int, attention_blocks: int) -> tuple[tuple[i
     attention_end = min(run_bytes, HANDOVER_GATE_UP_BYTES + per_run)
     o_proj_end = min(run_bytes, attention_end + O_PROJ_GATE_UP_BYTES)
     return (HANDOVER_GATE_UP_BYTES, attention_end), (attention_end, o_proj_end)
+
+
+def carried_gate_up(layer: int, row_begin: int, row_count: int, run_bytes: int, begin: int,
+                    end: int) -> L2Prefetch:
+    """The L2 prefetch of bytes [begin, end) of a gate_up block's gate run (rows [row_begin,
+    +row_count), runs of run_bytes) and of as many bytes of its up run, as far from that
+    run's end as they are from the hand-over's share."""
+    skip = HANDOVER_GATE_UP_BYTES
+    return L2Prefetch(RMS_GATE_UP_SILU.code, layer, row_begin, row_count, begin, end,
+                      run_bytes - end + skip, run_bytes - begin + skip)
 
 
 def decode_programs(max_seq_len: int, whole_context_positions: int,
@@ -353,9 +363,7 @@ def build_program(cfg, num_sms: int, page_size: int, max_seq_len: int,
         begin, end = carried[stage][0], min(carried[stage][1], run)
         if end <= begin:
             return None
-        skip = HANDOVER_GATE_UP_BYTES
-        return L2Prefetch(RMS_GATE_UP_SILU.code, layer, r0, n, begin, end,
-                          run - end + skip, run - begin + skip)
+        return carried_gate_up(layer, r0, n, run, begin, end)
 
     c = counter("embed")
     emit(EMBED, 0, (), c, 0)

@@ -24,7 +24,7 @@ import torch
 from dev_model import format_times, program_times, program_with, random_backend
 from megakernel.instructions import (ATTENTION_PARTIAL, DOWN_PROJ_RESIDUAL, L2Prefetch,
                                      O_PROJ_RESIDUAL, RMS_GATE_UP_SILU, RMS_QKV_ROPE)
-from megakernel.scheduler.program import Program, split_rows
+from megakernel.scheduler.program import Program, carried_gate_up, split_rows
 
 model = os.environ.get("MODEL", "llama-3.2-1b")
 SPLIT = os.environ.get("SPLIT", "0") == "1"
@@ -81,10 +81,12 @@ def build(variant: str) -> Program:
             if k is None or k >= len(blocks[(target.code, i.layer)]) or i.l2_prefetch:
                 continue
             r0, rows = blocks[(target.code, i.layer)][k]
-            run = rows * cfg.hidden_size * 2
-            up = (run - end + 32768, run - begin + 32768) if mirror else (begin, end)
-            instrs[n] = dataclasses.replace(i, l2_prefetch=L2Prefetch(
-                target.code, i.layer, r0, rows, begin, end, *up))
+            if mirror:
+                prefetch = carried_gate_up(i.layer, r0, rows, rows * cfg.hidden_size * 2,
+                                           begin, end)
+            else:
+                prefetch = L2Prefetch(target.code, i.layer, r0, rows, begin, end, begin, end)
+            instrs[n] = dataclasses.replace(i, l2_prefetch=prefetch)
         covered |= {(q.opcode, q.layer, blocks[(q.opcode, q.layer)].index(
             (q.row_begin, q.row_count))) for q in (i.l2_prefetch for i in instrs) if q}
     rows = torch.tensor([i.encode() for i in instrs], dtype=torch.int32)
