@@ -95,6 +95,14 @@ namespace argmax_reduce {
 constexpr int kNumBlocks = 10;
 }  // namespace argmax_reduce
 
+// Row-block ops (OpSpec.streams_weight_rows): their first two args are the rows
+// [row_begin, row_begin + row_count) of their weights they stream.
+// o_proj_residual, rms_gate_up_silu, down_proj_residual, rms_lm_head.
+namespace row_block {
+constexpr int kRowBegin = 10;
+constexpr int kRowCount = 11;
+}  // namespace row_block
+
 // Trailer words, common to every opcode: the L2 prefetch the instruction carries
 // (instructions/base.py: L2Prefetch; a range with end <= begin: none).
 namespace l2_prefetch {

@@ -230,20 +230,8 @@ __device__ WeightRuns weight_runs(const KernelParams& p, const int* words) {
       r.bytes[0] = r.bytes[1] = static_cast<uint32_t>(pairs * H * 2);
       return r;
     }
-    case kOpOProjResidual:
-      return row_block_runs(p, op, l, words[o_proj_residual::kRowBegin],
-                            words[o_proj_residual::kRowCount]);
-    case kOpRmsGateUpSilu:
-      return row_block_runs(p, op, l, words[rms_gate_up_silu::kRowBegin],
-                            words[rms_gate_up_silu::kRowCount]);
-    case kOpDownProjResidual:
-      return row_block_runs(p, op, l, words[down_proj_residual::kRowBegin],
-                            words[down_proj_residual::kRowCount]);
-    case kOpRmsLmHead:
-      return row_block_runs(p, op, l, words[rms_lm_head::kRowBegin],
-                            words[rms_lm_head::kRowCount]);
-    default:
-      return WeightRuns{};
+    default:  // none for an opcode that streams no weight rows
+      return row_block_runs(p, op, l, words[row_block::kRowBegin], words[row_block::kRowCount]);
   }
 }
 
@@ -255,13 +243,14 @@ __device__ void prefetch_run(const void* run, uint32_t begin, uint32_t end) {
 }
 
 // Controller warp: prefetch the first p.prefetch_bytes of the weight runs of the
-// instruction in `slot_words` into L2. Issued once the instruction before it has
+// instruction in `slot_words` (none for the claim past the end) into L2. Issued once the instruction before it has
 // signalled, in the hand-over between stages, not at the claim: between the claim and the
 // signal the prefetch's DRAM-to-L2 traffic slowed the running op's own loads by more than
 // it saved the next op (benchmarks/RESULTS.md, entry 25).
-__device__ void prefetch_weights(const KernelParams& p, const int* slot_words) {
+__device__ void prefetch_weights(const KernelParams& p, const int* slot_words,
+                                 int slot_index) {
   const int lane = threadIdx.x % kWarpSize;
-  if (lane < kMaxWeightRuns) {
+  if (slot_index != kNoInstruction && lane < kMaxWeightRuns) {
     const WeightRuns runs = weight_runs(p, slot_words);
     // The instruction's prefetch budget is shared by its runs, in whole 16-byte units.
     int num_runs = 0;
@@ -348,7 +337,7 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
   if (leader) seen_counter = {kNoCounter, 0};
   if (controller) {
     controller_fetch(p, claim_base, slot_words[0], &slot_index[0]);
-    if (slot_index[0] != kNoInstruction) prefetch_weights(p, slot_words[0]);
+    prefetch_weights(p, slot_words[0], slot_index[0]);
   }
   block_sync();
 
@@ -398,7 +387,7 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
         }
 #endif
       }
-      if (slot_index[slot ^ 1] != kNoInstruction) prefetch_weights(p, slot_words[slot ^ 1]);
+      prefetch_weights(p, slot_words[slot ^ 1], slot_index[slot ^ 1]);
     } else {
       const OpContext ctx{p, words, reinterpret_cast<float*>(dynamic_smem), scratch, &go[slot], policy,
                           words[word::kTokenBegin]};

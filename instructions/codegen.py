@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from . import (OPCODES, HEADER_FIELDS, WORDS, MAX_WAITS, NO_COUNTER, HEADER_WORDS,
-               L2_PREFETCH_FIELDS, L2_PREFETCH_WORD)
+               L2_PREFETCH_FIELDS, L2_PREFETCH_WORD, row_block_specs)
 
 HEADER_PATH = Path(__file__).resolve().parent.parent / "csrc" / "instruction_layout.h"
 
@@ -52,6 +52,14 @@ def generate() -> str:
             out.append(f"constexpr int {_camel(name)} = {HEADER_WORDS + i};")
         out.append(f"}}  // namespace {spec.name}")
         out.append("")
+    row_ops = ", ".join(spec.name for spec in row_block_specs())
+    out += ["// Row-block ops (OpSpec.streams_weight_rows): their first two args are the rows",
+            "// [row_begin, row_begin + row_count) of their weights they stream.",
+            f"// {row_ops}.",
+            "namespace row_block {",
+            f"constexpr int kRowBegin = {HEADER_WORDS};",
+            f"constexpr int kRowCount = {HEADER_WORDS + 1};",
+            "}  // namespace row_block", ""]
     out += ["// Trailer words, common to every opcode: the L2 prefetch the instruction carries",
             "// (instructions/base.py: L2Prefetch; a range with end <= begin: none).",
             "namespace l2_prefetch {"]
