@@ -93,13 +93,18 @@ def build(variant: str) -> Program:
     return Program(**{**program.__dict__, "instructions": rows, "decoded": instrs})
 
 
-programs = {v: build(v) for v in VARIANTS}
-for round_ in range(2):
-    last = {}
-    for name, program in programs.items():
-        times = program_times(mk, program, CONTEXTS, steps=STEPS)
-        for context, _, token in times:
-            last.setdefault(context, set()).add(token)
-        print(f"{model} round {round_}: {name:>32}  ms/token from context "
-              + format_times(times), flush=True)
-    assert all(len(tokens) == 1 for tokens in last.values()), last
+def main() -> None:
+    programs = {v: build(v) for v in VARIANTS}
+    for round_ in range(2):
+        last = {}
+        for name, program in programs.items():
+            times = program_times(mk, program, CONTEXTS, steps=STEPS)
+            for context, _, token in times:
+                last.setdefault(context, set()).add(token)
+            print(f"{model} round {round_}: {name:>32}  ms/token from context "
+                  + format_times(times), flush=True)
+        assert all(len(tokens) == 1 for tokens in last.values()), last
+
+
+if __name__ == "__main__":
+    main()
