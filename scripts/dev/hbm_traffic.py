@@ -10,7 +10,18 @@ the steps inside the NVTX range "measure":
     python3 hbm_traffic.py --report ncu.csv
 
 The first command prints, per variant, the step's modeled bytes and its launches' order;
-the second reads ncu's table and prints per variant the median over its steps."""
+the second reads ncu's table and prints per variant the median over its steps.
+
+Over time within one step (ncu's PM sampling, one sample per 1.5 us on an H100):
+
+    ncu --clock-control none --cache-control none --nvtx --nvtx-include "measure/" \
+        -k regex:megakernel --launch-count 1 --section PmSampling \
+        --pm-sampling-interval 1000 -o pm env VARIANTS=scheduler python3 hbm_traffic.py
+    ncu -i pm.ncu-rep --page raw --csv --print-metric-instances values > pm.csv
+    python3 hbm_traffic.py --timeline pm.csv
+
+prints the DRAM read throughput of each sample (% of peak) from the launch's first block
+on, and the DRAM time the step leaves unused against its best sustained rate."""
 import csv
 import statistics
 import sys
@@ -76,9 +87,38 @@ def report(path: str) -> None:
               f"{l2_hit / max(l2_read, 1e-9):>7.1%}")
 
 
+def sampled(header: list[str], values: list[str], metric: str) -> list[float]:
+    """One PM-sampled metric's per-sample values from ncu's raw CSV row ("total (v; v; ...)")."""
+    cell = values[next(i for i, h in enumerate(header) if h.endswith(metric))]
+    inner = cell[cell.index("(") + 1:cell.rindex(")")]
+    return [float(v.replace(",", "")) for v in inner.split(";")]
+
+
+def timeline(path: str, per_line: int = 34) -> None:
+    """DRAM read throughput per PM sample of the one profiled launch."""
+    with open(path) as f:
+        header, _units, values = list(csv.reader(f))[:3]
+    interval_us = float(values[header.index("profiler__pmsampler_interval_time")].split()[0])
+    read = sampled(header, values, "dramc__read_throughput.avg.pct_of_peak_sustained_elapsed")
+    launched = sampled(header, values, "gr__ctas_launched_realtime.sum")
+    active = sampled(header, values, "sm__cycles_active.avg")
+    first = next(i for i, n in enumerate(launched) if n > 0)
+    last = max(i for i, cycles in enumerate(active) if cycles > 0)
+    step = read[first:last + 1]
+    best = sorted(step)[int(0.95 * len(step))]       # the step's best sustained rate
+    unused_us = sum(max(0.0, best - v) for v in step) / best * interval_us
+    print(f"{len(step)} samples of {interval_us} us ({len(step) * interval_us:.1f} us); DRAM "
+          f"read {statistics.mean(step):.1f}% of peak on average, {best:.1f}% sustained (95th "
+          f"percentile): {unused_us:.1f} us of DRAM time unused")
+    for i in range(0, len(step), per_line):
+        print(f"{i * interval_us:7.1f} us: " + " ".join(f"{v:3.0f}" for v in step[i:i + per_line]))
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--report"]:
         report(sys.argv[2])
+    elif sys.argv[1:2] == ["--timeline"]:
+        timeline(sys.argv[2])
     elif sys.argv[1:2] == ["--metrics"]:
         print(",".join(METRICS))
     else:
