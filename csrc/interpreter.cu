@@ -243,10 +243,10 @@ __device__ void prefetch_run(const void* run, uint32_t begin, uint32_t end) {
 }
 
 // Controller warp: prefetch the first p.prefetch_bytes of the weight runs of the
-// instruction in `slot_words` (none for the claim past the end) into L2. Issued once the instruction before it has
-// signalled, in the hand-over between stages, not at the claim: between the claim and the
-// signal the prefetch's DRAM-to-L2 traffic slowed the running op's own loads by more than
-// it saved the next op (benchmarks/RESULTS.md, entry 25).
+// instruction in `slot_words` (none for the claim past the end) into L2. Issued once the
+// instruction before it has signalled, in the hand-over between stages, not at the claim:
+// between the claim and the signal the prefetch's DRAM-to-L2 traffic slowed the running
+// op's own loads by more than it saved the next op (benchmarks/RESULTS.md, entry 25).
 __device__ void prefetch_weights(const KernelParams& p, const int* slot_words,
                                  int slot_index) {
   const int lane = threadIdx.x % kWarpSize;
