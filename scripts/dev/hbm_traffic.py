@@ -5,7 +5,8 @@ against the bytes the step must move. Run it under Nsight Compute, which profile
 the steps inside the NVTX range "measure":
 
     ncu --clock-control none --cache-control none --nvtx --nvtx-include "measure/" \\
-        -k regex:megakernel --csv --page raw --metrics METRICS \\
+        -k regex:megakernel --csv --page raw --print-units base \\
+        --metrics $(python3 hbm_traffic.py --metrics) \\
         env MODEL=llama-3.2-1b VARIANTS=none,scheduler python3 hbm_traffic.py > ncu.csv
     python3 hbm_traffic.py --report ncu.csv
 
@@ -14,8 +15,8 @@ the second reads ncu's table and prints per variant the median over its steps.
 
 Over time within one step (ncu's PM sampling, one sample per 1.5 us on an H100):
 
-    ncu --clock-control none --cache-control none --nvtx --nvtx-include "measure/" \
-        -k regex:megakernel --launch-count 1 --section PmSampling \
+    ncu --clock-control none --cache-control none --nvtx --nvtx-include "measure/" \\
+        -k regex:megakernel --launch-count 1 --section PmSampling \\
         --pm-sampling-interval 1000 -o pm env VARIANTS=scheduler python3 hbm_traffic.py
     ncu -i pm.ncu-rep --page raw --csv --print-metric-instances values > pm.csv
     python3 hbm_traffic.py --timeline pm.csv
@@ -61,7 +62,6 @@ def measure() -> None:
 def report(path: str) -> None:
     """ncu's raw CSV (one row per profiled launch) against the plan lines the measuring
     run printed into the same file."""
-    plan, rows = [], []
     with open(path) as f:
         lines = f.read().splitlines()
     plan = [line.split()[2:] for line in lines if line.startswith(PLAN)]
@@ -75,8 +75,8 @@ def report(path: str) -> None:
     for model, variant, steps, modeled in plan:
         mine, rows = rows[:int(steps)], rows[int(steps):]
 
-        def med(metric, scale=1.0):
-            return statistics.median(float(r[metric].replace(",", "")) for r in mine) * scale
+        def med(metric):
+            return statistics.median(float(r[metric].replace(",", "")) for r in mine)
 
         read = med("dram__bytes_read.sum") / 1e6
         l2_read = med("lts__t_sectors_srcunit_tex_op_read.sum") * 32 / 1e6
