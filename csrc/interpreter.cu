@@ -389,8 +389,8 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
       }
       prefetch_weights(p, slot_words[slot ^ 1], slot_index[slot ^ 1]);
     } else {
-      const OpContext ctx{p, words, reinterpret_cast<float*>(dynamic_smem), scratch, &go[slot], policy,
-                          words[word::kTokenBegin]};
+      const OpContext ctx{p, words, reinterpret_cast<float*>(dynamic_smem), scratch,
+                          &go[slot], policy, words[word::kTokenBegin]};
       const bool ran = index != kNoInstruction ? run_op(ctx) : ctx.ready<kNumOpcodes>();
       if (!ran) break;
 #ifdef MEGAKERNEL_PROFILE

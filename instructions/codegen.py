@@ -39,8 +39,8 @@ def generate() -> str:
     ]
     for code in sorted(OPCODES):
         out.append(f"  kOp{_camel(OPCODES[code].name)[1:]} = {code},")
-    out += [f"  kNumOpcodes = {max(OPCODES) + 1},", "};", "", "// Header words, common to every opcode.",
-            "namespace word {"]
+    out += [f"  kNumOpcodes = {max(OPCODES) + 1},", "};", "",
+            "// Header words, common to every opcode.", "namespace word {"]
     for i, name in enumerate(HEADER_FIELDS):
         out.append(f"constexpr int {_camel(name)} = {i};")
     out += ["}  // namespace word", ""]

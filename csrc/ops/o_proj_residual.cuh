@@ -10,9 +10,10 @@ namespace mk {
 __device__ __forceinline__ bool op_o_proj_residual(const OpContext& ctx) {
   const KernelParams& p = ctx.p;
   const int K = p.num_heads * p.head_dim;
-  return matvec_residual<kOpOProjResidual>(ctx, bf16_ptr(p.o_proj) + static_cast<int64_t>(ctx.layer()) * p.hidden_size * K,
-                  p.attn_out + static_cast<int64_t>(ctx.token) * K, K,
-                  ctx.arg(o_proj_residual::kRowBegin), ctx.arg(o_proj_residual::kRowCount));
+  return matvec_residual<kOpOProjResidual>(
+      ctx, bf16_ptr(p.o_proj) + static_cast<int64_t>(ctx.layer()) * p.hidden_size * K,
+      p.attn_out + static_cast<int64_t>(ctx.token) * K, K, ctx.arg(o_proj_residual::kRowBegin),
+      ctx.arg(o_proj_residual::kRowCount));
 }
 
 }  // namespace mk

@@ -63,7 +63,10 @@ __device__ __forceinline__ bool op_rms_lm_head(const OpContext& ctx) {
     float best_v = g.best_v;
     int best_i = g.best_i;
     for (int k = 1; k < kComputeWarps; ++k)
-      if (argmax_better(cand_v[k], cand_i[k], best_v, best_i)) best_v = cand_v[k], best_i = cand_i[k];
+      if (argmax_better(cand_v[k], cand_i[k], best_v, best_i)) {
+        best_v = cand_v[k];
+        best_i = cand_i[k];
+      }
     const int64_t slot = static_cast<int64_t>(t) * p.lm_head_blocks + ctx.words[word::kBlockIndex];
     p.argmax_value[slot] = best_v;
     p.argmax_index[slot] = best_i;
