@@ -262,6 +262,52 @@ def stage_breakdown(raw, opcode_names: dict[int, str]) -> dict[str, dict[str, fl
             for op, d in per_op.items()}
 
 
+def layer_spans(raw, opcode_names: dict[int, str]) -> list[tuple[str, float]]:
+    """Each layer's share of the critical path, from the kernel's own buffer (raw as for
+    stage_breakdown): stages in stream order, cut wherever the layer changes; a segment's
+    span is the last end of its last stage minus that of the segment before (the first
+    segment's: minus the end of the step's first stage, as stage_breakdown leaves it out).
+    [(label, us)]: "layer L" for a layer's first segment, the first stage's opcode name for
+    a later one (the LM head's stages carry layer 0 again)."""
+    raw = _as_int64(raw)
+    f = KERNEL_PROFILE_FIELDS
+    raw = raw[raw[:, f["end_ns"]] > 0]
+    raw = raw[np.argsort(raw[:, f["instruction"]], kind="stable")]
+    ends: dict[tuple[int, int], int] = {}            # (layer, opcode) -> last end, in order
+    for layer, op, end in zip(raw[:, f["layer"]].tolist(), raw[:, f["opcode"]].tolist(),
+                              raw[:, f["end_ns"]].tolist()):
+        ends[(layer, op)] = max(end, ends.get((layer, op), end))
+    segments: list[list] = []                        # [layer, first opcode, last end]
+    for (layer, op), end in ends.items():
+        if segments and segments[-1][0] == layer:
+            segments[-1][2] = end
+        else:
+            segments.append([layer, op, end])
+    if not segments:
+        return []
+    out, seen = [], set()
+    prev_end = next(iter(ends.values()))
+    for layer, op, end in segments:
+        label = f"layer {layer}" if layer not in seen else opcode_names.get(op, f"opcode {op}")
+        seen.add(layer)
+        out.append((label, (end - prev_end) / 1e3))
+        prev_end = end
+    return out
+
+
+def format_layer_spans(spans: list[tuple[str, float]]) -> str:
+    """layer_spans() in one line: the first layer, the median and range of the others, and
+    what follows the layers."""
+    layers = [us for label, us in spans if label.startswith("layer ")]
+    rest = [f"{label} {us:.2f}" for label, us in spans if not label.startswith("layer ")]
+    parts = [f"{spans[0][0]} {spans[0][1]:.2f}"] if spans else []
+    if len(layers) > 1:
+        others = layers[1:]
+        parts.append(f"layers 1-{len(layers) - 1} median {float(np.median(others)):.2f} "
+                     f"[{min(others):.2f}, {max(others):.2f}]")
+    return "  per layer (us of the critical path): " + ", ".join(parts + rest)
+
+
 def format_stage_breakdown(table: dict[str, dict[str, float]]) -> str:
     lines = [f"  {'opcode':<20} {'span us':>8} {'lag':>6} {'op':>8} {'op max':>8} "
              f"{'barrier':>8} {'signal':>7}"]

@@ -804,6 +804,9 @@ def run_profile(out_dir: str, weights, tokenizer, device, prompt: list[int], max
                 raw, {op: spec.name for op, spec in OPCODES.items()})
             print("per stage (medians over layers; span = share of the critical path):")
             print(profiling.format_stage_breakdown(result["stages"]))
+            spans = profiling.layer_spans(raw, {op: spec.name for op, spec in OPCODES.items()})
+            result["layer_spans"] = dict(spans)
+            print(profiling.format_layer_spans(spans))
         except Exception as e:
             reason = f"profiling run failed: {_one_line(e)}"
     if measured is None:

@@ -251,3 +251,25 @@ def test_stage_breakdown_splits_the_critical_path():
         assert table[name]["lag"] == pytest.approx(0.5)
     assert "span us" in profiling.format_stage_breakdown(table)
     assert "op max" in profiling.format_stage_breakdown(table)
+
+
+def test_layer_spans_cut_the_critical_path_by_layer():
+    """embed, two layers of two stages and an LM head stage that carries layer 0 again;
+    layer 0's second stage ends 3 us late, so its span is 3 us longer than layer 1's."""
+    f = profiling.KERNEL_PROFILE_FIELDS
+    stages = [(0, 1, 1000), (0, 2, 6000), (0, 3, 14000), (1, 2, 19000), (1, 3, 24000),
+              (0, 8, 60000)]                          # (layer, opcode, end_ns)
+    raw = np.zeros((2 * len(stages) + 1, profiling.KERNEL_PROFILE_WORDS), dtype=np.int64)
+    for index in range(2 * len(stages)):              # two instructions per stage
+        layer, op, end = stages[index // 2]
+        row = raw[index]
+        row[f["layer"]], row[f["opcode"]], row[f["instruction"]] = layer, op, index
+        row[f["end_ns"]] = end - 500 * (index % 2 == 0)   # the stage ends with its last
+    # The last row never ran.
+    spans = profiling.layer_spans(raw, {1: "embed", 2: "a", 3: "b", 8: "head"})
+    assert [label for label, _ in spans] == ["layer 0", "layer 1", "head"]
+    assert [us for _, us in spans] == pytest.approx([13.0, 10.0, 36.0])
+    line = profiling.format_layer_spans(spans)
+    assert "layer 0 13.00" in line and "layers 1-1 median 10.00 [10.00, 10.00]" in line
+    assert line.endswith("head 36.00")
+    assert profiling.layer_spans(raw[-1:], {}) == []
