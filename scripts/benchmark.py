@@ -800,11 +800,11 @@ def run_profile(out_dir: str, weights, tokenizer, device, prompt: list[int], max
             raw = backend.last_profile().cpu()
             measured = profiling.records_from_kernel_profile(raw)
             num_sms = backend.num_sms
-            result["stages"] = profiling.stage_breakdown(
-                raw, {op: spec.name for op, spec in OPCODES.items()})
+            opcode_names = {op: spec.name for op, spec in OPCODES.items()}
+            result["stages"] = profiling.stage_breakdown(raw, opcode_names)
             print("per stage (medians over layers; span = share of the critical path):")
             print(profiling.format_stage_breakdown(result["stages"]))
-            spans = profiling.layer_spans(raw, {op: spec.name for op, spec in OPCODES.items()})
+            spans = profiling.layer_spans(raw, opcode_names)
             result["layer_spans"] = dict(spans)
             print(profiling.format_layer_spans(spans))
         except Exception as e:
