@@ -40,6 +40,9 @@ L2_PREFETCH_FIELDS = ("opcode", "layer", "row_begin", "row_count", "run0_begin",
 L2_PREFETCH_WORDS = len(L2_PREFETCH_FIELDS)
 L2_PREFETCH_WORD = WORDS - L2_PREFETCH_WORDS      # first trailer word
 MAX_ARGS = L2_PREFETCH_WORD - HEADER_WORDS
+# The first args of an op whose OpSpec streams_weight_rows, so the kernel finds them at the
+# same words for every such op (instruction_layout.h: row_block).
+ROW_BLOCK_ARGS = ("row_begin", "row_count")
 
 
 @dataclass(frozen=True)
@@ -190,9 +193,9 @@ class OpSpec:
     def __post_init__(self):
         if len(self.args) > MAX_ARGS:
             raise ValueError(f"{self.name}: too many args")
-        if self.streams_weight_rows and self.args[:2] != ("row_begin", "row_count"):
-            raise ValueError(f"{self.name}: a weight-row op's first args are row_begin, "
-                             f"row_count")
+        if self.streams_weight_rows and self.args[:len(ROW_BLOCK_ARGS)] != ROW_BLOCK_ARGS:
+            raise ValueError(f"{self.name}: a weight-row op's first args are "
+                             f"{', '.join(ROW_BLOCK_ARGS)}")
 
     def make(self, **kw) -> Instruction:
         args = {k: kw.pop(k) for k in self.args}

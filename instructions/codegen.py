@@ -12,13 +12,20 @@ import sys
 from pathlib import Path
 
 from . import (OPCODES, HEADER_FIELDS, WORDS, MAX_WAITS, NO_COUNTER, HEADER_WORDS,
-               L2_PREFETCH_FIELDS, L2_PREFETCH_WORD, row_block_specs)
+               L2_PREFETCH_FIELDS, L2_PREFETCH_WORD, ROW_BLOCK_ARGS, row_block_specs)
 
 HEADER_PATH = Path(__file__).resolve().parent.parent / "csrc" / "instruction_layout.h"
 
 
 def _camel(name: str) -> str:
     return "k" + "".join(part.capitalize() for part in name.split("_"))
+
+
+def _namespace(name: str, comment: list[str], fields, first_word: int) -> list[str]:
+    """A commented namespace of word offsets: fields[i] at first_word + i."""
+    return ([f"// {line}" for line in comment] + [f"namespace {name} {{"]
+            + [f"constexpr int {_camel(f)} = {first_word + i};" for i, f in enumerate(fields)]
+            + [f"}}  // namespace {name}", ""])
 
 
 def generate() -> str:
@@ -39,33 +46,22 @@ def generate() -> str:
     ]
     for code in sorted(OPCODES):
         out.append(f"  kOp{_camel(OPCODES[code].name)[1:]} = {code},")
-    out += [f"  kNumOpcodes = {max(OPCODES) + 1},", "};", "",
-            "// Header words, common to every opcode.", "namespace word {"]
-    for i, name in enumerate(HEADER_FIELDS):
-        out.append(f"constexpr int {_camel(name)} = {i};")
-    out += ["}  // namespace word", ""]
+    out += [f"  kNumOpcodes = {max(OPCODES) + 1},", "};", ""]
+    out += _namespace("word", ["Header words, common to every opcode."], HEADER_FIELDS, 0)
     for code in sorted(OPCODES):
         spec = OPCODES[code]
-        out.append(f"// {spec.name}: argument words.")
-        out.append(f"namespace {spec.name} {{")
-        for i, name in enumerate(spec.args):
-            out.append(f"constexpr int {_camel(name)} = {HEADER_WORDS + i};")
-        out.append(f"}}  // namespace {spec.name}")
-        out.append("")
-    row_ops = ", ".join(spec.name for spec in row_block_specs())
-    out += ["// Row-block ops (OpSpec.streams_weight_rows): their first two args are the rows",
-            "// [row_begin, row_begin + row_count) of their weights they stream.",
-            f"// {row_ops}.",
-            "namespace row_block {",
-            f"constexpr int kRowBegin = {HEADER_WORDS};",
-            f"constexpr int kRowCount = {HEADER_WORDS + 1};",
-            "}  // namespace row_block", ""]
-    out += ["// Trailer words, common to every opcode: the L2 prefetch the instruction carries",
-            "// (instructions/base.py: L2Prefetch; a range with end <= begin: none).",
-            "namespace l2_prefetch {"]
-    for i, name in enumerate(L2_PREFETCH_FIELDS):
-        out.append(f"constexpr int {_camel(name)} = {L2_PREFETCH_WORD + i};")
-    out += ["}  // namespace l2_prefetch", ""]
+        out += _namespace(spec.name, [f"{spec.name}: argument words."], spec.args, HEADER_WORDS)
+    row_block_comment = [
+        "Row-block ops (OpSpec.streams_weight_rows): their first two args are the rows",
+        "[row_begin, row_begin + row_count) of their weights they stream.",
+        ", ".join(spec.name for spec in row_block_specs()) + ".",
+    ]
+    out += _namespace("row_block", row_block_comment, ROW_BLOCK_ARGS, HEADER_WORDS)
+    trailer_comment = [
+        "Trailer words, common to every opcode: the L2 prefetch the instruction carries",
+        "(instructions/base.py: L2Prefetch; a range with end <= begin: none).",
+    ]
+    out += _namespace("l2_prefetch", trailer_comment, L2_PREFETCH_FIELDS, L2_PREFETCH_WORD)
     out += ["inline const char* opcode_name(int op) {", "  switch (op) {"]
     for code in sorted(OPCODES):
         out.append(f'    case {code}: return "{OPCODES[code].name}";')
