@@ -142,8 +142,10 @@ class MachineState:
 
     buffers: activations by name (see scheduler.program.BUFFERS); k_cache, v_cache:
     [L, num_pages, page_size, n_kv_heads, head_dim]; page_table: [batch, max_pages]
-    int32; token_ids, positions: [T] int64, the step's tokens and their positions;
-    counters: [num_counters] int64; epoch: 1-based step number the counters count in.
+    int32; token_ids, positions: [T] int64, the step's tokens and their positions
+    (token_ids may be shorter: in a launch of chained decode steps every later token is
+    the greedy token of the step before, see embed.py); counters: [num_counters] int64;
+    epoch: 1-based launch number the counters count in.
     """
     config: object
     weights: object

@@ -63,8 +63,10 @@ class Program:
     """A compiled decode step.
 
     instructions: [N, WORDS] int32 in topological order. counter_targets[c]: signals
-    counter c receives per step (consumers wait for target * epoch). buffers: the
-    activations the stream reads and writes, by name.
+    counter c receives per launch (consumers wait for target * epoch). buffers: the
+    activations the stream reads and writes, by name. steps_per_launch: decode steps the
+    stream chains (scheduler/chain.py), each on its own token row; the byte counts below
+    are per launch.
     """
     config: object
     num_sms: int
@@ -78,6 +80,7 @@ class Program:
     buffers: dict[str, BufferSpec]
     dtype_bytes: int = 2
     decoded: list[Instruction] = field(default_factory=list, repr=False)
+    steps_per_launch: int = 1
 
     @property
     def num_instructions(self) -> int:
@@ -111,7 +114,8 @@ class Program:
     def summary(self) -> str:
         """Human-readable description: instructions per opcode, bytes, counters."""
         lines = [f"program: {self.num_instructions} instructions, {self.num_counters} counters, "
-                 f"built for {self.num_sms} SMs, {self.num_tokens} token(s) per step",
+                 f"built for {self.num_sms} SMs, {self.num_tokens} token(s) per launch in "
+                 f"{self.steps_per_launch} step(s)",
                  f"  attention partitions per KV head: {self.attn_partitions}, "
                  f"page_size {self.page_size}, LM-head blocks {self.lm_head_blocks}"]
         by_op: dict[str, list[int]] = {}
