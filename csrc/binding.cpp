@@ -63,9 +63,10 @@ int as_int(int64_t v, const char* what) {
 
 // Launches one step of the program (all tensors on one CUDA device, current stream).
 // Mutated: counters, queue, error_record, step_result, profile, host_status, the activations
-// (hidden ... next_token) and k_cache / v_cache. The step's tokens: step_input [2, T]
-// (token ids, then positions) or, without it, one token: token_source (a device int64,
-// read by the kernel) or else `token`, at `position`.
+// (hidden ... next_token) and k_cache / v_cache. The steps' tokens: step_input [2, T]
+// (token ids, then positions) or, without it, `steps` chained decode steps at positions
+// `position` + t: the first step's token token_source (a device int64, read by the
+// kernel) or else `token`, every later step's the greedy token of the step before.
 void launch(const at::Tensor& instructions, at::Tensor counters, at::Tensor queue,
             at::Tensor error_record, std::optional<at::Tensor> step_result,
             std::optional<at::Tensor> profile, std::optional<at::Tensor> host_status,
@@ -79,7 +80,8 @@ void launch(const at::Tensor& instructions, at::Tensor counters, at::Tensor queu
             const at::Tensor& rope_sin, at::Tensor k_cache, at::Tensor v_cache,
             const at::Tensor& page_table, double rms_norm_eps, int64_t epoch,
             int64_t timeout_ns, int64_t num_blocks, int64_t prefetch_bytes,
-            const std::optional<at::Tensor>& token_source, int64_t token, int64_t position) {
+            const std::optional<at::Tensor>& token_source, int64_t token, int64_t position,
+            int64_t steps) {
   const at::Device device = hidden.device();
   const auto f32 = at::kFloat, i32 = at::kInt, i64 = at::kLong, bf16 = at::kBFloat16;
   check_tensor(instructions, "instructions", i32, 2, device);
@@ -117,8 +119,10 @@ void launch(const at::Tensor& instructions, at::Tensor counters, at::Tensor queu
       check_tensor(*token_source, "token_source", i64, -1, device);
       MK_CHECK(token_source->numel() >= 1, "megakernel: token_source is empty");
     }
-    MK_CHECK(position >= 0 && position <= INT32_MAX, "megakernel: position out of range: ",
-             position);
+    MK_CHECK(steps >= 1 && steps <= mk::kMaxLaunchSteps, "megakernel: steps must be in [1, ",
+             mk::kMaxLaunchSteps, "], got ", steps);
+    MK_CHECK(position >= 0 && position + steps - 1 <= INT32_MAX,
+             "megakernel: position out of range: ", position);
   }
   check_tensor(k_cache, "k_cache", bf16, 5, device);
   check_tensor(v_cache, "v_cache", bf16, 5, device);
@@ -128,7 +132,7 @@ void launch(const at::Tensor& instructions, at::Tensor counters, at::Tensor queu
   check_tensor(down, "down", bf16, 3, device);
   check_tensor(lm_head, "lm_head", bf16, 2, device);
 
-  const int64_t T = step_input ? step_input->size(1) : 1;
+  const int64_t T = step_input ? step_input->size(1) : steps;
   const int64_t L = qkv.size(0), H = qkv.size(2), I = down.size(2), V = lm_head.size(0);
   const int64_t nkv = k_cache.size(3), hd = k_cache.size(4);
   const int64_t nq = hd > 0 ? q.size(-1) / hd : 0;
@@ -172,8 +176,10 @@ void launch(const at::Tensor& instructions, at::Tensor counters, at::Tensor queu
            "megakernel: attn_norm / mlp_norm must be [L, H]");
   MK_CHECK(final_norm.size(0) == H, "megakernel: final_norm must be [H]");
   MK_CHECK(qkv.size(1) == (nq + 2 * nkv) * hd, "megakernel: qkv must be [L, (nq + 2 nkv) hd, H]");
-  MK_CHECK(o_proj.sizes() == at::IntArrayRef({L, H, nq * hd}), "megakernel: o_proj must be [L, H, nq hd]");
-  MK_CHECK(gate_up.sizes() == at::IntArrayRef({L, 2 * I, H}), "megakernel: gate_up must be [L, 2 I, H]");
+  MK_CHECK(o_proj.sizes() == at::IntArrayRef({L, H, nq * hd}),
+           "megakernel: o_proj must be [L, H, nq hd]");
+  MK_CHECK(gate_up.sizes() == at::IntArrayRef({L, 2 * I, H}),
+           "megakernel: gate_up must be [L, 2 I, H]");
   MK_CHECK(down.sizes() == at::IntArrayRef({L, H, I}), "megakernel: down must be [L, H, I]");
   MK_CHECK(rope_cos.size(1) == hd / 2 && rope_sin.sizes() == rope_cos.sizes(),
            "megakernel: rope tables must be [max_positions, hd / 2]");
@@ -265,7 +271,7 @@ void check_device() { mk::check_device_supported(); }
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "megakernel: the persistent decode kernel (csrc/interpreter.cu)";
   m.def("launch", &launch,
-        "Launch one step of the instruction stream on the current stream (mutates counters, "
+        "Launch the instruction stream once (its steps) on the current stream (mutates counters, "
         "queue, error_record, step_result, profile, activations and the KV cache).",
         py::arg("instructions"), py::arg("counters"), py::arg("queue"), py::arg("error_record"),
         py::arg("step_result"), py::arg("profile"), py::arg("host_status"),
@@ -279,7 +285,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("rms_norm_eps"), py::arg("epoch"), py::arg("timeout_ns"),
         py::arg("num_blocks") = 0,
         py::arg("prefetch_bytes") = static_cast<int64_t>(mk::kDefaultPrefetchBytes),
-        py::arg("token_source") = py::none(), py::arg("token") = 0, py::arg("position") = 0);
+        py::arg("token_source") = py::none(), py::arg("token") = 0, py::arg("position") = 0,
+        py::arg("steps") = 1);
   m.def("alloc_host_status", &alloc_host_status,
         "Zeroed int64 CPU tensor in mapped pinned memory for launch(host_status=...).");
   m.def("sm_count", &sm_count, "Number of SMs of the current CUDA device.");
@@ -309,6 +316,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("HOST_STATUS_WORDS") = mk::kHostStatusWords;
   m.attr("HOST_RESULT_WORD") = mk::kHostResultWord;
   m.attr("HOST_RESULT_SLOTS") = mk::kHostResultSlots;
+  m.attr("MAX_LAUNCH_STEPS") = mk::kMaxLaunchSteps;
   m.attr("DEFAULT_PREFETCH_BYTES") = static_cast<int64_t>(mk::kDefaultPrefetchBytes);
   m.attr("INSTRUCTION_WORDS") = mk::kInstructionWords;
 }

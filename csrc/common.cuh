@@ -222,7 +222,6 @@ struct WarpRows {
 constexpr int kRowsPerPass = 2;
 
 // Norm gain (bf16, read-only) to float shared memory: done before the dependency wait.
-// Norm gain (bf16, read-only) to float shared memory: done before the dependency wait.
 __device__ __forceinline__ void stage_gain(float* dst, const __nv_bfloat16* gain, int n) {
   for (int i = threadIdx.x; i < n; i += kComputeThreads) dst[i] = load_bf16_ro(gain + i);
 }
@@ -251,13 +250,17 @@ __device__ __forceinline__ void stage_rms_normed(float* dst, const float* src,
   compute_sync();
 }
 
-// The step's token and position for row t of the batch (KernelParams: step inputs).
+// The token and position of step t of the launch (KernelParams: step inputs). Without
+// step_input, step 0 takes the launch's token and every later step the greedy token of
+// the step before it (next_token[t - 1], written during this launch: read through L2, and
+// only once the argmax that writes it has signalled), at the launch's position + t.
 __device__ __forceinline__ int64_t step_token(const KernelParams& p, int t) {
   if (p.step_input != nullptr) return p.step_input[t];
+  if (t > 0) return __ldcg(p.next_token + t - 1);
   return p.step_token_source != nullptr ? *p.step_token_source : p.step_token;
 }
 __device__ __forceinline__ int step_position(const KernelParams& p, int t) {
-  return p.step_input != nullptr ? p.step_input[p.num_tokens + t] : p.step_position;
+  return p.step_input != nullptr ? p.step_input[p.num_tokens + t] : p.step_position + t;
 }
 
 // Positions [0, limit) have a RoPE row and a page-table slot; the controller refuses any

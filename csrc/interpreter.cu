@@ -25,8 +25,9 @@
 //
 // Errors: the first failing block writes the error record (atomicCAS on its code word);
 // the non-zero code is the abort flag every spinning block polls, so all blocks exit.
-// The last block to finish writes step_result: next_token[0], or -code after an error, and
-// the error code into mapped host memory (host_status) for a sync-free check.
+// The last block to finish writes step_result: the last step's next_token, or -code after
+// an error, and every step's token and the error code into mapped host memory
+// (host_status) for a sync-free read and check.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -122,13 +123,6 @@ __device__ bool controller_ready(const KernelParams& p, int index, const int* wo
     record_error(p, kErrUnsupportedTokens, index, words, -1, tc, 1);
     return false;
   }
-  if (op == kOpEmbed) {
-    const int64_t token = step_token(p, tb);
-    if (token < 0 || token >= p.vocab_size) {
-      record_error(p, kErrBadToken, index, words, -1, token, p.vocab_size);
-      return false;
-    }
-  }
   if (op == kOpRmsQkvRope || op == kOpAttentionPartial) {
     const int pos = step_position(p, tb);
     const int limit = position_limit(p);
@@ -162,6 +156,14 @@ __device__ bool controller_ready(const KernelParams& p, int index, const int* wo
     }
     seen_counter.counter = counter;
     seen_counter.value = seen;
+  }
+  // After the waits: a chained step's token is the argmax of the step before it.
+  if (op == kOpEmbed) {
+    const int64_t token = step_token(p, tb);
+    if (token < 0 || token >= p.vocab_size) {
+      record_error(p, kErrBadToken, index, words, -1, token, p.vocab_size);
+      return false;
+    }
   }
   // The acquire loads, then the block barrier the compute warps pass in ctx.ready(), make
   // the producers' writes visible to them (the same pattern as a CTA-wide semaphore wait).
@@ -400,18 +402,24 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
     }
   }
 
-  // The last block to finish publishes the step's result (the greedy token, or -code).
+  // The last block to finish publishes the launch's results: each step's greedy token, or
+  // -code after an error.
   if (leader) {
     __threadfence();
     const uint64_t done = atomicAdd(reinterpret_cast<unsigned long long*>(p.queue + 1), 1ull);
     if (done + 1 == static_cast<uint64_t>(p.epoch) * gridDim.x) {
       __threadfence();
       const int64_t code = load_volatile(p.error_record + kErrCode);
-      const int64_t result = code != 0 ? -code : static_cast<int64_t>(__ldcg(p.next_token));
-      if (p.step_result != nullptr) p.step_result[0] = result;
+      const int steps = min(p.num_tokens, kMaxLaunchSteps);
+      auto result = [&](int t) {
+        return code != 0 ? -code : static_cast<int64_t>(__ldcg(p.next_token + t));
+      };
+      if (p.step_result != nullptr) p.step_result[0] = result(p.num_tokens - 1);
       if (p.host_status != nullptr) {
         volatile int64_t* status = p.host_status;
-        status[kHostResultWord + (p.epoch - 1) % kHostResultSlots] = result;
+        volatile int64_t* slot =
+            status + kHostResultWord + ((p.epoch - 1) % kHostResultSlots) * kMaxLaunchSteps;
+        for (int t = 0; t < steps; ++t) slot[t] = result(t);
         status[0] = code;
         status[1] = p.epoch;
         __threadfence_system();

@@ -38,15 +38,20 @@ enum ErrorCode : int {
 // per launch (N + grid, grid), so they never need a reset between launches.
 constexpr int kQueueWords = 2;
 
+// Decode steps one launch may chain (KernelParams: step inputs): each step's token is the
+// greedy token of the step before, chosen on the device.
+constexpr int kMaxLaunchSteps = 16;
+
 // Host status words, written by the last block of every launch into mapped pinned host
 // memory so the host can check for errors without a device sync: [0] the error record's
 // code (sticky until the host resets it), [1] the launch's epoch, then a ring of
-// kHostResultSlots results: launch `epoch` writes its step_result value (next_token[0], or
-// -code) to word kHostResultWord + (epoch - 1) % kHostResultSlots, so the host reads a
-// step's token once the launch is done, with no device-to-host copy behind it.
+// kHostResultSlots result slots of kMaxLaunchSteps words: launch `epoch` writes the greedy
+// token of each of its steps t (next_token[t], or -code after an error) to word
+// kHostResultWord + ((epoch - 1) % kHostResultSlots) * kMaxLaunchSteps + t, so the host
+// reads a launch's tokens once it is done, with no device-to-host copy behind it.
 constexpr int kHostResultWord = 2;
 constexpr int kHostResultSlots = 4;
-constexpr int kHostStatusWords = kHostResultWord + kHostResultSlots;
+constexpr int kHostStatusWords = kHostResultWord + kHostResultSlots * kMaxLaunchSteps;
 
 // Default L2 prefetch budget per instruction. Measured on an H100, Llama-3.2-1B shape:
 // 0 or 64 KB 1.22 ms/token, 128 KB 1.26, 256 KB 1.30 (larger budgets evict useful lines);
@@ -69,17 +74,21 @@ struct KernelParams {
   int num_counters;
   uint64_t* queue;               // [kQueueWords]
   int64_t* error_record;         // [kErrorWords], zero when healthy
-  int64_t* step_result;          // [1] or null: next_token[0], or -code after an error
+  int64_t* step_result;          // [1] or null: next_token[T - 1], or -code after an error
   int64_t* host_status;          // [kHostStatusWords] mapped pinned host memory, or null
   int64_t* profile;              // [N, kProfileWords] or null
   int64_t epoch;                 // 1-based launch number since the last reset
   int64_t timeout_ns;            // bound on every spin-wait
   uint32_t prefetch_bytes;       // L2 prefetch of the next instruction's weights, bytes
 
-  // Step inputs: step_input [2, T] (token ids, then positions), or, when it is null, one
-  // token (T = 1) given by the launch itself: *step_token_source (a device int64 a
-  // previous launch wrote, e.g. its step_result) or else step_token, at step_position. The
-  // second form needs no device write between launches (see step_token()).
+  // Step inputs: step_input [2, T] (token ids, then positions), or, when it is null, T
+  // chained decode steps at positions step_position + t: step 0's token given by the
+  // launch itself, *step_token_source (a device int64 a previous launch wrote, e.g. its
+  // step_result) or else step_token, and every later step's the greedy token of the step
+  // before (see step_token()). The second form needs no device write between launches.
+  // A launch's steps run in order (the program makes step t's embed wait on step t-1's
+  // argmax) at increasing positions: the K/V rows from the first step's position on are
+  // written during the launch.
   const int32_t* step_input;
   int num_tokens;                // T
   const int64_t* step_token_source;

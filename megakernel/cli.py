@@ -43,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--max-seq-len", type=int, default=4096)
     g.add_argument("--page-size", type=int, default=None)
     g.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS")
+    g.add_argument("--steps-per-launch", type=int, default=None,
+                   help="greedy decode steps chained in one kernel launch, 1-16 (default: the "
+                        "backend's, 8 for megakernel)")
     g.add_argument("--quiet", action="store_true", help="print only the generated text")
 
     pr = sub.add_parser("program", help="print the compiled instruction stream of a model")
@@ -81,7 +84,7 @@ def _generate(args) -> int:
     engine = megakernel.Engine.from_pretrained(
         args.model, device=args.device, backend=args.backend, dtype=args.dtype,
         max_seq_len=args.max_seq_len, page_size=args.page_size, seed=args.seed,
-        progress=progress)
+        progress=progress, steps_per_launch=args.steps_per_launch)
     if not quiet:
         dtype = str(engine.weights.dtype).replace("torch.", "")
         print(f"loaded in {time.perf_counter() - t0:.1f} s: backend {engine.backend_name}, "

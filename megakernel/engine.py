@@ -5,10 +5,14 @@
 
 A generate() call: validate every argument (nothing changes before that), reserve KV
 pages for prompt + new tokens (exhaustion fails here, before any launch), prefill the
-prompt, then decode one token per step. Decode is pipelined: step i+1 is launched with
-the token of step i still on the device, and only then is that token read back for stop
-checks and streaming, through a pinned copy and an event behind step i alone
-(readback.TokenReadback), so the host never leaves the GPU idle between steps.
+prompt, then decode. Greedy decoding chains the backend's steps_per_launch steps in one
+launch, each step's token chosen on the device (the megakernel backend; one step per
+launch elsewhere); sampling launches one step at a time. Decode is pipelined: launch i+1
+is queued with the last token of launch i still on the device, and only then are launch
+i's tokens read back for stop checks and streaming, through host memory the kernel writes
+or a pinned copy, and an event behind launch i alone (readback.TokenReadback), so the
+host never leaves the GPU idle between launches. Tokens a launch decoded past a stop
+token are dropped.
 
 Every wait for the device is bounded. A launch that does not finish within the readback's
 timeout (one that no kernel watchdog ended) raises DeviceHungError; the engine then marks
@@ -24,7 +28,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .backends.base import Backend
+from .backends.base import Backend, check_step_count
 from .detokenize import IncrementalDecoder
 from .errors import BackendUnavailableError, DeviceHungError, InvalidRequestError
 from .kv_cache import PagedKVCache
@@ -99,11 +103,14 @@ class Engine:
     def from_pretrained(cls, model: str, device=None, backend: str | None = None,
                         dtype=None, max_seq_len: int = 4096, page_size: int | None = None,
                         seed: int = 0, progress: Callable[[int, int], None] | None = None,
+                        steps_per_launch: int | None = None,
                         **backend_options) -> "Engine":
         """Load `model` (a local checkpoint dir, a hub id, or random:<preset>) and build
         the backend. device: 'cuda'/'cpu' (default: cuda when available). backend:
         megakernel | torch | reference (default: megakernel where it can run, else torch).
-        dtype: torch dtype or name (default bfloat16 on CUDA, float32 on CPU)."""
+        dtype: torch dtype or name (default bfloat16 on CUDA, float32 on CPU).
+        steps_per_launch: greedy decode steps chained in one launch (megakernel and
+        reference backends; default: the backend's, 8 for the megakernel)."""
         device = resolve_device(device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise BackendUnavailableError("device 'cuda' requested but CUDA is not available")
@@ -127,6 +134,13 @@ class Engine:
             raise InvalidRequestError("backend 'reference' runs on the CPU; pass device='cpu'")
         if not isinstance(max_seq_len, int) or max_seq_len < 2:
             raise InvalidRequestError(f"max_seq_len must be an integer >= 2, got {max_seq_len}")
+        if steps_per_launch is not None:
+            check_step_count(steps_per_launch, "steps_per_launch")
+            if backend == "torch" and steps_per_launch != 1:
+                raise InvalidRequestError("backend 'torch' decodes one step per launch; "
+                                          "steps_per_launch needs megakernel or reference")
+            if backend != "torch":
+                backend_options["steps_per_launch"] = steps_per_launch
         page_size = page_size or DEFAULT_PAGE_SIZE
         if not isinstance(page_size, int) or page_size < 1:
             raise InvalidRequestError(f"page_size must be a positive integer, got {page_size}")
@@ -215,51 +229,66 @@ class Engine:
             generator.manual_seed(self.seed if seed is None else seed)
 
         def choose(out):
-            """The step's token on the device, and the host view it lands in (or None)."""
+            """The prefill's token on the device, and the host view it lands in (or None)."""
             if temperature == 0:
                 return out.greedy_token.reshape(()), out.greedy_token_host
             return sample(out.logits, temperature, top_k, top_p, generator), None
+
+        def launch(token, position: int, budget: int):
+            """Decode steps from `token` (on the device) at `position`: greedy ones chained
+            up to the backend's steps_per_launch in one launch, at most `budget`. Returns
+            (steps, the device token that feeds the next launch, its readback ticket, the
+            steps' logits [steps, V] copied on the device when output_logits)."""
+            if temperature == 0:
+                out = self.backend.decode_steps(token, position,
+                                                min(self.backend.steps_per_launch, budget))
+                nxt, host, step_logits = out.last_token.reshape(()), out.tokens_host, out.logits
+            else:
+                out = self.backend.decode(token, position)
+                nxt = sample(out.logits, temperature, top_k, top_p, generator)
+                host, step_logits = None, out.logits.reshape(1, -1)
+            ticket = self.readback.push(nxt, host)
+            copied = step_logits.detach().float().clone() if output_logits else None
+            return step_logits.shape[0], nxt, ticket, copied
 
         new_tokens: list[int] = []
         logits: list[torch.Tensor] = []
         detokenizer = IncrementalDecoder(self.decode_text)
         t_start = time.perf_counter()
+        finish = None
         try:
             prompt_tensor = torch.tensor(ids, dtype=torch.int64, device=self.device)
             out = self.backend.prefill(prompt_tensor, 0)
             pending, host = choose(out)             # device tensor, not yet read
-            ticket = self.readback.push(pending, host)
+            ticket, unread = self.readback.push(pending, host), 1
             if output_logits:
                 logits.append(out.logits.detach().float().cpu().clone())
             t_first = None
             position = len(ids)
-            while True:
-                steps_left = max_new_tokens - len(new_tokens) - 1
-                # Launch the next step before reading `pending` back (pipelining).
-                launched = None
-                if steps_left > 0 and position < self.max_seq_len:
-                    launched = self.backend.decode(pending, position)
-                    nxt, host = choose(launched)
-                    next_ticket = self.readback.push(nxt, host)
-                    if output_logits:
-                        step_logits = launched.logits.detach().float().clone()
-                token = self.readback.read(ticket)
-                self.backend.check_error(token)
+            while finish is None:
+                # Launch the next steps before reading `ticket` back (pipelining).
+                budget = min(max_new_tokens - len(new_tokens) - unread,
+                             self.max_seq_len - position)
+                launched = launch(pending, position, budget) if budget > 0 else None
+                tokens = self.readback.read_tokens(ticket)
+                self.backend.check_error(min(tokens))
                 if t_first is None:
                     t_first = time.perf_counter()
-                new_tokens.append(token)
-                last = token in stops or launched is None
-                if stream is not None:
-                    piece = detokenizer.push(token)
-                    stream(token, piece + detokenizer.flush() if last else piece)
-                if last:
-                    finish = "stop" if token in stops else "length"
-                    break
-                if output_logits:
-                    logits.append(step_logits.cpu())
-                pending, ticket = nxt, next_ticket
-                position += 1
-            # The pipelined step after a stop token may still run.
+                for i, token in enumerate(tokens):
+                    new_tokens.append(token)
+                    last = token in stops or (launched is None and i == len(tokens) - 1)
+                    if stream is not None:
+                        piece = detokenizer.push(token)
+                        stream(token, piece + detokenizer.flush() if last else piece)
+                    if last:
+                        finish = "stop" if token in stops else "length"
+                        break
+                if finish is None:
+                    unread, pending, ticket, step_logits = launched
+                    if output_logits:
+                        logits.extend(step_logits.cpu())
+                    position += unread
+            # The pipelined launch after a stop token may still run.
             synchronize_or_raise(self.device, self.readback.timeout_s, "a decode step")
             self.backend.check_error()
         except BaseException:
@@ -324,7 +353,8 @@ def make_backend(name: str, weights, kv_cache, max_seq_len: int, **options) -> B
 
 def generate(model: str, prompt, **kwargs) -> GenerationResult:
     """One-shot convenience: Engine.from_pretrained(model, ...) then generate(prompt, ...)."""
-    load_keys = {"device", "backend", "dtype", "max_seq_len", "page_size", "seed", "progress"}
+    load_keys = {"device", "backend", "dtype", "max_seq_len", "page_size", "seed", "progress",
+                 "steps_per_launch"}
     load_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in load_keys}
     engine = Engine.from_pretrained(model, **load_kwargs)
     return engine.generate(prompt, **kwargs)

@@ -7,7 +7,8 @@ also waits for step i+1: the GPU then idles while the host reacts and launches s
 slot right after the work that produced it, and an event recorded behind the copy is what
 the host waits on, so the read covers step i only and step i+1 keeps the GPU busy. A
 step that writes its token into host memory itself (StepOutput.greedy_token_host) needs
-no copy: push(token, host=view) records only the event.
+no copy: push(token, host=view) records only the event; a launch of chained steps that
+writes all their tokens (StepsOutput.tokens_host) is read with read_tokens().
 
     readback = TokenReadback(device)
     ticket = readback.push(token)        # [] int64 on the device; stream ordered, no sync
@@ -46,9 +47,10 @@ class TokenReadback:
 
     def push(self, token: torch.Tensor, host: torch.Tensor | None = None) -> int:
         """Queue the copy of `token` ([] or [1] integer tensor) to the host; returns the
-        ticket to read() it with. At most SLOTS tokens may be pending at once. host: a CPU
-        view that the work already queued writes the token into (mapped memory); then
-        nothing is copied and read() returns the view's value once that work is done."""
+        ticket to read() it with. At most SLOTS tickets may be pending at once. host: a CPU
+        view ([] or [n]) that the work already queued writes the token(s) into (mapped
+        memory); then nothing is copied and read() / read_tokens() return the view's values
+        once that work is done."""
         if self.pushed - self.read_count >= SLOTS:
             raise RuntimeError(f"TokenReadback holds at most {SLOTS} unread tokens")
         ticket = self.pushed
@@ -59,26 +61,32 @@ class TokenReadback:
                 self.host[slot:slot + 1].copy_(token.reshape(1), non_blocking=True)
             self.events[slot].record()
         else:
-            self.values[slot] = token.reshape(())
+            self.values[slot] = (token if host is None else host).reshape(-1).clone()
         self.pushed += 1
         return ticket
 
     def read(self, ticket: int) -> int:
-        """The value of push()'s `ticket`, once the work before it has run. Tickets are read
-        in order. Raises DeviceHungError (a KernelFaultError) when the device does not get
-        there within timeout_s (the kernel's own watchdog normally ends a hung launch long
-        before)."""
+        """The value of push()'s `ticket` (one token), as read_tokens()."""
+        values = self.read_tokens(ticket)
+        if len(values) != 1:
+            raise RuntimeError(f"ticket {ticket} holds {len(values)} tokens: use read_tokens()")
+        return values[0]
+
+    def read_tokens(self, ticket: int) -> list[int]:
+        """The values of push()'s `ticket`, once the work before it has run. Tickets are
+        read in order. Raises DeviceHungError (a KernelFaultError) when the device does not
+        get there within timeout_s (the kernel's own watchdog normally ends a hung launch
+        long before)."""
         if ticket != self.read_count or ticket >= self.pushed:
             raise RuntimeError(f"ticket {ticket} read out of order (next is {self.read_count})")
         slot = ticket % SLOTS
         self.read_count += 1
         if not self.cuda:
-            value = self.values[slot]
-            self.values[slot] = None
-            return int(value)
+            values, self.values[slot] = self.values[slot], None
+            return values.tolist()
         wait_or_raise(self.events[slot], self.timeout_s, "a decode step")
         source, self.sources[slot] = self.sources[slot], None
-        return int(self.host[slot] if source is None else source)
+        return (self.host[slot:slot + 1] if source is None else source).reshape(-1).tolist()
 
     def reset(self) -> None:
         """Forget unread tokens (after an error, once the device is synchronized)."""

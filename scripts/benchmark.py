@@ -12,12 +12,14 @@ One process, one device, one copy of the weights and one prompt for every backen
     python scripts/benchmark.py                                   # 1B, 32 + 128 tokens
     python scripts/benchmark.py --context-sweep 128,1024,4096,16384 --plot sweep.png
     python scripts/benchmark.py --backends megakernel --profile out/profile
+    python scripts/benchmark.py --backends megakernel,torch-compile --steps-per-launch 1,8
 
 Timing: every backend runs one untimed warm-up per context, then --repeats timed runs,
 interleaved across backends so drift hits all alike. A run is the engine's own greedy loop
 (torch-graph / torch-compile: a copy of it around the graph replay; hf: transformers' own
-generate loop, stamped by a streamer): prefill, then one decode step per token, argmax on
-the device, one host read per step. TTFT is prompt in ->
+generate loop, stamped by a streamer): prefill, then the decode steps, argmax on the
+device, one host read per launch (the megakernel chains --steps-per-launch greedy steps in
+one launch; the others run one step per launch). TTFT is prompt in ->
 first token on the host; ms/token is (end - first token) / (new tokens - 1), the clock read
 after a device synchronize. Bytes per token = the weights a step must read
 (ModelConfig.weight_bytes_per_token) + K/V of the mean context over the timed steps; the
@@ -44,6 +46,7 @@ from dataclasses import dataclass
 import torch
 
 import megakernel
+from megakernel.backends.base import MAX_STEPS_PER_LAUNCH
 from megakernel.engine import Engine, make_backend, megakernel_available
 from megakernel.instructions import OPCODES
 from megakernel.kv_cache import PagedKVCache
@@ -93,6 +96,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="bfloat16 | float16 | float32 (default: "
                    "bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--page-size", type=int, default=DEFAULT_PAGE_SIZE)
+    p.add_argument("--steps-per-launch", default=None, metavar="N[,N...]",
+                   help="greedy decode steps the megakernel chains per launch (default: the "
+                        "backend's); several values time one megakernel row each, named "
+                        "megakernel-sN"), 
     p.add_argument("--seed", type=int, default=0, help="weights seed (random: models) and "
                    "prompt seed")
     p.add_argument("--no-fp32-reference", action="store_true",
@@ -117,6 +124,20 @@ def _parse_backends(text: str) -> list[str]:
     if not names:
         raise SystemExit("benchmark.py: --backends is empty")
     return list(dict.fromkeys(names))
+
+
+def _parse_steps(text: str | None) -> list[int | None]:
+    if text is None:
+        return [None]
+    try:
+        steps = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise SystemExit(f"benchmark.py: --steps-per-launch must be integers, got "
+                         f"'{text}'") from None
+    if not steps or not all(1 <= s <= MAX_STEPS_PER_LAUNCH for s in steps):
+        raise SystemExit(f"benchmark.py: --steps-per-launch values must be in [1, "
+                         f"{MAX_STEPS_PER_LAUNCH}]")
+    return list(dict.fromkeys(steps))
 
 
 def _parse_contexts(args) -> list[int]:
@@ -263,12 +284,15 @@ class Runner:
 class EngineRunner(Runner):
     """megakernel / torch / reference through Engine.generate, timed by its own stats."""
 
-    def __init__(self, name, weights, tokenizer, max_seq_len, page_size, seed, **options):
-        self.name = name
+    def __init__(self, name, weights, tokenizer, max_seq_len, page_size, seed,
+                 label: str | None = None, **options):
+        self.name = label or name
         self.notes = []
         kv = PagedKVCache(weights.config, max_seq_len=max_seq_len, page_size=page_size,
                           dtype=weights.dtype, device=weights.device)
         backend = make_backend(name, weights, kv, max_seq_len, **options)
+        if backend.steps_per_launch > 1:
+            self.notes.append(f"{backend.steps_per_launch} greedy steps per launch")
         self.engine = Engine(weights, tokenizer, backend, kv, max_seq_len, seed)
 
     def run(self, prompt, new_tokens):
@@ -504,13 +528,21 @@ class HFRunner(Runner):
 
 
 def build_runners(names, weights, tokenizer, device, max_seq_len, page_size, seed,
-                  skipped: dict[str, str]) -> list[Runner]:
-    """A Runner per backend that can run here; the others land in `skipped` with why."""
+                  skipped: dict[str, str],
+                  megakernel_steps: list[int | None] = (None,)) -> list[Runner]:
+    """A Runner per backend that can run here (the megakernel's once per steps-per-launch
+    value, None: the backend's default); the others land in `skipped` with why."""
     runners = []
     for name in names:
         try:
             _check_runnable(name, weights, device)
-            if name in ("megakernel", "torch", "reference"):
+            if name == "megakernel":
+                for steps in megakernel_steps:
+                    options = {} if steps is None else {"steps_per_launch": steps}
+                    label = f"megakernel-s{steps}" if len(megakernel_steps) > 1 else None
+                    runners.append(EngineRunner(name, weights, tokenizer, max_seq_len,
+                                                page_size, seed, label=label, **options))
+            elif name in ("torch", "reference"):
                 runners.append(EngineRunner(name, weights, tokenizer, max_seq_len, page_size,
                                             seed))
             elif name in ("torch-graph", "torch-compile"):
@@ -848,6 +880,7 @@ def run(args) -> dict:
         raise SystemExit("benchmark.py: need --repeats >= 1, --new-tokens >= 2, --warmup >= 0")
     names = _parse_backends(args.backends)
     contexts = _parse_contexts(args)
+    megakernel_steps = _parse_steps(args.steps_per_launch)
     spec = _model_spec(args.model, device)
     max_seq_len = max(contexts) + args.new_tokens + 1
 
@@ -877,7 +910,7 @@ def run(args) -> dict:
 
     skipped: dict[str, str] = {}
     runners = build_runners(names, weights, tokenizer, device, max_seq_len, args.page_size,
-                            args.seed, skipped)
+                            args.seed, skipped, megakernel_steps)
     failures: list[dict] = []
     rows: list[dict] = []
     floors: dict[int, float] = {}
@@ -953,7 +986,8 @@ def run(args) -> dict:
                      "batch": 1, "contexts": contexts, "new_tokens": args.new_tokens,
                      "greedy": True, "ignore_eos": True, "repeats": args.repeats,
                      "warmup": args.warmup, "page_size": args.page_size, "seed": args.seed,
-                     "backends_requested": names},
+                     "backends_requested": names,
+                     "megakernel_steps_per_launch": megakernel_steps},
         "copy_bandwidth": copy,
         "floor_ms_per_token": {str(c): v for c, v in floors.items()},
         "results": rows,

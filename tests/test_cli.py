@@ -46,6 +46,7 @@ def test_generate_matches_api():
     (["--prompt", "hi", "--chat"], "chat template"),
     (["--prompt", "hi", "--dtype", "int8"], "dtype"),
     (["--prompt", "hi", "--backend", "reference", "--device", "cuda"], "cuda"),
+    (["--prompt", "hi", "--steps-per-launch", "0"], "steps_per_launch"),
 ])
 def test_errors_are_one_line_without_traceback(args, message):
     r = run_cli("generate", *args)

@@ -169,7 +169,7 @@ def test_a_hung_device_is_refused_until_idle_then_the_engine_recovers(monkeypatc
     def read_times_out(ticket):
         raise DeviceHungError("the device did not finish a decode step within 0.1 s")
 
-    monkeypatch.setattr(eng.readback, "read", read_times_out)
+    monkeypatch.setattr(eng.readback, "read_tokens", read_times_out)
     with pytest.raises(DeviceHungError, match="did not finish"):
         eng.generate("Hello", max_new_tokens=12, ignore_eos=True)
     assert eng.hung
@@ -208,6 +208,39 @@ def test_backends_agree(baseline):
                                             max_seq_len=128)
     r = ref.generate("Hello", max_new_tokens=12, ignore_eos=True)
     assert r.token_ids == baseline.token_ids
+
+
+def test_chained_greedy_steps_equal_one_step_per_launch(baseline):
+    """Greedy steps chained 3 per launch (the reference backend runs the chained program)
+    give the same tokens, logits and stream as one step per launch: the last launch is cut
+    to the tokens left, and the tokens a launch decoded past a stop token are dropped."""
+    def make(steps):
+        return megakernel.Engine.from_pretrained("random:tiny", device="cpu",
+                                                 backend="reference", max_seq_len=128,
+                                                 steps_per_launch=steps)
+    one, three = make(1), make(3)
+    assert three.backend.steps_per_launch == 3
+    a = one.generate("Hello", max_new_tokens=12, ignore_eos=True, output_logits=True)
+    seen = []
+    b = three.generate("Hello", max_new_tokens=12, ignore_eos=True, output_logits=True,
+                       stream=lambda t, piece: seen.append(t))
+    assert b.token_ids == a.token_ids == baseline.token_ids and seen == a.token_ids
+    assert torch.equal(b.logits, a.logits) and b.logits.shape[0] == 12
+    stop = a.token_ids[5]
+    first = a.token_ids.index(stop)
+    r = three.generate("Hello", max_new_tokens=12, stop_token_ids=[stop], ignore_eos=True)
+    assert r.finish_reason == "stop" and r.token_ids == a.token_ids[:first + 1]
+    assert three.generate("Hello", max_new_tokens=2, ignore_eos=True).token_ids == \
+        a.token_ids[:2]
+
+
+@pytest.mark.parametrize("backend,steps,message", [
+    ("reference", 0, "steps_per_launch"), ("reference", 17, r"\[1, 16\]"),
+    ("reference", 2.0, "integer"), ("torch", 4, "one step per launch")])
+def test_bad_steps_per_launch_is_a_clear_error(backend, steps, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        megakernel.Engine.from_pretrained("random:tiny", device="cpu", backend=backend,
+                                          max_seq_len=64, steps_per_launch=steps)
 
 
 def test_one_shot_generate(baseline):

@@ -155,13 +155,76 @@ def test_carried_gate_up_prefetches_change_no_result():
     assert torch.equal(a.logits, b.logits)
 
 
-def test_one_launch_per_decode_step(checkpoint):
+@pytest.mark.parametrize("steps_per_launch,launches", [(1, 16), (8, 2), (5, 4)])
+def test_one_launch_per_chain_of_decode_steps(checkpoint, steps_per_launch, launches):
     path, _ = checkpoint
-    engine = make_engine(path, max_seq_len=256)
+    engine = make_engine(path, max_seq_len=256, steps_per_launch=steps_per_launch)
     before = engine.backend.launches
     engine.generate([1, 2, 3], max_new_tokens=17, ignore_eos=True)
-    # 16 decode steps after the prefill's token, plus the one pipelined extra step at most.
-    assert engine.backend.launches - before in (16, 17)
+    # 16 decode steps after the prefill's token, in launches of steps_per_launch (the last
+    # one cut to the steps left).
+    assert engine.backend.launches - before == launches
+
+
+@pytest.mark.parametrize("whole_context_positions", [None, 0])
+def test_chained_steps_equal_one_step_per_launch(checkpoint, whole_context_positions):
+    """Greedy steps chained in one launch (each token the argmax of the step before,
+    chosen on the device; the K/V rows of the launch's earlier steps read after the wait)
+    give the tokens and logits of one step per launch, bit for bit wherever both run the
+    same program: below the whole-context limit and with the split program everywhere
+    (whole_context_positions=0). A chain that crosses the limit runs the split program
+    from its first step (the program of its last position): the same tokens there."""
+    from megakernel.scheduler import whole_context_limit
+
+    path, _ = checkpoint
+    kw = dict(max_seq_len=512, whole_context_positions=whole_context_positions)
+    one = make_engine(path, steps_per_launch=1, **kw)
+    prompt = list(range(3, 83))
+    expected = one.generate(prompt, max_new_tokens=150, ignore_eos=True, output_logits=True)
+    limit = whole_context_limit(one.config)
+    for steps in (5, 16):
+        chained = make_engine(path, steps_per_launch=steps, **kw)
+        got = chained.generate(prompt, max_new_tokens=150, ignore_eos=True,
+                               output_logits=True)
+        assert got.token_ids == expected.token_ids, steps
+        if whole_context_positions == 0:
+            assert torch.equal(got.logits, expected.logits), steps
+            continue
+        # Token i came from the step at position len(prompt) + i - 1 (token 0: prefill).
+        exact = 1 + max(0, (limit - len(prompt)) // steps * steps)
+        assert torch.equal(got.logits[:exact], expected.logits[:exact]), steps
+        assert relative_error(got.logits, expected.logits) < 1e-2, steps
+
+
+def test_a_chained_launch_from_a_bad_device_token_faults_and_recovers(checkpoint):
+    path, _ = checkpoint
+    engine = make_engine(path, max_seq_len=256)
+    backend, vocab = engine.backend, engine.config.vocab_size
+    engine.kv_cache.release()
+    engine.kv_cache.reserve(64)
+    out = backend.prefill(torch.tensor([1, 2, 3], device="cuda"), 0)
+    good = backend.decode_steps(out.greedy_token, 3, 6)
+    torch.cuda.synchronize()
+    tokens = good.tokens_host.tolist()
+    assert int(good.last_token) == tokens[-1] and min(tokens) >= 0
+    assert good.logits.argmax(-1).tolist() == tokens
+    for bad_steps in (0, 17):
+        with pytest.raises(megakernel.InvalidRequestError, match="steps"):
+            backend.decode_steps(good.last_token, 9, bad_steps)
+    with pytest.raises(megakernel.InvalidRequestError, match="outside"):
+        backend.decode_steps(good.last_token, 250, 8)
+    bad = backend.decode_steps(torch.tensor([vocab + 1], device="cuda"), 9, 4)
+    torch.cuda.synchronize()
+    assert all(t < 0 for t in bad.tokens_host.tolist())
+    with pytest.raises(megakernel.KernelFaultError) as e:
+        backend.check_error()
+    assert e.value.record["kind"] == "bad_token"
+    again = backend.decode_steps(torch.tensor(tokens[-1], device="cuda"), 9, 6)
+    full = backend.decode_steps(again.last_token, 15, 8)
+    torch.cuda.synchronize()
+    assert min(again.tokens_host.tolist() + full.tokens_host.tolist()) >= 0
+    # A launch of fewer steps than steps_per_launch (8) runs on views of the longer chain.
+    assert backend.steps_per_launch == 8 and full.logits.data_ptr() == again.logits.data_ptr()
 
 
 @pytest.mark.slow

@@ -26,8 +26,9 @@ class FakeExtension:
     def launch(self, *args):
         if self.refuse:
             raise RuntimeError("megakernel: prefetch_bytes out of range: 2147483648")
-        # ..., epoch, timeout_ns, num_blocks, prefetch_bytes, token_source, token, position
-        self.epochs.append(args[-7])
+        # ..., epoch, timeout_ns, num_blocks, prefetch_bytes, token_source, token, position,
+        # steps
+        self.epochs.append(args[-8])
 
 
 def launch_with(ext, state):

@@ -31,6 +31,16 @@ def test_reads_out_of_order_and_overfull_ring_are_refused():
     assert rb.read(rb.push(torch.tensor(5))) == 5
 
 
+def test_a_ticket_of_several_tokens_is_read_whole_and_kept_from_later_writes():
+    rb = TokenReadback("cpu")
+    written = torch.tensor([4, 5, 6])
+    ticket = rb.push(written[-1], host=written)
+    written.fill_(0)                         # the next launch reuses the buffer
+    assert rb.read_tokens(ticket) == [4, 5, 6]
+    with pytest.raises(RuntimeError, match="read_tokens"):
+        rb.read(rb.push(torch.tensor(1), host=torch.tensor([1, 2])))
+
+
 @pytest.mark.gpu
 def test_gpu_read_does_not_wait_for_later_work():
     rb = TokenReadback("cuda")
@@ -64,15 +74,16 @@ def test_gpu_push_of_a_host_written_token_copies_nothing():
 
 @pytest.mark.gpu
 def test_gpu_engine_refuses_work_while_a_launch_outlives_its_bound_then_recovers():
-    # After the first token, ~3 s of GPU time are queued ahead of the next decode step,
-    # whose readback waits 0.2 s: the read gives up, recovery gives up after 0.2 s more and
-    # marks the device hung instead of blocking on it, the next call is refused at once,
-    # and once the device is idle the engine decodes as before.
+    # After the first token, ~3 s of GPU time are queued ahead of the next decode launch
+    # (behind the one already queued), whose readback waits 0.2 s: the read gives up,
+    # recovery gives up after 0.2 s more and marks the device hung instead of blocking on
+    # it, the next call is refused at once, and once the device is idle the engine decodes
+    # as before.
     import megakernel
     from megakernel.errors import DeviceHungError
 
     engine = megakernel.Engine.from_pretrained("random:tiny", device="cuda", max_seq_len=64)
-    expected = engine.generate("Hello", max_new_tokens=8, ignore_eos=True).token_ids
+    expected = engine.generate("Hello", max_new_tokens=20, ignore_eos=True).token_ids
     engine.readback.timeout_s = engine.recover_timeout_s = 0.2
     streamed = []
 
@@ -83,15 +94,15 @@ def test_gpu_engine_refuses_work_while_a_launch_outlives_its_bound_then_recovers
 
     t = time.perf_counter()
     with pytest.raises(DeviceHungError, match="did not finish"):
-        engine.generate("Hello", max_new_tokens=8, ignore_eos=True,
+        engine.generate("Hello", max_new_tokens=20, ignore_eos=True,
                         stream=stall_after_first_token)
     assert engine.hung and time.perf_counter() - t < 1.5
-    assert streamed == expected[:len(streamed)] and 1 <= len(streamed) < 8
+    assert streamed == expected[:len(streamed)] and 1 <= len(streamed) < 20
     t = time.perf_counter()
     with pytest.raises(DeviceHungError, match="still running"):
-        engine.generate("Hello", max_new_tokens=8, ignore_eos=True)
+        engine.generate("Hello", max_new_tokens=20, ignore_eos=True)
     assert time.perf_counter() - t < 0.1
     torch.cuda.synchronize()
     engine.readback.timeout_s = engine.recover_timeout_s = 10.0
-    assert engine.generate("Hello", max_new_tokens=8, ignore_eos=True).token_ids == expected
+    assert engine.generate("Hello", max_new_tokens=20, ignore_eos=True).token_ids == expected
     assert not engine.hung

@@ -11,8 +11,8 @@ from megakernel.kv_cache import PagedKVCache
 from megakernel.backends.reference_backend import ReferenceBackend
 from megakernel.instructions.rms_qkv_rope import block_rows
 from megakernel.presets import PRESETS, random_weights
-from megakernel.scheduler import (build_program, decode_programs, split_qkv,
-                                  whole_context_limit)
+from megakernel.scheduler import (build_program, chain_prefix, chain_steps, decode_programs,
+                                  split_qkv, whole_context_limit)
 from megakernel.scheduler.program import EARLY_GATE_UP_L2_BYTES, early_gate_up_limit
 from tolerances import RELATIVE_TOLERANCE, relative_error
 
@@ -326,3 +326,89 @@ def test_block_counts_at_the_h100_shapes(model, blocks):
     per_layer = tuple(counts[name] // cfg.num_layers for name in
                       ("o_proj_residual", "rms_gate_up_silu", "down_proj_residual"))
     assert per_layer + (counts["rms_lm_head"],) == blocks
+
+
+def _chained_run(weights, prompt, steps_per_launch, launches, order_seed=None, chain=None):
+    """The prompt one step at a time, then `launches` launches of `steps_per_launch` chained
+    greedy steps (the program `chain` for them, if given): (tokens, logits [steps, V]) of
+    the chained steps."""
+    cache = PagedKVCache(weights.config, max_seq_len=32, page_size=4, dtype=torch.float32,
+                         shuffle_seed=7, poison=True)
+    cache.reserve(len(prompt) + steps_per_launch * launches)
+    backend = ReferenceBackend(weights, cache, num_sms=5, order_seed=order_seed)
+    if chain is not None:
+        backend._chains[steps_per_launch] = (chain, backend._state_for(chain))
+    out = backend.prefill(torch.tensor(prompt), 0)
+    token, position, tokens, logits = out.greedy_token, len(prompt), [], []
+    for _ in range(launches):
+        out = backend.decode_steps(token, position, steps_per_launch)
+        tokens += out.tokens_host.tolist()
+        logits.append(out.logits.clone())
+        token, position = out.last_token, position + steps_per_launch
+    return tokens, torch.cat(logits)
+
+
+@pytest.mark.parametrize("name", ["gqa2-hd64", "gqa4-hd128"])
+def test_chained_steps_equal_one_step_per_launch(name):
+    """Steps chained in one stream (each token the argmax of the step before, chosen inside
+    the stream) give exactly the tokens and logits of one step per launch, in any order
+    the dependencies allow."""
+    weights = random_weights(small_config(**CONFIGS[name]), seed=3, init_std=0.1)
+    expected = _chained_run(weights, PROMPT[:5], 1, 6)
+    assert len(set(expected[0])) > 1
+    for seed in (None, 0, 1):
+        tokens, logits = _chained_run(weights, PROMPT[:5], 3, 2, order_seed=seed)
+        assert tokens == expected[0] and torch.equal(logits, expected[1]), seed
+
+
+def test_chain_structure():
+    weights = random_weights(small_config(**CONFIGS["gqa2-hd64"]), seed=3)
+    one = _program(weights)
+    assert chain_steps(one, 1) is one
+    three = chain_steps(one, 3)
+    n = one.num_instructions
+    assert three.num_instructions == 3 * n and three.num_counters == 3 * one.num_counters
+    assert three.num_tokens == three.steps_per_launch == 3
+    assert all(spec.shape[0] == 3 for spec in three.buffers.values())
+    rows = three.instruction_list()
+    for t in range(3):
+        copy = rows[t * n:(t + 1) * n]
+        assert {i.token_begin for i in copy} == {t} and {i.token_count for i in copy} == {1}
+        assert {i.signal // one.num_counters for i in copy} == {t}
+        embed = copy[0]
+        assert embed.spec.name == "embed"
+        if t:
+            argmax = rows[t * n - 1]
+            assert argmax.spec.name == "argmax_reduce"
+            assert embed.waits == ((argmax.signal, 1),)
+    two = chain_prefix(three, 2)
+    expected = chain_steps(one, 2)
+    assert torch.equal(two.instructions, expected.instructions)
+    assert two.instructions.data_ptr() == three.instructions.data_ptr()
+    assert (two.counter_names, two.counter_targets, two.buffers, two.num_tokens) == \
+        (expected.counter_names, expected.counter_targets, expected.buffers, 2)
+    with pytest.raises(ValueError, match="one-token"):
+        chain_steps(three, 2)
+    with pytest.raises(ValueError, match=r"\[1, 3\]"):
+        chain_prefix(three, 4)
+    with pytest.raises(ValueError, match="positive"):
+        chain_steps(one, 0)
+
+
+def test_random_order_catches_a_chained_embed_without_its_wait():
+    """The embed of a chained step must wait on the argmax before it: without that wait a
+    random order embeds a token not chosen yet."""
+    weights = random_weights(small_config(**CONFIGS["gqa2-hd64"]), seed=3, init_std=0.1)
+    program = chain_steps(build_program(weights.config, num_sms=5, page_size=4, max_seq_len=32,
+                                        dtype_bytes=4), 3)
+    second_embed = program.num_instructions // 3
+    assert program.instruction_list()[second_embed].spec.name == "embed"
+    broken = program.without_wait(second_embed)
+    expected = _chained_run(weights, PROMPT[:5], 3, 1)
+
+    def differs(chain, seed):
+        tokens, logits = _chained_run(weights, PROMPT[:5], 3, 1, order_seed=seed, chain=chain)
+        return tokens != expected[0] or not torch.equal(logits, expected[1])
+
+    assert not any(differs(program, seed) for seed in range(4))
+    assert any(differs(broken, seed) for seed in range(4))

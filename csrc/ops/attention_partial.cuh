@@ -55,22 +55,20 @@ struct AttentionSmem {
   }
 };
 
-// After the wait: the group's q into shared memory and the token's own K/V row into its
-// ring slot, all loaded before any is stored so their L2 round trips overlap; the ring's
-// other chunks ahead are issued behind those loads.
+// After the wait: the group's q into shared memory; the ring's rows written during this
+// launch and its other chunks ahead are issued behind q's loads, so their L2 round trips
+// overlap.
 template <int kHeadDim, typename Ring>
-__device__ __forceinline__ void stage_q_and_own_row(const OpContext& ctx, const Ring& ring,
-                                                    float* q_s) {
+__device__ __forceinline__ void stage_q_and_launch_rows(const OpContext& ctx, const Ring& ring,
+                                                        float* q_s) {
   const KernelParams& p = ctx.p;
   const int nq = p.num_heads, group = nq / p.num_kv_heads;
   const float4* q_g = reinterpret_cast<const float4*>(
       p.q + static_cast<int64_t>(ctx.token) * nq * kHeadDim + ring.kv_head * group * kHeadDim);
   const bool loads_q = threadIdx.x < group * kHeadDim / 4;  // <= 256 float4 on 480 threads
   const float4 q_part = loads_q ? load_act4(q_g + threadIdx.x) : float4{};
-  const typename Ring::OwnRow own = ring.load_own_row();
   ring.issue_after_wait();
   if (loads_q) reinterpret_cast<float4*>(q_s)[threadIdx.x] = q_part;
-  own.store();
   compute_sync();
 }
 
@@ -142,7 +140,7 @@ __device__ __forceinline__ bool attention_partial_lanes(const OpContext& ctx,
     copy_async_wait_all();
     return false;
   }
-  stage_q_and_own_row<kHeadDim>(ctx, ring, s.q);
+  stage_q_and_launch_rows<kHeadDim>(ctx, ring, s.q);
 
   // Scores: lane (tok = lane % T, qpart = lane / T) dots 8 or 16 dims of token tok's K row
   // with each head's q; the parts are summed by shuffles. Weighted V: lane owns kDimsPv dims.
@@ -158,7 +156,7 @@ __device__ __forceinline__ bool attention_partial_lanes(const OpContext& ctx,
   const float scale = rsqrtf(static_cast<float>(kHeadDim));
 
   for (int i = 0; i < ring.my_chunks; ++i) {
-    ring.issue(i + Ring::kStages - 1, /*skip_own_row=*/false);
+    ring.issue(i + Ring::kStages - 1);
     ring.wait_chunk();
     const char* slot = ring.slot(i);
     const bool valid = ring.chunk_begin(i) + tok < part.end;
@@ -262,7 +260,7 @@ __device__ __forceinline__ bool attention_partial_mma(const OpContext& ctx,
     copy_async_wait_all();
     return false;
   }
-  stage_q_and_own_row<kHeadDim>(ctx, ring, s.q);
+  stage_q_and_launch_rows<kHeadDim>(ctx, ring, s.q);
 
   // B operand of S^T = K q^T, per k-step t: q[head g][16t + 2c..] and [16t + 2c + 8..],
   // zero for the padding heads past the group; split in head and tail parts.
@@ -295,7 +293,7 @@ __device__ __forceinline__ bool attention_partial_mma(const OpContext& ctx,
   const int v_unit = (lane >> 3) & 1;
 
   for (int i = 0; i < ring.my_chunks; ++i) {
-    ring.issue(i + Ring::kStages - 1, /*skip_own_row=*/false);
+    ring.issue(i + Ring::kStages - 1);
     ring.wait_chunk();
     const char* slot = ring.slot(i);
 

@@ -2,9 +2,10 @@
 // kChunkTokens tokens' K and V rows of one KV head; warp w takes chunks w, w +
 // kComputeWarps, ... and copies each into its own ring of shared-memory slots
 // (kAttnRingBytes per warp) with cp.async, 16 bytes per lane through L2, all but one slot
-// ahead of the chunk it computes. Every row but the token's own is an input of the
-// launch, so each warp's first chunk is copied before the wait; the own row (written by
-// this step's QKV blocks) is loaded after it, with q.
+// ahead of the chunk it computes. The rows before the launch's first step are inputs of
+// the launch, so each warp's first chunk is copied before the wait without the rows from
+// that step's position on (the token's own, written by this step's QKV blocks, and in a
+// chained launch those of the steps before it), which are copied after it, with q.
 #pragma once
 
 #include "common.cuh"
@@ -35,6 +36,7 @@ __device__ __forceinline__ void copy_async_wait_all() {
 // partition's size before the clamp to the context, the same for every partition.
 struct AttentionPartition {
   int pos, begin, end, capacity;
+  int launch_begin;  // rows from here to pos are written during this launch
   bool pos_ok;  // a position outside the tables is refused by the controller (ready() is
                 // then false): nothing may be read with it before that.
 
@@ -44,6 +46,7 @@ struct AttentionPartition {
     const int nparts = ctx.arg(attention_partial::kNumPartitions);
     const int part = ctx.arg(attention_partial::kPartition);
     pos = step_position(p, ctx.token);
+    launch_begin = min(pos, step_position(p, 0));
     const int seq_len = pos + 1;
     const int seq_pages = (seq_len + ps - 1) / ps;
     capacity = (seq_pages + nparts - 1) / nparts * ps;
@@ -117,68 +120,48 @@ struct KvChunkRing {
     }
   }
 
-  // Copies chunk i (if it is this warp's) and commits a group: group n is always chunk n.
-  __device__ void issue(int i, bool skip_own_row) const {
-    if (i < my_chunks) {
-      for_each_row(i, [&](char* k_dst, char* v_dst, int64_t off, int j) {
-        if (skip_own_row && j == part.pos) return;
-        const uint32_t bytes = j < part.end ? 16u : 0u;
-        copy16_async(k_dst, k_cache + off, bytes);
-        copy16_async(v_dst, v_cache + off, bytes);
-      });
-    }
+  // Copies the rows of chunk i (if it is this warp's) that `take(token)` selects; rows
+  // past the partition's end are zero-filled.
+  template <typename Take>
+  __device__ void copy_rows(int i, Take&& take) const {
+    if (i >= my_chunks) return;
+    for_each_row(i, [&](char* k_dst, char* v_dst, int64_t off, int j) {
+      if (!take(j)) return;
+      const uint32_t bytes = j < part.end ? 16u : 0u;
+      copy16_async(k_dst, k_cache + off, bytes);
+      copy16_async(v_dst, v_cache + off, bytes);
+    });
+  }
+
+  // Copies chunk i and commits a group: group n is always chunk n.
+  __device__ void issue(int i) const {
+    copy_rows(i, [](int) { return true; });
     copy_async_commit();
   }
 
-  // Chunks copied before the wait; the other slots ahead are filled after it.
+  // The chunk copied before the wait; the other slots ahead are filled after it.
   static constexpr int kPreWaitChunks =
       kAttnPreWaitChunks < kStages - 1 ? kAttnPreWaitChunks : kStages - 1;
+  static_assert(kPreWaitChunks == 1, "one chunk's group stays open across the wait");
 
-  // Before the wait: the first chunks, without the token's own row.
+  // Before the wait: the first chunk without the rows written during this launch, its
+  // group left open for them.
   __device__ void issue_before_wait() const {
-#pragma unroll 1
-    for (int i = 0; i < kPreWaitChunks; ++i) issue(i, /*skip_own_row=*/true);
+    copy_rows(0, [&](int j) { return j < part.launch_begin || j >= part.end; });
   }
-  // After the wait: the other chunks that fit ahead (all slots but one).
+  // After the wait: the first chunk's rows written during this launch, closing its group,
+  // then the other chunks that fit ahead (all slots but one).
   __device__ void issue_after_wait() const {
+    copy_rows(0, [&](int j) { return j >= part.launch_begin && j < part.end; });
+    copy_async_commit();
 #pragma unroll 1
-    for (int i = kPreWaitChunks; i < kStages - 1; ++i) issue(i, /*skip_own_row=*/false);
+    for (int i = kPreWaitChunks; i < kStages - 1; ++i) issue(i);
   }
 
   // Waits until chunk i has landed in every lane's slot.
   __device__ void wait_chunk() const {
     copy_async_wait<kStages - 1>();
     __syncwarp();
-  }
-
-  // After the wait: the token's own K and V row into the pre-wait slot it was skipped in
-  // (a lane holds at most one unit of each; the chunks issued after the wait copy it with
-  // the others). load() issues the loads, store() puts them in place, so a caller overlaps
-  // their L2 round trip with its own loads.
-  struct OwnRow {
-    uint4 k = {}, v = {};
-    char* k_dst = nullptr;
-    char* v_dst = nullptr;
-    __device__ void store() const {
-      if (k_dst != nullptr) {
-        *reinterpret_cast<uint4*>(k_dst) = k;
-        *reinterpret_cast<uint4*>(v_dst) = v;
-      }
-    }
-  };
-  __device__ OwnRow load_own_row() const {
-    OwnRow own;
-#pragma unroll 1
-    for (int i = 0; i < kPreWaitChunks && i < my_chunks; ++i) {
-      for_each_row(i, [&](char* k_dst, char* v_dst, int64_t off, int j) {
-        if (j != part.pos) return;
-        own.k_dst = k_dst;
-        own.v_dst = v_dst;
-        own.k = __ldcg(reinterpret_cast<const uint4*>(k_cache + off));
-        own.v = __ldcg(reinterpret_cast<const uint4*>(v_cache + off));
-      });
-    }
-    return own;
   }
 };
 

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from megakernel.errors import InvalidRequestError
+
 
 @dataclass
 class StepOutput:
@@ -25,8 +27,44 @@ class StepOutput:
     greedy_token_host: torch.Tensor | None = None
 
 
+# Decode steps one launch may chain: the kernel's host result ring holds this many tokens
+# per launch (csrc/launcher.h: kMaxLaunchSteps); the reference backend keeps the same.
+MAX_STEPS_PER_LAUNCH = 16
+
+
+def check_step_count(steps, what: str) -> None:
+    """InvalidRequestError unless `steps` is an integer in [1, MAX_STEPS_PER_LAUNCH]."""
+    if (isinstance(steps, bool) or not isinstance(steps, int)
+            or not 1 <= steps <= MAX_STEPS_PER_LAUNCH):
+        raise InvalidRequestError(f"{what} must be an integer in [1, {MAX_STEPS_PER_LAUNCH}], "
+                                  f"got {steps!r}")
+
+
+@dataclass
+class StepsOutput:
+    """What a launch of `steps` chained greedy decode steps leaves behind, on the backend's
+    device (valid until the next call): each step's token is the greedy token of the step
+    before it.
+
+    logits: [steps, V] float32, one row per step.
+    last_token: [] int64, the last step's greedy token (the next launch's input).
+    tokens_host: None, or [steps] int64 CPU view of host memory the launch itself writes
+    every step's greedy token into, readable once the launch has finished (without it,
+    steps is 1 and last_token is the one token).
+    """
+    logits: torch.Tensor
+    last_token: torch.Tensor
+    tokens_host: torch.Tensor | None = None
+
+    @property
+    def steps(self) -> int:
+        return int(self.logits.shape[0])
+
+
 class Backend:
     name = "base"
+    # Greedy decode steps one decode_steps() call chains by default (Engine.generate).
+    steps_per_launch = 1
 
     def __init__(self, weights, kv_cache):
         self.weights = weights
@@ -40,6 +78,18 @@ class Backend:
     def decode(self, token_id: torch.Tensor, position: int) -> StepOutput:
         """Run one token ([] int64 on the device) at `position`, appending its K/V."""
         raise NotImplementedError
+
+    def decode_steps(self, token_id: torch.Tensor, position: int, steps: int) -> StepsOutput:
+        """Greedy decode steps at positions position.., the first from token_id, each later
+        one from the greedy token of the step before. Backends that chain steps on the
+        device override this; here one step only."""
+        if steps != 1:
+            raise InvalidRequestError(f"backend '{self.name}' decodes one step per call, "
+                                      f"not {steps}")
+        out = self.decode(token_id, position)
+        host = None if out.greedy_token_host is None else out.greedy_token_host.reshape(1)
+        return StepsOutput(logits=out.logits.reshape(1, -1), last_token=out.greedy_token,
+                           tokens_host=host)
 
     def check_error(self, greedy_token: int | None = None) -> None:
         """Raise if a finished step failed on the device (greedy_token: the value just

@@ -9,13 +9,18 @@ kernel's dependency counters and queue head are never reset between steps: launc
 `epoch` (1-based) waits for target * epoch. After an error the backend zeroes them and
 restarts at epoch 1.
 
-Errors cost no extra sync. The last block of every launch writes the greedy token, or
--code after a fault, (a) into a ring of device result slots (StepOutput.greedy_token is a
-view of this launch's slot, so a token read back after the next launch is still its own)
-and (b) into the same ring in mapped pinned host memory, next to the error code
-(StepOutput.greedy_token_host), so the host reads a finished step's token with no copy
-queued behind the kernel. `backend.check_error()` reads host memory only; the full error
-record is read (one sync) only when there is an error to report.
+A launch may chain several greedy decode steps (decode_steps(); scheduler/chain.py):
+each step's token is the argmax of the step before, chosen on the device, so the kernel's
+start and the gap between launches are paid once for all of them.
+
+Errors cost no extra sync. The last block of every launch writes the (last step's) greedy
+token, or -code after a fault, (a) into a ring of device result slots
+(StepOutput.greedy_token is a view of this launch's slot, so a token read back after the
+next launch is still its own) and (b) every step's token into a ring in mapped pinned host
+memory, next to the error code (StepOutput.greedy_token_host, StepsOutput.tokens_host), so
+the host reads a finished launch's tokens with no copy queued behind the kernel.
+`backend.check_error()` reads host memory only; the full error record is read (one sync)
+only when there is an error to report.
 """
 from __future__ import annotations
 
@@ -28,9 +33,15 @@ from megakernel.instructions import OPCODES
 from megakernel.readback import DEFAULT_TIMEOUT_S as HOST_WAIT_TIMEOUT_S
 from megakernel.readback import synchronize_or_raise
 
-from .base import Backend, StepOutput
+from .base import MAX_STEPS_PER_LAUNCH as MAX_LAUNCH_STEPS
+from .base import Backend, StepOutput, StepsOutput, check_step_count
 
 DEFAULT_TIMEOUT_S = 1.0
+# Greedy decode steps per launch by default (decode_steps(); Engine.generate). On an H100,
+# llama-3.2-1b (benchmarks/RESULTS.md, entry 35): 1 / 4 / 8 / 16 steps 1.023 / 1.012 /
+# 1.011 / 1.009 ms/token. More steps gain little and stream tokens in larger bursts (and
+# decode more past a stop token).
+DEFAULT_STEPS_PER_LAUNCH = 8
 
 # Buffers the kernel reads and writes, in the binding's argument order.
 BUFFER_NAMES = ("hidden", "q", "attn_partial_out", "attn_partial_lse", "attn_out", "mlp_act",
@@ -62,8 +73,9 @@ def load_extension():
 
 # Result slots in the ring StepOutput.greedy_token points into: the engine reads a step's
 # token after launching the next one, so consecutive launches must use different slots.
-# The kernel writes the same ring into host_status from word HOST_RESULT_WORD on
-# (csrc/launcher.h: kHostResultWord, kHostResultSlots; checked in KernelState.create).
+# The kernel writes the same ring, MAX_LAUNCH_STEPS tokens a slot, into host_status from
+# word HOST_RESULT_WORD on (csrc/launcher.h: kHostResultWord, kHostResultSlots,
+# kMaxLaunchSteps; checked in KernelState.create).
 RESULT_SLOTS = 4
 HOST_RESULT_WORD = 2
 
@@ -75,7 +87,8 @@ class KernelState:
     counters [num_counters]; queue [QUEUE_WORDS] (claims, finished blocks); error_record
     [ERROR_RECORD_WORDS]; results [RESULT_SLOTS]: greedy token or -error code, one slot per
     launch in turn; host_status [HOST_STATUS_WORDS] mapped pinned CPU memory (error code,
-    epoch, then the results' ring again). epoch: launches since the last reset (host side).
+    epoch, then a ring of RESULT_SLOTS slots of every step's token). epoch: launches since
+    the last reset (host side).
     """
     counters: torch.Tensor
     queue: torch.Tensor
@@ -89,10 +102,11 @@ class KernelState:
         z = lambda n: torch.zeros(n, dtype=torch.int64, device=device)  # noqa: E731
         with torch.cuda.device(device):
             host_status = ext.alloc_host_status()
-        if (ext.HOST_RESULT_WORD, ext.HOST_RESULT_SLOTS) != (HOST_RESULT_WORD, RESULT_SLOTS):
-            raise RuntimeError("the extension's host result ring (word "
-                               f"{ext.HOST_RESULT_WORD}, {ext.HOST_RESULT_SLOTS} slots) is not "
-                               "this module's: rebuild it")
+        ring = (getattr(ext, "HOST_RESULT_WORD", None), getattr(ext, "HOST_RESULT_SLOTS", None),
+                getattr(ext, "MAX_LAUNCH_STEPS", None))
+        if ring != (HOST_RESULT_WORD, RESULT_SLOTS, MAX_LAUNCH_STEPS):
+            raise RuntimeError(f"the extension's host result ring (word, slots, steps {ring}) "
+                               "is not this module's: rebuild it")
         return cls(z(max(num_counters, 1)), z(ext.QUEUE_WORDS), z(ext.ERROR_RECORD_WORDS),
                    z(RESULT_SLOTS), host_status)
 
@@ -103,9 +117,15 @@ class KernelState:
 
     @property
     def host_result(self) -> torch.Tensor:
-        """[] int64 view of the last launch's result slot in mapped host memory: valid once
-        that launch has finished (an event recorded after it has completed)."""
-        return self.host_status[HOST_RESULT_WORD + (self.epoch - 1) % RESULT_SLOTS]
+        """[] int64 view of the last launch's (first step's) token in mapped host memory:
+        valid once that launch has finished (an event recorded after it has completed)."""
+        return self.host_tokens(1)[0]
+
+    def host_tokens(self, steps: int) -> torch.Tensor:
+        """[steps] int64 view of the last launch's tokens in mapped host memory, one per
+        step: valid once that launch has finished."""
+        first = HOST_RESULT_WORD + (self.epoch - 1) % RESULT_SLOTS * MAX_LAUNCH_STEPS
+        return self.host_status[first:first + steps]
 
     def host_error_code(self) -> int:
         """The error code the last finished launch wrote to host memory (no device sync)."""
@@ -207,12 +227,13 @@ def decode_error(ext, record: list[int], counter_names=None, timeout_s=None,
 def launch(ext, rows: torch.Tensor, state: KernelState, buffers: dict, weights, k_cache,
            v_cache, page_table, step_input, rms_norm_eps: float,
            timeout_s: float = DEFAULT_TIMEOUT_S, profile: torch.Tensor | None = None,
-           num_blocks: int = 0, prefetch_bytes: int | None = None) -> None:
+           num_blocks: int = 0, prefetch_bytes: int | None = None, steps: int = 1) -> None:
     """One launch of `rows` [N, 32] int32 on the current stream; advances state.epoch.
 
     buffers: the program's activations by name (scheduler.program.BUFFERS). step_input:
-    [2, T] int32 device tensor (token ids, positions), or (token, position) for one token,
-    the token an int or a one-element int64 tensor on the device that the kernel reads
+    [2, T] int32 device tensor (token ids, positions), or (token, position) for `steps`
+    chained steps of a program built for them (scheduler.chain_steps), the first step's
+    token an int or a one-element int64 tensor on the device that the kernel reads
     (nothing is written to the device before the launch). prefetch_bytes: L2 prefetch
     budget per instruction for the next instruction's weights (None: the extension's
     default).
@@ -235,7 +256,7 @@ def launch(ext, rows: torch.Tensor, state: KernelState, buffers: dict, weights, 
                w.final_norm, w.lm_head, w.rope_cos, w.rope_sin, k_cache, v_cache, page_table,
                float(rms_norm_eps), int(epoch), int(timeout_s * 1e9), int(num_blocks),
                int(ext.DEFAULT_PREFETCH_BYTES if prefetch_bytes is None else prefetch_bytes),
-               token_source, int(token), int(position))
+               token_source, int(token), int(position), int(steps))
     state.epoch = epoch
 
 
@@ -298,17 +319,21 @@ class MegakernelBackend(Backend):
     prefill_mode: "torch" (default) runs the prompt through TorchBackend in chunks;
     "decode" runs it through the kernel one token at a time (slow for long prompts, but
     every K/V then comes from the same float32-activation math as the reference
-    interpreter's, which token-exact comparisons need).
+    interpreter's, which token-exact comparisons need). steps_per_launch: greedy decode
+    steps Engine.generate chains per launch (decode_steps()), 1 to MAX_LAUNCH_STEPS.
     """
     name = "megakernel"
 
     def __init__(self, weights, kv_cache, max_seq_len: int, timeout_s: float = DEFAULT_TIMEOUT_S,
                  program=None, profile: bool = False, prefetch_bytes: int | None = None,
                  prefill_mode: str = "torch", whole_context_positions: int | None = None,
-                 early_gate_up_positions: int | None = None):
+                 early_gate_up_positions: int | None = None,
+                 steps_per_launch: int = DEFAULT_STEPS_PER_LAUNCH):
         super().__init__(weights, kv_cache)
         if prefill_mode not in ("torch", "decode"):
             raise ValueError(f"prefill_mode must be 'torch' or 'decode', got {prefill_mode!r}")
+        check_step_count(steps_per_launch, "steps_per_launch")
+        self.steps_per_launch = steps_per_launch
         self.prefill_mode = prefill_mode
         self.ext = ext = load_extension()
         if weights.device.type != "cuda" or kv_cache.device.type != "cuda":
@@ -331,7 +356,7 @@ class MegakernelBackend(Backend):
         if profile and not ext.profiling_compiled():
             raise BackendUnavailableError(
                 "profiling needs the extension built with MEGAKERNEL_PROFILE=1")
-        self.launches = 0          # kernel launches so far (one per decode step)
+        self.launches = 0          # kernel launches so far (one per decode or decode_steps)
         self._prefill_backend = None
         if program is not None:
             self.load_program(program)
@@ -379,7 +404,15 @@ class MegakernelBackend(Backend):
         """runs: (position limit, ProgramRun) by rising limit; a position decodes with the
         first run whose limit is above it (the last run's at any other)."""
         self._runs = runs
+        # Chained runs by (index in runs, steps). Per index, the longest chain built holds
+        # the instruction rows and activations; a shorter one built after it (a
+        # generation's last launch) is a view of them with a kernel state of its own.
+        self._chains: dict[tuple[int, int], ProgramRun] = {}
         self._use(runs[0][1])
+
+    def _all_runs(self) -> list[ProgramRun]:
+        runs = [run for _, run in self._runs] + list(self._chains.values())
+        return list({id(run): run for run in runs}.values())
 
     def _use(self, run: ProgramRun) -> None:
         # program, rows, buffers, state and profile name the run of the last decode (before
@@ -396,8 +429,42 @@ class MegakernelBackend(Backend):
         """The program that decodes a token at `position`."""
         return self._run_for(position).program
 
-    def _run_for(self, position: int) -> ProgramRun:
-        return next((run for limit, run in self._runs if position < limit), self._runs[-1][1])
+    def _run_index(self, position: int) -> int:
+        return next((i for i, (limit, _) in enumerate(self._runs) if position < limit),
+                    len(self._runs) - 1)
+
+    def _run_for(self, position: int, steps: int = 1) -> ProgramRun:
+        """The run that decodes `steps` chained steps from `position`: the program of the
+        last step's position (whole-context attention serves a chain only when it serves
+        every step of it), chained."""
+        from megakernel.scheduler import chain_steps
+
+        index = self._run_index(position + steps - 1)
+        if steps == 1:
+            return self._runs[index][1]
+        if (index, steps) not in self._chains:
+            longest = max((n for i, n in self._chains if i == index), default=0)
+            if longest < steps:
+                longest = max(steps, self.steps_per_launch)
+                self._chains[(index, longest)] = self._program_run(
+                    chain_steps(self._runs[index][1].program, longest))
+            if (index, steps) not in self._chains:
+                self._chains[(index, steps)] = self._prefix_run(self._chains[(index, longest)],
+                                                                steps)
+        return self._chains[(index, steps)]
+
+    def _prefix_run(self, full: ProgramRun, steps: int) -> ProgramRun:
+        """The first `steps` steps of the chained run `full`: views of its rows, activations
+        and profile, and a kernel state of its own (its counters count its own launches)."""
+        from megakernel.scheduler import chain_prefix
+
+        program = chain_prefix(full.program, steps)
+        n = program.num_instructions
+        return ProgramRun(
+            program=program, rows=full.rows[:n],
+            buffers={name: buffer[:steps] for name, buffer in full.buffers.items()},
+            state=KernelState.create(self.ext, program.num_counters, self.weights.device),
+            profile=None if full.profile is None else full.profile[:n])
 
     # Backend interface ------------------------------------------------------------------
     def prefill(self, token_ids: torch.Tensor, start_position: int) -> StepOutput:
@@ -422,9 +489,27 @@ class MegakernelBackend(Backend):
 
         Returns views valid until the next call: logits [V] float32 and greedy_token []
         int64, which is negative when the kernel faulted (see check_error)."""
+        self._launch(token_id, position, 1)
+        return StepOutput(logits=self.buffers["logits"][0], greedy_token=self.state.result,
+                          greedy_token_host=self.state.host_result)
+
+    def decode_steps(self, token_id, position: int, steps: int) -> StepsOutput:
+        """`steps` chained greedy steps in one launch from token_id ([] int64 on the device,
+        or an int) at positions position..position + steps - 1.
+
+        Returns views valid until the next call with as many steps: logits [steps, V], the
+        last step's token on the device, and every step's token in host memory (negative
+        when the kernel faulted, see check_error)."""
+        self._launch(token_id, position, steps)
+        return StepsOutput(logits=self.buffers["logits"], last_token=self.state.result,
+                           tokens_host=self.state.host_tokens(steps))
+
+    def _launch(self, token_id, position: int, steps: int) -> None:
+        check_step_count(steps, "steps")
         limit = min(self.max_seq_len, self.weights.rope_cos.shape[0])
-        if not 0 <= position < limit:
-            raise InvalidRequestError(f"position {position} is outside [0, {limit})")
+        if not 0 <= position <= position + steps - 1 < limit:
+            where = f"position {position}" + (f" + {steps} steps" if steps > 1 else "")
+            raise InvalidRequestError(f"{where} is outside [0, {limit})")
         if isinstance(token_id, torch.Tensor):
             # Read by the kernel where it lies (a previous step's result slot): converted
             # only when it is not already a device int64.
@@ -436,14 +521,12 @@ class MegakernelBackend(Backend):
             if not 0 <= token < self.config.vocab_size:
                 raise InvalidRequestError(
                     f"token {token} is outside the vocabulary [0, {self.config.vocab_size})")
-        self._use(self._run_for(position))
+        self._use(self._run_for(position, steps))
         launch(self.ext, self.rows, self.state, self.buffers, self.weights, self.kv_cache.k,
                self.kv_cache.v, self.kv_cache.page_table, (token, position),
                self.config.rms_norm_eps, self.timeout_s, self.profile,
-               prefetch_bytes=self.prefetch_bytes)
+               prefetch_bytes=self.prefetch_bytes, steps=steps)
         self.launches += 1
-        return StepOutput(logits=self.buffers["logits"][0], greedy_token=self.state.result,
-                          greedy_token_host=self.state.host_result)
 
     def check_error(self, greedy_token: int | None = None) -> None:
         """Raise KernelFaultError if a finished launch stopped on an error, then reset.
@@ -454,13 +537,14 @@ class MegakernelBackend(Backend):
         read; a negative one means that launch faulted. On error, the device is
         synchronized (bounded: DeviceHungError if it stays busy) and the full record is
         read."""
-        faulted = [run for _, run in self._runs if run.state.host_error_code() != 0]
+        faulted = [run for run in self._all_runs() if run.state.host_error_code() != 0]
         if not faulted and (greedy_token is None or greedy_token >= 0):
             return
         synchronize_or_raise(self.weights.device, HOST_WAIT_TIMEOUT_S,
                              "the launches after a fault")
         code = self.ext.ERROR_WORDS["code"]
-        run = next((r for _, r in self._runs if int(r.state.error_record[code]) != 0), None)
+        run = next((r for r in self._all_runs() if int(r.state.error_record[code]) != 0),
+                   None)
         if run is None:
             self.reset()
             raise KernelFaultError(f"megakernel returned token {greedy_token} without an "
@@ -475,7 +559,7 @@ class MegakernelBackend(Backend):
     def reset(self) -> None:
         """Zero every program's counters, queue head and error record (epochs restart at
         1)."""
-        for _, run in self._runs:
+        for run in self._all_runs():
             run.state.reset()
         if self._prefill_backend is not None:
             self._prefill_backend.reset()
@@ -488,4 +572,5 @@ class MegakernelBackend(Backend):
 
 
 __all__ = ["MegakernelBackend", "KernelState", "ProgramRun", "run_program", "launch",
-           "load_extension", "decode_error", "BUFFER_NAMES"]
+           "load_extension", "decode_error", "BUFFER_NAMES",
+           "DEFAULT_STEPS_PER_LAUNCH", "MAX_LAUNCH_STEPS"]
