@@ -61,6 +61,20 @@ def records_from_kernel_profile(raw) -> np.ndarray:
     return normalize_records(out)
 
 
+def chained_step(raw, step: int, instructions_per_step: int) -> np.ndarray:
+    """The kernel profile rows of step `step` of a launch of chained steps
+    (scheduler/chain.py: step t is instructions [t * n, (t + 1) * n)), numbered as the
+    one-step program's instructions: what every analysis here reads as one step."""
+    raw = _as_int64(raw)
+    n = instructions_per_step
+    if n < 1 or not 0 <= step < len(raw) // n:
+        raise ValueError(f"no step {step} of {n} instructions in a profile of {len(raw)} rows")
+    rows = raw[step * n:(step + 1) * n]
+    ran = rows[:, KERNEL_PROFILE_FIELDS["end_ns"]] > 0
+    rows[ran, KERNEL_PROFILE_FIELDS["instruction"]] -= step * n
+    return rows
+
+
 def normalize_records(records) -> np.ndarray:
     """Validate records [R, 4] or [R, 5] and return them as [R, 5] int64 sorted by
     (start, sm); a missing ready column becomes ready = start (no wait)."""

@@ -805,8 +805,9 @@ def write_plot(path: str, rows: list[dict], floors: dict[int, float], title: str
 
 def run_profile(out_dir: str, weights, tokenizer, device, prompt: list[int], max_seq_len: int,
                 page_size: int, seed: int, copy_bw: float) -> dict:
-    """Timelines of one decode step: measured (profiling build of the megakernel) and
-    modeled (the program's cost model at the measured copy bandwidth). Returns a summary
+    """Timelines of one decode step: measured (profiling build of the megakernel; the
+    middle step of a launch of the engine's chained steps) and modeled (the program's cost
+    model at the measured copy bandwidth). Returns a summary
     dict; writes trace_*.json (Chrome / Perfetto) and timeline_*.png into out_dir."""
     from megakernel import profiling
     from megakernel.scheduler import build_program
@@ -825,12 +826,19 @@ def run_profile(out_dir: str, weights, tokenizer, device, prompt: list[int], max
         try:
             runner = EngineRunner("megakernel", weights, tokenizer, max_seq_len, page_size,
                                   seed, profile=True)
-            # Two new tokens: prefill, then exactly one kernel launch, whose record remains.
-            runner.run(prompt, 2)
             backend = runner.engine.backend
-            program = backend.program
-            raw = backend.last_profile().cpu()
+            steps = backend.steps_per_launch
+            # The prefill's token, then exactly one launch of the engine's chained steps,
+            # whose record remains: its middle step is the one a generation mostly runs.
+            runner.run(prompt, 1 + steps)
+            step = steps // 2
+            context += step
+            # A chain runs the program of its last step's position.
+            program = backend.program_for(len(prompt) + steps - 1)
+            raw = profiling.chained_step(backend.last_profile().cpu(), step,
+                                         program.num_instructions)
             measured = profiling.records_from_kernel_profile(raw)
+            print(f"profile: step {step + 1} of a launch of {steps} chained steps")
             num_sms = backend.num_sms
             opcode_names = {op: spec.name for op, spec in OPCODES.items()}
             result["stages"] = profiling.stage_breakdown(raw, opcode_names)

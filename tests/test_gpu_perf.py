@@ -81,6 +81,7 @@ def test_llama_1b_profile_records_every_instruction(llama_1b):
     """MEGAKERNEL_PROFILE builds: one record per instruction, start <= ready <= end."""
     from megakernel import profiling
     from megakernel.backends.megakernel_backend import MegakernelBackend, load_extension
+    from megakernel.instructions import OPCODES
 
     if not load_extension().profiling_compiled():
         pytest.skip("extension built without MEGAKERNEL_PROFILE=1")
@@ -104,3 +105,13 @@ def test_llama_1b_profile_records_every_instruction(llama_1b):
     if out_dir:
         profiling.write_chrome_trace(os.path.join(out_dir, "llama_1b_trace.json"), records,
                                      mk.program)
+    # A launch of 4 chained steps: every instruction of every step leaves its record, and
+    # a step's rows read as the one-step program's.
+    chain = mk.decode_steps(token, CONTEXT, 4)
+    mk.check_error(int(chain.last_token))
+    raw = mk.last_profile().cpu()
+    n = mk.program_for(CONTEXT + 3).num_instructions
+    assert raw.shape[0] == 4 * n and (raw[:, 6] > 0).all()
+    step = profiling.chained_step(raw, 2, n)
+    assert step[:, 7].tolist() == list(range(n))
+    assert profiling.layer_spans(step, {op: s.name for op, s in OPCODES.items()})

@@ -74,6 +74,22 @@ def test_records_from_kernel_profile():
         profiling.records_from_kernel_profile(np.zeros((4, 5), dtype=np.int64))
 
 
+def test_a_chained_step_reads_as_one_step():
+    one = _kernel_buffer()
+    n = len(one)
+    chained = np.concatenate([one, one, one])
+    f = profiling.KERNEL_PROFILE_FIELDS
+    ran = chained[:, f["end_ns"]] > 0
+    chained[ran, f["instruction"]] += np.repeat(np.arange(3) * n, n)[ran]
+    chained[n:2 * n][ran[:n], f["end_ns"]] += 7    # step 1's own times
+    step = profiling.chained_step(chained, 1, n)
+    expected = one.copy()
+    expected[ran[:n], f["end_ns"]] += 7
+    assert step.tolist() == expected.tolist()
+    with pytest.raises(ValueError, match="no step 3"):
+        profiling.chained_step(chained, 3, n)
+
+
 def test_kernel_record_layout_matches_csrc():
     """KERNEL_PROFILE_FIELDS reads the words csrc/interpreter.cu writes."""
     launcher = (CSRC / "launcher.h").read_text()
