@@ -64,14 +64,26 @@ def records_from_kernel_profile(raw) -> np.ndarray:
 def chained_step(raw, step: int, instructions_per_step: int) -> np.ndarray:
     """The kernel profile rows of step `step` of a launch of chained steps
     (scheduler/chain.py: step t is instructions [t * n, (t + 1) * n)), numbered as the
-    one-step program's instructions: what every analysis here reads as one step."""
+    one-step program's instructions: what every analysis here reads as one step.
+
+    The step's window starts where the step before it ended (its last instruction's end):
+    an SM that finished its share of that step early claimed this step's first
+    instruction and waited through the other SMs' tail, which the step before counts (as
+    idle time). Such an instruction's start and ready times are moved to that end."""
     raw = _as_int64(raw)
+    f = KERNEL_PROFILE_FIELDS
     n = instructions_per_step
     if n < 1 or not 0 <= step < len(raw) // n:
         raise ValueError(f"no step {step} of {n} instructions in a profile of {len(raw)} rows")
     rows = raw[step * n:(step + 1) * n]
-    ran = rows[:, KERNEL_PROFILE_FIELDS["end_ns"]] > 0
-    rows[ran, KERNEL_PROFILE_FIELDS["instruction"]] -= step * n
+    ran = rows[:, f["end_ns"]] > 0
+    rows[ran, f["instruction"]] -= step * n
+    if step > 0:
+        before = raw[(step - 1) * n:step * n, f["end_ns"]]
+        if (before > 0).any():
+            begin = before.max()
+            for field in ("start_ns", "ready_ns"):
+                rows[ran, f[field]] = np.maximum(rows[ran, f[field]], begin)
     return rows
 
 

@@ -81,11 +81,20 @@ def test_a_chained_step_reads_as_one_step():
     f = profiling.KERNEL_PROFILE_FIELDS
     ran = chained[:, f["end_ns"]] > 0
     chained[ran, f["instruction"]] += np.repeat(np.arange(3) * n, n)[ran]
-    chained[n:2 * n][ran[:n], f["end_ns"]] += 7    # step 1's own times
+    for t in (1, 2):                                 # each step later than the one before
+        chained[t * n:(t + 1) * n][ran[:n], f["start_ns"]:f["end_ns"] + 1] += 10**6 * t
+    assert profiling.chained_step(chained, 0, n).tolist() == one.tolist()
     step = profiling.chained_step(chained, 1, n)
     expected = one.copy()
-    expected[ran[:n], f["end_ns"]] += 7
+    expected[ran[:n], f["start_ns"]:f["end_ns"] + 1] += 10**6
     assert step.tolist() == expected.tolist()
+    # A step's instruction that started before the step before it ended starts at that end.
+    begin = chained[n:2 * n, f["start_ns"]][ran[:n]].min()
+    chained[:n][ran[:n], f["end_ns"]] = begin + 5
+    first = profiling.chained_step(chained, 1, n)[ran[:n]]
+    assert first[:, f["start_ns"]].min() == begin + 5
+    assert (first[:, f["start_ns"]] <= first[:, f["ready_ns"]]).all()
+    assert (first[:, f["ready_ns"]] <= first[:, f["end_ns"]]).all()
     with pytest.raises(ValueError, match="no step 3"):
         profiling.chained_step(chained, 3, n)
 
