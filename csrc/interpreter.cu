@@ -1,7 +1,8 @@
 // The persistent megakernel: one block per SM interprets the decode step's instruction
 // stream (scheduler/program.py) until the stream is exhausted.
 //
-// Roles. kComputeWarps warps execute ops (csrc/ops/<opcode>.cuh). One controller warp:
+// Roles. kComputeWarps warps execute ops (csrc/ops/<opcode>.cuh; o_proj_residual,
+// down_proj_residual and rms_lm_head share row_pair_matvec.cuh). One controller warp:
 //   - claims instructions with atomicAdd on queue[0], in the stream's topological order,
 //     one instruction ahead: while the block runs instruction i, the controller has already
 //     claimed i+1 and copied its 32 words into the other shared-memory slot; once i has
@@ -40,11 +41,9 @@
 #include "ops/argmax_reduce.cuh"
 #include "ops/attention_partial.cuh"
 #include "ops/attention_reduce.cuh"
-#include "ops/down_proj_residual.cuh"
 #include "ops/embed.cuh"
-#include "ops/o_proj_residual.cuh"
 #include "ops/rms_gate_up_silu.cuh"
-#include "ops/rms_lm_head.cuh"
+#include "ops/row_pair_matvec.cuh"
 #include "ops/rms_qkv_rope.cuh"
 
 namespace mk {
@@ -308,10 +307,10 @@ __device__ bool run_op(const OpContext& ctx) {
     case kOpRmsQkvRope: return op_rms_qkv_rope(ctx);
     case kOpAttentionPartial: return op_attention_partial(ctx);
     case kOpAttentionReduce: return op_attention_reduce(ctx);
-    case kOpOProjResidual: return op_o_proj_residual(ctx);
     case kOpRmsGateUpSilu: return op_rms_gate_up_silu(ctx);
-    case kOpDownProjResidual: return op_down_proj_residual(ctx);
-    case kOpRmsLmHead: return op_rms_lm_head(ctx);
+    case kOpOProjResidual:
+    case kOpDownProjResidual:
+    case kOpRmsLmHead: return op_row_pair_matvec(ctx);  // one instance of code for three
     case kOpArgmaxReduce: return op_argmax_reduce(ctx);
     default: return ctx.ready<kOpNone>();  // refused by the controller: ready() is false
   }

@@ -5,7 +5,7 @@
 #include <math_constants.h>
 
 #include "common.cuh"
-#include "ops/rms_lm_head.cuh"
+#include "ops/row_pair_matvec.cuh"
 
 namespace mk {
 

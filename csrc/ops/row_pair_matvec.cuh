@@ -1,0 +1,111 @@
+// o_proj_residual, down_proj_residual and rms_lm_head through one instance of code: the
+// three mat-vec ops whose warps pass two rows at a time (RowPairs), with their inputs,
+// staging and outputs chosen at run time. Every SM runs the LM head between a step's last
+// layer and the next step's first; with code of its own it evicted the layers' op code
+// from the instruction cache (benchmarks/RESULTS.md, entry 36).
+//
+//   o_proj_residual:    hidden[t, rows] += o_proj[layer, rows] @ attn_out[t]
+//   down_proj_residual: hidden[t, rows] += down[layer, rows] @ mlp_act[t]
+//   rms_lm_head:        logits[t, rows] = lm_head[rows] @ RMSNorm(hidden[t], final_norm),
+//                       and the block's partial argmax (largest logit, lowest index on
+//                       ties) into slot block_index
+//
+// Blocks own disjoint rows, so the residual update is in place. The LM head's warps each
+// keep the best of their rows; the warps' candidates are then merged with the same rule.
+#pragma once
+
+#include <math_constants.h>
+
+#include "common.cuh"
+
+namespace mk {
+
+// (value, index) order of torch.argmax: larger value wins, then the lower index.
+__device__ __forceinline__ bool argmax_better(float v, int i, float best_v, int best_i) {
+  return v > best_v || (v == best_v && i < best_i);
+}
+
+__device__ __forceinline__ bool op_row_pair_matvec(const OpContext& ctx) {
+  const KernelParams& p = ctx.p;
+  const int op = ctx.words[word::kOpcode], t = ctx.token, H = p.hidden_size;
+  const bool lm_head = op == kOpRmsLmHead, down = op == kOpDownProjResidual;
+  const int K = lm_head ? H : down ? p.intermediate_size : p.num_heads * p.head_dim;
+  const int r0 = ctx.arg(row_block::kRowBegin), n = ctx.arg(row_block::kRowCount);
+  const __nv_bfloat16* w =
+      lm_head ? bf16_ptr(p.lm_head)
+              : bf16_ptr(down ? p.down : p.o_proj) + static_cast<int64_t>(ctx.layer()) * H * K;
+  float* x_s = ctx.smem;     // [K]: the input vector (the LM head's normed)
+  float* aux_s = x_s + K;    // the LM head: the norm gain [H]; else the block's rows [n]
+  struct Groups : RowPairs {
+    const __nv_bfloat16* w;  // row r0
+    int K, r0;
+    bool lm_head;
+    float* out;              // hidden[t] + r0, or logits[t] + r0
+    const float* hidden_s;
+    float best_v;
+    int best_i;
+    __device__ const __nv_bfloat16* row(int i, int r) const {
+      return w + static_cast<int64_t>(row_index(i, r)) * K;
+    }
+    __device__ void emit(int i, const float (&o)[kRowsPerPass], int count) {
+#pragma unroll
+      for (int r = 0; r < kRowsPerPass; ++r) {
+        if (r >= count) break;
+        const int row = row_index(i, r);
+        if (threadIdx.x % kWarpSize == 0) out[row] = lm_head ? o[r] : hidden_s[row] + o[r];
+        if (lm_head && argmax_better(o[r], r0 + row, best_v, best_i))
+          best_v = o[r], best_i = r0 + row;
+      }
+    }
+  } g{{n},
+      w + static_cast<int64_t>(r0) * K,
+      K,
+      r0,
+      lm_head,
+      (lm_head ? p.logits + static_cast<int64_t>(t) * p.vocab_size
+               : p.hidden + static_cast<int64_t>(t) * H) + r0,
+      aux_s,
+      -CUDART_INF_F,
+      INT_MAX};
+  if (lm_head) stage_gain(aux_s, bf16_ptr(p.final_norm), H);
+  if (!run_matvec<kOpOProjResidual>(ctx, g, K, [&] {
+        if (lm_head) {
+          stage_rms_normed(x_s, p.hidden + static_cast<int64_t>(t) * H, aux_s, H,
+                           p.rms_norm_eps, ctx.scratch);
+        } else {
+          // Both reads are issued before either is used: one L2 round trip, not two.
+          stage_vector(x_s, (down ? p.mlp_act : p.attn_out) + static_cast<int64_t>(t) * K, K);
+          const float* hidden = p.hidden + static_cast<int64_t>(t) * H + r0;
+          for (int i = threadIdx.x; i < n; i += kComputeThreads) aux_s[i] = load_act(hidden + i);
+          compute_sync();
+        }
+        return static_cast<const float*>(x_s);
+      }))
+    return false;
+  if (!lm_head) return true;
+
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  float* cand_v = ctx.scratch;                                    // [kComputeWarps]
+  int* cand_i = reinterpret_cast<int*>(ctx.scratch + kWarpSize);  // [kComputeWarps]
+  if (lane == 0) {
+    cand_v[warp] = g.best_v;
+    cand_i[warp] = g.best_i;
+  }
+  compute_sync();
+  if (threadIdx.x == 0) {
+    float best_v = g.best_v;
+    int best_i = g.best_i;
+    for (int k = 1; k < kComputeWarps; ++k)
+      if (argmax_better(cand_v[k], cand_i[k], best_v, best_i)) {
+        best_v = cand_v[k];
+        best_i = cand_i[k];
+      }
+    const int64_t slot = static_cast<int64_t>(t) * p.lm_head_blocks + ctx.words[word::kBlockIndex];
+    p.argmax_value[slot] = best_v;
+    p.argmax_index[slot] = best_i;
+  }
+  compute_sync();  // scratch is free again
+  return true;
+}
+
+}  // namespace mk
