@@ -37,10 +37,12 @@ from .base import MAX_STEPS_PER_LAUNCH as MAX_LAUNCH_STEPS
 from .base import Backend, StepOutput, StepsOutput, check_step_count
 
 DEFAULT_TIMEOUT_S = 1.0
-# Greedy decode steps per launch by default (decode_steps(); Engine.generate). On an H100,
-# llama-3.2-1b (benchmarks/RESULTS.md, entry 35): 1 / 4 / 8 / 16 steps 1.023 / 1.012 /
-# 1.011 / 1.009 ms/token. More steps gain little and stream tokens in larger bursts (and
-# decode more past a stop token).
+# Greedy decode steps per launch by default (decode_steps(); Engine.generate). On an H100
+# (benchmarks/RESULTS.md, entries 35 and 36), 1 against 8 steps, ms/token: llama-3.2-1b
+# 0.999 / 0.999 at context 32, 1.004 / 0.997 at 128, 1.171 / 1.162 at 8192;
+# llama-3.2-3b 2.475 / 2.471; llama-3.1-8b 5.412 / 5.397 (before entry 36's shared code,
+# 1B: 1.022 / 1.010, and 16 steps 1.009). More steps gain little and stream tokens in
+# larger bursts (and decode more past a stop token).
 DEFAULT_STEPS_PER_LAUNCH = 8
 
 # Buffers the kernel reads and writes, in the binding's argument order.
