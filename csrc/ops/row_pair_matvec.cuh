@@ -1,8 +1,9 @@
 // o_proj_residual, down_proj_residual and rms_lm_head through one instance of code: the
 // three mat-vec ops whose warps pass two rows at a time (RowPairs), with their inputs,
 // staging and outputs chosen at run time. Every SM runs the LM head between a step's last
-// layer and the next step's first; with code of its own it evicted the layers' op code
-// from the instruction cache (benchmarks/RESULTS.md, entry 36).
+// layer and the next step's first; with code of its own it made that first layer 4-14 us
+// slower than the others, most likely in instruction fetch (benchmarks/RESULTS.md,
+// entry 36). One call site in run_op(): each call of a forced-inline function is a copy.
 //
 //   o_proj_residual:    hidden[t, rows] += o_proj[layer, rows] @ attn_out[t]
 //   down_proj_residual: hidden[t, rows] += down[layer, rows] @ mlp_act[t]
