@@ -61,7 +61,7 @@ int as_int(int64_t v, const char* what) {
   return static_cast<int>(v);
 }
 
-// Launches one step of the program (all tensors on one CUDA device, current stream).
+// Launches the program once, all its steps (all tensors on one CUDA device, current stream).
 // Mutated: counters, queue, error_record, step_result, profile, host_status, the activations
 // (hidden ... next_token) and k_cache / v_cache. The steps' tokens: step_input [2, T]
 // (token ids, then positions) or, without it, `steps` chained decode steps at positions
