@@ -6,5 +6,6 @@ from .chain import chain_prefix, chain_steps
 from .interpreter import check_counters, run_step
 
 __all__ = ["BufferSpec", "Program", "allocate_buffers", "attention_partitions",
-           "build_program", "chain_prefix", "chain_steps", "decode_programs", "early_gate_up_limit",
-           "split_qkv", "split_rows", "whole_context_limit", "check_counters", "run_step"]
+           "build_program", "chain_prefix", "chain_steps", "decode_programs",
+           "early_gate_up_limit", "split_qkv", "split_rows", "whole_context_limit",
+           "check_counters", "run_step"]

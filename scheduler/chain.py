@@ -8,9 +8,9 @@ at the launch's position + t (csrc/common.cuh: step_position). The copies follow
 other in the stream, so the queue stays in topological order, and the chain of waits
 orders everything copy t reads (the K/V rows the steps before it wrote) after its writes.
 
-One launch of N steps pays the kernel's start, its first layer's cold start and the gap
-between launches once for all N (benchmarks/RESULTS.md, entry 35). Only greedy decoding
-can chain: a sampled token is chosen on the host.
+One launch of N steps pays the kernel's start and the gap between launches once for all
+N (benchmarks/RESULTS.md, entries 35 and 36). Only greedy decoding can chain: a sampled
+token is chosen on the host.
 """
 from __future__ import annotations
 
