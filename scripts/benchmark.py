@@ -46,8 +46,9 @@ from dataclasses import dataclass
 import torch
 
 import megakernel
-from megakernel.backends.base import MAX_STEPS_PER_LAUNCH
+from megakernel.backends.base import check_step_count
 from megakernel.engine import Engine, make_backend, megakernel_available
+from megakernel.errors import InvalidRequestError
 from megakernel.instructions import OPCODES
 from megakernel.kv_cache import PagedKVCache
 from megakernel.loading import RANDOM_PREFIX, load_model, save_pretrained
@@ -134,9 +135,13 @@ def _parse_steps(text: str | None) -> list[int | None]:
     except ValueError:
         raise SystemExit(f"benchmark.py: --steps-per-launch must be integers, got "
                          f"'{text}'") from None
-    if not steps or not all(1 <= s <= MAX_STEPS_PER_LAUNCH for s in steps):
-        raise SystemExit(f"benchmark.py: --steps-per-launch values must be in [1, "
-                         f"{MAX_STEPS_PER_LAUNCH}]")
+    if not steps:
+        raise SystemExit("benchmark.py: --steps-per-launch is empty")
+    for s in steps:
+        try:
+            check_step_count(s, "--steps-per-launch")
+        except InvalidRequestError as e:
+            raise SystemExit(f"benchmark.py: {e}") from None
     return list(dict.fromkeys(steps))
 
 

@@ -192,6 +192,10 @@ def test_bad_arguments_exit_with_a_message():
         bench.main(["--device", "cpu", "--backends", "torch,nope"])
     with pytest.raises(SystemExit, match="context-sweep"):
         bench.main(["--device", "cpu", "--context-sweep", "12,abc"])
+    for bad, message in (("1,x", "integers"), ("8,17", r"\[1, 16\], got 17"), (",", "empty")):
+        with pytest.raises(SystemExit, match=message):
+            bench.main(["--device", "cpu", "--steps-per-launch", bad])
+    assert bench._parse_steps("8,1,8") == [8, 1] and bench._parse_steps(None) == [None]
 
 
 def test_graph_loop_matches_the_engine_on_cpu():

@@ -33,8 +33,8 @@ from megakernel.instructions import OPCODES
 from megakernel.readback import DEFAULT_TIMEOUT_S as HOST_WAIT_TIMEOUT_S
 from megakernel.readback import synchronize_or_raise
 
-from .base import MAX_STEPS_PER_LAUNCH as MAX_LAUNCH_STEPS
-from .base import Backend, StepOutput, StepsOutput, check_step_count
+from .base import (MAX_STEPS_PER_LAUNCH, Backend, StepOutput, StepsOutput,
+                   check_step_count)
 
 DEFAULT_TIMEOUT_S = 1.0
 # Greedy decode steps per launch by default (decode_steps(); Engine.generate). On an H100
@@ -75,7 +75,7 @@ def load_extension():
 
 # Result slots in the ring StepOutput.greedy_token points into: the engine reads a step's
 # token after launching the next one, so consecutive launches must use different slots.
-# The kernel writes the same ring, MAX_LAUNCH_STEPS tokens a slot, into host_status from
+# The kernel writes the same ring, MAX_STEPS_PER_LAUNCH tokens a slot, into host_status from
 # word HOST_RESULT_WORD on (csrc/launcher.h: kHostResultWord, kHostResultSlots,
 # kMaxLaunchSteps; checked in KernelState.create).
 RESULT_SLOTS = 4
@@ -106,7 +106,7 @@ class KernelState:
             host_status = ext.alloc_host_status()
         ring = (getattr(ext, "HOST_RESULT_WORD", None), getattr(ext, "HOST_RESULT_SLOTS", None),
                 getattr(ext, "MAX_LAUNCH_STEPS", None))
-        if ring != (HOST_RESULT_WORD, RESULT_SLOTS, MAX_LAUNCH_STEPS):
+        if ring != (HOST_RESULT_WORD, RESULT_SLOTS, MAX_STEPS_PER_LAUNCH):
             raise RuntimeError(f"the extension's host result ring (word, slots, steps {ring}) "
                                "is not this module's: rebuild it")
         return cls(z(max(num_counters, 1)), z(ext.QUEUE_WORDS), z(ext.ERROR_RECORD_WORDS),
@@ -126,7 +126,7 @@ class KernelState:
     def host_tokens(self, steps: int) -> torch.Tensor:
         """[steps] int64 view of the last launch's tokens in mapped host memory, one per
         step: valid once that launch has finished."""
-        first = HOST_RESULT_WORD + (self.epoch - 1) % RESULT_SLOTS * MAX_LAUNCH_STEPS
+        first = HOST_RESULT_WORD + (self.epoch - 1) % RESULT_SLOTS * MAX_STEPS_PER_LAUNCH
         return self.host_status[first:first + steps]
 
     def host_error_code(self) -> int:
@@ -322,7 +322,7 @@ class MegakernelBackend(Backend):
     "decode" runs it through the kernel one token at a time (slow for long prompts, but
     every K/V then comes from the same float32-activation math as the reference
     interpreter's, which token-exact comparisons need). steps_per_launch: greedy decode
-    steps Engine.generate chains per launch (decode_steps()), 1 to MAX_LAUNCH_STEPS.
+    steps Engine.generate chains per launch (decode_steps()), 1 to MAX_STEPS_PER_LAUNCH.
     """
     name = "megakernel"
 
@@ -575,4 +575,4 @@ class MegakernelBackend(Backend):
 
 __all__ = ["MegakernelBackend", "KernelState", "ProgramRun", "run_program", "launch",
            "load_extension", "decode_error", "BUFFER_NAMES",
-           "DEFAULT_STEPS_PER_LAUNCH", "MAX_LAUNCH_STEPS"]
+           "DEFAULT_STEPS_PER_LAUNCH"]
