@@ -255,13 +255,30 @@ def whole_context_dim_slices(cfg, num_sms: int, dtype_bytes: int = 2) -> list[tu
 # blocks still gaining at 224 KB (21 MB), llama-3.1-8b's 64 at 192 KB (24 MB). More than
 # the L2 keeps evicts bytes before gate_up reads them. The up rows from the end: -15 us
 # per step on 1B, -20 on 3B, -35 on 8B.
-HANDOVER_GATE_UP_BYTES = 32 * 1024     # the kernel's default prefetch_bytes over two runs
+HANDOVER_PREFETCH_BYTES = 64 * 1024    # the kernel's default prefetch_bytes (launcher.h)
+HANDOVER_GATE_UP_BYTES = HANDOVER_PREFETCH_BYTES // 2   # per run: gate_up has two
 EARLY_GATE_UP_L2_BYTES = 24 * 1024 * 1024
 O_PROJ_GATE_UP_BYTES = 16 * 1024
 # Past some context the attention streams enough K/V that the carried bytes slow it more
 # than they save (llama-3.2-1b, split program: -26 us per step at 2048 tokens, -1 at 4096,
 # +45 at 8000): no carried prefetch once a layer's K/V exceeds this.
 EARLY_GATE_UP_MAX_KV_BYTES = 8 * 1024 * 1024
+
+
+# Beyond early_gate_up_limit() the split program's attention streams its K/V, but its
+# reduce stage (one block per query head) is latency-bound at every context, and so is
+# o_proj where a block's weights fit the hand-over prefetch (its own bytes are then in L2
+# or on their way before its wait ends: llama-3.2-1b's 64 KB blocks, not llama-3.2-3b's
+# 144 KB or llama-3.1-8b's 256 KB). Those stages carry gate_up's prefetches instead ("late"
+# carriers): reduce block h the LATE_REDUCE_GATE_UP_BYTES after the hand-over's share of
+# each run of gate_up block h, then the o_proj blocks, where they may, the next
+# LATE_O_PROJ_GATE_UP_BYTES of the blocks the reduce stage left, in order. On an H100
+# (RESULTS entry 40, back-to-back steps against no carried prefetch): llama-3.2-1b -25 to
+# -36 us per step from 4000 to 16000 tokens (reduce alone -11 to -18, o_proj alone -19 to
+# -26); the reduce stage alone on llama-3.2-3b -12 to -14 at 4000, on llama-3.1-8b a tie;
+# o_proj carriers there lose (3B +6, 8B +23 to +38).
+LATE_REDUCE_GATE_UP_BYTES = 96 * 1024
+LATE_O_PROJ_GATE_UP_BYTES = 48 * 1024
 
 
 def early_gate_up_limit(cfg, dtype_bytes: int = 2) -> int:
@@ -289,36 +306,43 @@ def carried_gate_up(layer: int, row_begin: int, row_count: int, run_bytes: int, 
 
 
 def decode_programs(max_seq_len: int, whole_context_positions: int,
-                    early_gate_up_positions: int, split_partitions: int):
+                    early_gate_up_positions: int, split_partitions: int,
+                    late_gate_up: bool = True):
     """The programs a backend decodes with, by the positions they serve: [(limit,
-    whole_context_attention, early_gate_up)] by rising limit; a position takes the first
-    entry whose limit is above it (the last entry's at any other). Whole-context attention
-    below whole_context_positions, unless the split program has one partition anyway
-    (split_partitions: its attention_partitions()); then the split program with the
-    carried gate_up prefetches below early_gate_up_positions, and without them."""
+    whole_context_attention, early_gate_up, late_gate_up)] by rising limit; a position
+    takes the first entry whose limit is above it (the last entry's at any other).
+    Whole-context attention below whole_context_positions, unless the split program has
+    one partition anyway (split_partitions: its attention_partitions()); then the split
+    program with the early carried gate_up prefetches below early_gate_up_positions, and
+    with the late ones (if late_gate_up) beyond."""
     early_end = min(early_gate_up_positions, max_seq_len)
     whole_end = min(whole_context_positions, max_seq_len) if split_partitions > 1 else 0
     plan = []
     if whole_end > 0:
-        plan.append((whole_end, True, early_end >= whole_end))
+        plan.append((whole_end, True, early_end >= whole_end, False))
     if whole_end < early_end < max_seq_len:
-        plan.append((early_end, False, True))
-    return plan + [(max_seq_len, False, early_end >= max_seq_len)]
+        plan.append((early_end, False, True, False))
+    early = early_end >= max_seq_len
+    return plan + [(max_seq_len, False, early, late_gate_up and not early)]
 
 
 def build_program(cfg, num_sms: int, page_size: int, max_seq_len: int,
                   num_tokens: int = 1, dtype_bytes: int = 2,
                   whole_context_attention: bool = False,
-                  early_gate_up: bool = True) -> Program:
+                  early_gate_up: bool = True, late_gate_up: bool = False) -> Program:
     """Compile one decode step for `cfg` on a GPU with `num_sms` SMs.
 
     num_tokens is the number of tokens the step serves (1 for decode); max_seq_len bounds
     the context and so the attention partitions. early_gate_up: the attention and o_proj
     instructions carry L2 prefetches of gate_up's weights (for positions below
-    early_gate_up_limit()).
+    early_gate_up_limit()); late_gate_up: the split program's reduce and, where their
+    blocks fit the hand-over prefetch, o_proj instructions do (for positions beyond it).
     """
     if num_sms < 1:
         raise ValueError("num_sms must be >= 1")
+    if early_gate_up and late_gate_up:
+        raise ValueError("early_gate_up and late_gate_up place the same prefetches: "
+                         "choose one")
     L, H, I, V = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     T = num_tokens
     names: list[str] = []
@@ -369,6 +393,27 @@ def build_program(cfg, num_sms: int, page_size: int, max_seq_len: int,
             return None
         return carried_gate_up(layer, r0, n, run, begin, end)
 
+    # The late carriers: reduce block h carries gate_up block h, the o_proj blocks (if
+    # theirs fit the hand-over prefetch) the blocks after those, in order.
+    reduce_blocks = cfg.num_heads if parts > 1 else 0
+    o_proj_carries = max(n for _, n in o_blocks) * cfg.q_size * dtype_bytes <= \
+        HANDOVER_PREFETCH_BYTES
+
+    def late_gate_up_prefetch(stage: str, layer: int, b: int) -> L2Prefetch | None:
+        if not late_gate_up:
+            return None
+        if stage == "o_proj":
+            if not o_proj_carries:
+                return None
+            b += reduce_blocks
+        share = LATE_REDUCE_GATE_UP_BYTES if stage == "reduce" else LATE_O_PROJ_GATE_UP_BYTES
+        if b >= len(gu_blocks):
+            return None
+        r0, n = gu_blocks[b]
+        run = n * H * dtype_bytes
+        begin, end = HANDOVER_GATE_UP_BYTES, min(HANDOVER_GATE_UP_BYTES + share, run)
+        return carried_gate_up(layer, r0, n, run, begin, end) if end > begin else None
+
     c = counter("embed")
     emit(EMBED, 0, (), c, 0)
     prev = c
@@ -402,11 +447,13 @@ def build_program(cfg, num_sms: int, page_size: int, max_seq_len: int,
             attn_done = counter(f"L{layer}.attention_reduce")
             for h in range(cfg.num_heads):
                 emit(ATTENTION_REDUCE, layer, [done(c_attn)], attn_done, h, head_begin=h,
-                     head_count=1, num_partitions=parts)
+                     head_count=1, num_partitions=parts,
+                     l2_prefetch=late_gate_up_prefetch("reduce", layer, h))
         c_o = counter(f"L{layer}.o_proj")
         for b, (r0, n) in enumerate(o_blocks):
             emit(O_PROJ_RESIDUAL, layer, [done(attn_done)], c_o, b, row_begin=r0, row_count=n,
-                 l2_prefetch=gate_up_prefetch(1, layer, b))
+                 l2_prefetch=gate_up_prefetch(1, layer, b) or
+                 late_gate_up_prefetch("o_proj", layer, b))
         c_gu = counter(f"L{layer}.gate_up")
         for b, (r0, n) in enumerate(gu_blocks):
             emit(RMS_GATE_UP_SILU, layer, [done(c_o)], c_gu, b, row_begin=r0, row_count=n)

@@ -128,25 +128,27 @@ def test_whole_context_attention_below_its_limit_then_the_split_program(checkpoi
 
 def test_carried_gate_up_prefetches_change_no_result():
     """On the 1B shape (gate_up runs long enough to carry prefetches): the programs below
-    early_gate_up_positions carry L2 prefetches, the split program above it none, and a
-    generation across both switches gives, bit for bit, the logits of an engine whose
-    programs carry none."""
+    early_gate_up_positions carry L2 prefetches under the attention, the split program
+    above it under its reduce stage and o_proj, and a generation across both switches
+    gives, bit for bit, the logits of an engine whose programs carry none."""
     from megakernel.scheduler import whole_context_limit
 
-    def engine(early):
+    def engine(early, late):
         return megakernel.Engine.from_pretrained(
             "random:llama-3.2-1b", device="cuda", backend="megakernel", max_seq_len=512,
-            early_gate_up_positions=early)
+            early_gate_up_positions=early, late_gate_up=late)
 
-    def carries(backend, position):
-        return any(i.l2_prefetch for i in backend.program_for(position).instruction_list())
+    def carriers(backend, position):
+        return {i.spec.name for i in backend.program_for(position).instruction_list()
+                if i.l2_prefetch}
 
-    carrying, plain = engine(256), engine(0)
+    carrying, plain = engine(256, True), engine(0, False)
     whole_end = whole_context_limit(carrying.config)
     assert whole_end < 256
-    assert [carries(carrying.backend, p) for p in (0, whole_end, 255, 256)] == [
-        True, True, True, False]
-    assert not any(carries(plain.backend, p) for p in (0, whole_end, 256))
+    early = {"attention_partial", "o_proj_residual"}
+    assert [carriers(carrying.backend, p) for p in (0, whole_end, 255, 256)] == [
+        early, early, early, {"attention_reduce", "o_proj_residual"}]
+    assert not any(carriers(plain.backend, p) for p in (0, whole_end, 256))
     prompt = [1000 + i for i in range(whole_end - 40)]
     a = carrying.generate(prompt, max_new_tokens=150, ignore_eos=True, output_logits=True)
     b = plain.generate(prompt, max_new_tokens=150, ignore_eos=True, output_logits=True)

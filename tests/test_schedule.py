@@ -249,21 +249,98 @@ def test_carried_prefetches_stop_where_a_layer_has_8_mb_of_kv():
 
 
 @pytest.mark.parametrize("max_seq_len, whole, early, partitions, expected", [
-    # The default 1B engine: whole-context attention, then split with and without the
-    # carried prefetches.
-    (8192, 192, 4096, 4, [(192, True, True), (4096, False, True), (8192, False, False)]),
-    # A short engine (the benchmark's 161 positions): every program carries them, also
-    # where max_seq_len ends before the whole-context limit.
-    (161, 192, 4096, 4, [(161, True, True), (161, False, True)]),
-    (3000, 192, 4096, 4, [(192, True, True), (3000, False, True)]),
-    # Switched off; and no whole-context program where the split one has one partition.
-    (8192, 0, 0, 4, [(8192, False, False)]),
-    (8192, 192, 0, 4, [(192, True, False), (8192, False, False)]),
-    (8192, 192, 4096, 1, [(4096, False, True), (8192, False, False)]),
-    (8192, 192, 100, 4, [(192, True, False), (8192, False, False)]),
+    # The default 1B engine: whole-context attention, then split with the early carried
+    # prefetches, then with the late ones.
+    (8192, 192, 4096, 4, [(192, True, True, False), (4096, False, True, False),
+                          (8192, False, False, True)]),
+    # A short engine (the benchmark's 161 positions): every program carries the early
+    # ones, also where max_seq_len ends before the whole-context limit.
+    (161, 192, 4096, 4, [(161, True, True, False), (161, False, True, False)]),
+    (3000, 192, 4096, 4, [(192, True, True, False), (3000, False, True, False)]),
+    # Early ones switched off; and no whole-context program where the split one has one
+    # partition.
+    (8192, 0, 0, 4, [(8192, False, False, True)]),
+    (8192, 192, 0, 4, [(192, True, False, False), (8192, False, False, True)]),
+    (8192, 192, 4096, 1, [(4096, False, True, False), (8192, False, False, True)]),
+    (8192, 192, 100, 4, [(192, True, False, False), (8192, False, False, True)]),
 ])
 def test_decode_programs_by_position(max_seq_len, whole, early, partitions, expected):
     assert decode_programs(max_seq_len, whole, early, partitions) == expected
+    # Late carriers switched off: the same programs, the last one carrying none.
+    assert decode_programs(max_seq_len, whole, early, partitions, late_gate_up=False) == [
+        (limit, w, e, False) for limit, w, e, _ in expected]
+
+
+def late_carried(program) -> dict[str, list]:
+    """{carrier opcode name: [(its block index, carried gate_up row_begin, L2Prefetch)]} of
+    layer 0."""
+    gate_up = {i.args["row_begin"]: i.block_index for i in program.instruction_list()
+               if i.layer == 0 and i.spec.name == "rms_gate_up_silu"}
+    out: dict[str, list] = {}
+    for i in program.instruction_list():
+        q = i.l2_prefetch
+        if i.layer == 0 and q is not None:
+            assert q.opcode == RMS_GATE_UP_SILU.code and q.layer == 0
+            out.setdefault(i.spec.name, []).append((i.block_index, gate_up[q.row_begin], q))
+    return out
+
+
+def test_late_carriers_on_the_1b_shape():
+    # The split program beyond the early limit: reduce block h carries gate_up block h
+    # (96 KB of each run after the hand-over's 32 KB, the up run's counted back from its
+    # end); o_proj's 64 KB blocks fit the hand-over prefetch, so o_proj block b carries
+    # the next 48 KB of gate_up block 32 + b, up to the last block long enough.
+    cfg = PRESETS["llama-3.2-1b"]
+    program = build_program(cfg, num_sms=132, page_size=16, max_seq_len=8192,
+                            early_gate_up=False, late_gate_up=True)
+    carried = late_carried(program)
+    assert set(carried) == {"attention_reduce", "o_proj_residual"}
+    reduce, o_proj = carried["attention_reduce"], carried["o_proj_residual"]
+    assert [(b, g) for b, g, _ in reduce] == [(h, h) for h in range(cfg.num_heads)]
+    assert [(b, g) for b, g, _ in o_proj] == [(b, 32 + b) for b in range(len(o_proj))]
+    gate_up = [i for i in program.instruction_list()
+               if i.layer == 0 and i.spec.name == "rms_gate_up_silu"]
+    # Every gate_up block carried once, but a last one shorter than the hand-over's share.
+    assert len(reduce) + len(o_proj) == len(gate_up) - 1
+    assert gate_up[-1].args["row_count"] * cfg.hidden_size * 2 <= 32 * 1024
+    for _, g, q in reduce + o_proj:
+        run = gate_up[g].args["row_count"] * cfg.hidden_size * 2
+        share = 96 * 1024 if g < cfg.num_heads else 48 * 1024
+        assert (q.run0_begin, q.run0_end) == (32768, 32768 + share)
+        assert (q.run1_begin, q.run1_end) == (run - share, run)
+
+
+@pytest.mark.parametrize("model", ["llama-3.2-3b", "llama-3.1-8b"])
+def test_late_carriers_only_under_reduce_where_o_proj_streams(model):
+    # o_proj blocks larger than the hand-over prefetch stream their own weights from
+    # memory: only the reduce stage carries.
+    cfg = PRESETS[model]
+    program = build_program(cfg, num_sms=132, page_size=16, max_seq_len=8192,
+                            early_gate_up=False, late_gate_up=True)
+    carried = late_carried(program)
+    assert set(carried) == {"attention_reduce"}
+    assert len(carried["attention_reduce"]) == cfg.num_heads
+
+
+def test_late_carriers_need_a_reduce_stage_and_exclude_the_early_ones():
+    cfg = PRESETS["llama-3.2-1b"]
+    whole = build_program(cfg, num_sms=132, page_size=16, max_seq_len=8192,
+                          whole_context_attention=True, early_gate_up=False, late_gate_up=True)
+    # No reduce stage: only o_proj carries, its blocks from gate_up block 0 on.
+    carried = late_carried(whole)
+    assert set(carried) == {"o_proj_residual"}
+    assert carried["o_proj_residual"][0][:2] == (0, 0)
+    with pytest.raises(ValueError, match="choose one"):
+        build_program(cfg, num_sms=132, page_size=16, max_seq_len=8192, late_gate_up=True)
+
+
+def test_handover_prefetch_budget_is_the_kernels_default():
+    import re
+    from pathlib import Path
+    from megakernel.scheduler.program import HANDOVER_PREFETCH_BYTES
+    header = (Path(__file__).resolve().parents[1] / "csrc" / "launcher.h").read_text()
+    found = re.search(r"kDefaultPrefetchBytes = (\d+) \* 1024;", header)
+    assert found and int(found.group(1)) * 1024 == HANDOVER_PREFETCH_BYTES
 
 
 def test_qkv_blocks_fill_every_sm_once_at_the_1b_shape():

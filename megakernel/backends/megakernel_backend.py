@@ -315,9 +315,11 @@ class MegakernelBackend(Backend):
     attention covers the whole context in every block and needs no reduce stage (faster at
     short contexts); None takes the scheduler's whole_context_limit() for the model, 0
     never does. early_gate_up_positions: positions below it decode with programs whose
-    attention and o_proj instructions prefetch gate_up's weights into L2 (the split
-    program beyond them carries none); None takes the scheduler's early_gate_up_limit(),
-    0 never does. A given `program` is used at every position.
+    attention and o_proj instructions prefetch gate_up's weights into L2; None takes the
+    scheduler's early_gate_up_limit(), 0 never does. late_gate_up: the split program beyond
+    them has its reduce stage (and o_proj, where its blocks are small) carry those
+    prefetches instead; False: it carries none. A given `program` is used at every
+    position.
     prefill_mode: "torch" (default) runs the prompt through TorchBackend in chunks;
     "decode" runs it through the kernel one token at a time (slow for long prompts, but
     every K/V then comes from the same float32-activation math as the reference
@@ -329,7 +331,7 @@ class MegakernelBackend(Backend):
     def __init__(self, weights, kv_cache, max_seq_len: int, timeout_s: float = DEFAULT_TIMEOUT_S,
                  program=None, profile: bool = False, prefetch_bytes: int | None = None,
                  prefill_mode: str = "torch", whole_context_positions: int | None = None,
-                 early_gate_up_positions: int | None = None,
+                 early_gate_up_positions: int | None = None, late_gate_up: bool = True,
                  steps_per_launch: int = DEFAULT_STEPS_PER_LAUNCH):
         super().__init__(weights, kv_cache)
         if prefill_mode not in ("torch", "decode"):
@@ -372,17 +374,17 @@ class MegakernelBackend(Backend):
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
 
-        def build(whole: bool, early: bool):
+        def build(whole: bool, early: bool, late: bool):
             return build_program(self.config, num_sms=self.num_sms,
                                  page_size=kv_cache.page_size, max_seq_len=max_seq_len,
                                  dtype_bytes=2, whole_context_attention=whole,
-                                 early_gate_up=early)
+                                 early_gate_up=early, late_gate_up=late)
 
         plan = decode_programs(max_seq_len, whole_context_positions, early_gate_up_positions,
                                attention_partitions(self.config, self.num_sms, max_seq_len,
-                                                    kv_cache.page_size))
-        self._install([(limit, self._program_run(build(whole, early)))
-                       for limit, whole, early in plan])
+                                                    kv_cache.page_size), late_gate_up)
+        self._install([(limit, self._program_run(build(whole, early, late)))
+                       for limit, whole, early, late in plan])
 
     def _program_run(self, program) -> ProgramRun:
         from megakernel.scheduler import allocate_buffers

@@ -10,7 +10,7 @@ SPLIT=1: the split program (attention partitions and the reduce stage, the long 
 program) instead; CONTEXTS: the first positions of the timed runs (default 32).
 
 A variant is a '+'-joined list of carriers, each STAGE:BEGIN_KB:END_KB[:TARGET[:mirror]]:
-the stage's block b (attn, qkv, o_proj) carries bytes [BEGIN, END) KB of each weight run
+the stage's block b (attn, qkv, o_proj; reduce in the split program) carries bytes [BEGIN, END) KB of each weight run
 of block b of TARGET (gate_up, the default, or down) of its layer; with 'mirror', of the
 up run as many bytes counted back from its end (the scheduler's placement). 'none': no carried
 prefetch; 'scheduler': the program as built. A '*' after a stage (o_proj*) makes it
@@ -22,8 +22,9 @@ import os
 import torch
 
 from dev_model import format_times, program_times, program_with, random_backend
-from megakernel.instructions import (ATTENTION_PARTIAL, DOWN_PROJ_RESIDUAL, L2Prefetch,
-                                     O_PROJ_RESIDUAL, RMS_GATE_UP_SILU, RMS_QKV_ROPE)
+from megakernel.instructions import (ATTENTION_PARTIAL, ATTENTION_REDUCE, DOWN_PROJ_RESIDUAL,
+                                     L2Prefetch, O_PROJ_RESIDUAL, RMS_GATE_UP_SILU,
+                                     RMS_QKV_ROPE)
 from megakernel.scheduler.program import Program, carried_gate_up, split_rows
 
 model = os.environ.get("MODEL", "llama-3.2-1b")
@@ -36,7 +37,8 @@ DEFAULT_VARIANTS = ("none,scheduler,attn:32:128,attn:0:128,attn:32:160,attn:32:1
                     "attn:32:128+o_proj:128:160,attn:32:128+qkv:128:160,"
                     "attn:32:128+o_proj:0:64:down")
 VARIANTS = os.environ.get("VARIANTS", DEFAULT_VARIANTS).split(",")
-STAGES = {"attn": ATTENTION_PARTIAL, "qkv": RMS_QKV_ROPE, "o_proj": O_PROJ_RESIDUAL}
+STAGES = {"attn": ATTENTION_PARTIAL, "qkv": RMS_QKV_ROPE, "o_proj": O_PROJ_RESIDUAL,
+          "reduce": ATTENTION_REDUCE}
 TARGETS = {"gate_up": RMS_GATE_UP_SILU, "down": DOWN_PROJ_RESIDUAL}
 cfg, mk = random_backend(model, MAX)
 
@@ -82,8 +84,10 @@ def build(variant: str) -> Program:
                 continue
             r0, rows = blocks[(target.code, i.layer)][k]
             if mirror:
-                prefetch = carried_gate_up(i.layer, r0, rows, rows * cfg.hidden_size * 2,
-                                           begin, end)
+                run = rows * cfg.hidden_size * 2
+                if min(end, run) <= begin:            # a short last block: nothing left
+                    continue
+                prefetch = carried_gate_up(i.layer, r0, rows, run, begin, min(end, run))
             else:
                 prefetch = L2Prefetch(target.code, i.layer, r0, rows, begin, end, begin, end)
             instrs[n] = dataclasses.replace(i, l2_prefetch=prefetch)
