@@ -9,10 +9,8 @@ two rounds. Variants: STAGE:FIRST-LAST:ROWS, e.g. lm_head:0-4:20 (the LM head's 
 to 4 lose 20 rows each)."""
 import os
 
-import torch
-
 import megakernel.scheduler.program as program_module
-from dev_model import program_with, random_backend, wait_for
+from dev_model import chained_ms, program_with, random_backend
 
 CONTEXT = 32
 STEPS = 8
@@ -55,20 +53,6 @@ def variant_program(cfg, num_sms: int, max_len: int, spec: str):
                         whole_context_attention=True)
 
 
-def chained_ms(mk) -> float:
-    token, position = torch.tensor(1, device=mk.weights.device), CONTEXT
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for i in range(2 + LAUNCHES):
-        if i == 2:
-            start.record()
-        token = mk.decode_steps(token, position, STEPS).last_token
-        position += STEPS
-    end.record()
-    wait_for(end, "the timed launches")
-    mk.check_error()
-    return start.elapsed_time(end) / (LAUNCHES * STEPS)
-
-
 def main():
     model = os.environ.get("MODEL", "llama-3.2-1b")
     max_len = 1024
@@ -82,7 +66,7 @@ def main():
         line = []
         for name, program in programs:
             mk.load_program(program)
-            line.append(f"{name} {chained_ms(mk):.4f}")
+            line.append(f"{name} {chained_ms(mk, STEPS, LAUNCHES, CONTEXT):.4f}")
         print(f"  round {rnd + 1}: " + ", ".join(line))
 
 

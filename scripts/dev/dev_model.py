@@ -70,6 +70,37 @@ def back_to_back_ms(mk, pending, first_position: int, steps: int, warmup: int = 
     return start.elapsed_time(end) / steps, pending
 
 
+def chained_ms(mk, steps: int, launches: int, context: int = 32, warmup: int = 2) -> float:
+    """ms per step of `launches` back-to-back launches of `steps` chained greedy steps
+    (decode_steps()) from position `context`, after `warmup` untimed ones."""
+    token, position = torch.tensor(1, device=mk.weights.device), context
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for i in range(warmup + launches):
+        if i == warmup:
+            start.record()
+        token = mk.decode_steps(token, position, steps).last_token
+        position += steps
+    end.record()
+    wait_for(end, "the timed launches")
+    mk.check_error()
+    return start.elapsed_time(end) / (launches * steps)
+
+
+def chained_profiles(mk, steps: int, launches: int, context: int = 32, warmup: int = 2):
+    """The kernel profile (all rows, as numpy) of each of `launches` launches of `steps`
+    chained greedy steps from position `context`, after `warmup` unrecorded ones, on a
+    profiling backend (random_backend(..., profile=True), MEGAKERNEL_PROFILE build)."""
+    token, position, profiles = torch.tensor(1, device=mk.weights.device), context, []
+    for i in range(warmup + launches):
+        token = mk.decode_steps(token, position, steps).last_token
+        position += steps
+        if i >= warmup:
+            wait_for_device("the profiled launch")
+            mk.check_error()
+            profiles.append(mk.last_profile().cpu().numpy().copy())
+    return profiles
+
+
 def profiled_step(mk, position: int):
     """One decode step at `position` on a profiling backend (random_backend(...,
     profile=True), MEGAKERNEL_PROFILE build): its kernel profile records, as a numpy array

@@ -33,7 +33,8 @@ import os
 import numpy as np
 import torch
 
-from dev_model import back_to_back_ms, random_backend, wait_for, wait_for_device
+from dev_model import (back_to_back_ms, chained_ms, chained_profiles, random_backend,
+                       wait_for_device)
 from megakernel.instructions import (ARGMAX_REDUCE, DOWN_PROJ_RESIDUAL, EMBED, OPCODES,
                                     O_PROJ_RESIDUAL, RMS_GATE_UP_SILU, RMS_LM_HEAD,
                                     Instruction, L2Prefetch)
@@ -139,31 +140,10 @@ def print_stages(title: str, rows, copy: int) -> None:
           f"or the argmax); a later layer {typical:.2f}")
 
 
-def chained_ms(mk, steps: int, launches: int = STEPS // 4, warmup: int = 2) -> float:
-    """ms per step of `launches` back-to-back launches of `steps` chained steps."""
-    token, position = torch.tensor(1, device=mk.weights.device), CONTEXT
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for i in range(warmup + launches):
-        if i == warmup:
-            start.record()
-        token = mk.decode_steps(token, position, steps).last_token
-        position += steps
-    end.record()
-    wait_for(end, "the timed launches")
-    mk.check_error()
-    return start.elapsed_time(end) / (launches * steps)
-
-
 def profile_of(mk, steps: int, launches: int = 4) -> np.ndarray:
     """The kernel profile of the last of `launches` back-to-back launches of `steps`
     chained steps."""
-    token, position = torch.tensor(1, device=mk.weights.device), CONTEXT
-    for _ in range(launches):
-        token = mk.decode_steps(token, position, steps).last_token
-        position += steps
-    wait_for_device("the profiled steps")
-    mk.check_error()
-    raw = mk.last_profile().cpu().numpy().copy()
+    raw = chained_profiles(mk, steps, 1, CONTEXT, warmup=launches - 1)[0]
     return raw[raw[:, F["end_ns"]] > 0]
 
 
@@ -202,7 +182,7 @@ def main():
             mk.check_error()
             line.append(f"{name} {ms:.4f}")
         mk.load_program(one)
-        line += [f"{n} steps {chained_ms(mk, n):.4f}" for n in (2, 4, 8, 16)]
+        line += [f"{n} steps {chained_ms(mk, n, STEPS // 4, CONTEXT):.4f}" for n in (2, 4, 8, 16)]
         print(f"  round {rnd + 1}: " + ", ".join(line))
     variants = [("LM head 10% of rows", lm_head_cut(one, 0.1))]
     variants += [(f"LM head carries L0 {OPCODES[op].name} {kb} KB",
@@ -214,7 +194,7 @@ def main():
         line = []
         for name, program in [("as it is", one)] + variants:
             mk.load_program(program)
-            line.append(f"{name} {chained_ms(mk, 8):.4f}")
+            line.append(f"{name} {chained_ms(mk, 8, STEPS // 4, CONTEXT):.4f}")
         print(f"  round {rnd + 1}: " + ", ".join(line))
     if profiling:
         del mk

@@ -19,9 +19,8 @@ prefetch budget (bytes); PLACES=1 also prints every place's mean op time. Prints
 import os
 
 import numpy as np
-import torch
 
-from dev_model import random_backend, wait_for_device
+from dev_model import chained_profiles, random_backend
 from megakernel.instructions import OPCODES
 from megakernel.profiling import KERNEL_PROFILE_FIELDS as F, chained_step
 
@@ -31,18 +30,10 @@ CONTEXT = int(os.environ.get("CONTEXT", "32"))
 NAMES = {op: spec.name for op, spec in OPCODES.items()}
 
 
-def profiled_launches(mk, size: int) -> list[np.ndarray]:
+def profiled_steps(mk, size: int) -> list[np.ndarray]:
     """Each launch's steps 1..STEPS-1 as records numbered like the one-step program."""
-    token, position, steps = torch.tensor(1, device=mk.weights.device), CONTEXT, []
-    for _ in range(2):                                     # warm-up launches
-        token = mk.decode_steps(token, position, STEPS).last_token
-        position += STEPS
-    for _ in range(LAUNCHES):
-        token = mk.decode_steps(token, position, STEPS).last_token
-        position += STEPS
-        wait_for_device("the profiled launch")
-        mk.check_error()
-        raw = mk.last_profile().cpu().numpy().copy()
+    steps = []
+    for raw in chained_profiles(mk, STEPS, LAUNCHES, CONTEXT):
         for step in range(1, STEPS):
             rows = chained_step(raw, step, size)
             steps.append(rows[rows[:, F["end_ns"]] > 0])
@@ -69,7 +60,7 @@ def main():
         raise SystemExit("needs a MEGAKERNEL_PROFILE=1 build")
     program = mk.program_for(CONTEXT + STEPS)
     size = program.num_instructions
-    steps = profiled_launches(mk, size)
+    steps = profiled_steps(mk, size)
     per_op: dict[int, dict[str, list]] = {}
     gaps: dict[int, list] = {}
     for raw in steps:
