@@ -272,8 +272,8 @@ def test_decode_programs_by_position(max_seq_len, whole, early, partitions, expe
 
 
 def late_carried(program) -> dict[str, list]:
-    """{carrier opcode name: [(its block index, carried gate_up row_begin, L2Prefetch)]} of
-    layer 0."""
+    """{carrier opcode name: [(its block index, the carried gate_up block's index,
+    L2Prefetch)]} of layer 0."""
     gate_up = {i.args["row_begin"]: i.block_index for i in program.instruction_list()
                if i.layer == 0 and i.spec.name == "rms_gate_up_silu"}
     out: dict[str, list] = {}

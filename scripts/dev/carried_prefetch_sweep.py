@@ -10,10 +10,12 @@ SPLIT=1: the split program (attention partitions and the reduce stage, the long 
 program) instead; CONTEXTS: the first positions of the timed runs (default 32).
 
 A variant is a '+'-joined list of carriers, each STAGE:BEGIN_KB:END_KB[:TARGET[:mirror]]:
-the stage's block b (attn, qkv, o_proj; reduce in the split program) carries bytes [BEGIN, END) KB of each weight run
-of block b of TARGET (gate_up, the default, or down) of its layer; with 'mirror', of the
-up run as many bytes counted back from its end (the scheduler's placement). 'none': no carried
-prefetch; 'scheduler': the program as built. A '*' after a stage (o_proj*) makes it
+the stage's block b (attn, qkv, o_proj; reduce in the split program) carries bytes
+[BEGIN, END) KB of each weight run of block b of TARGET (gate_up, the default, or down) of
+its layer; with 'mirror', of the up run as many bytes counted back from its end (the
+scheduler's placement). 'none': no carried prefetch; 'scheduler': the program as built
+with the early carriers; 'late': with the late ones (build_program(late_gate_up=True),
+what the backend runs past the early limit). A '*' after a stage (o_proj*) makes it
 carry only the TARGET blocks the earlier carriers left out; 'gu128' as a carrier builds
 the program with gate_up cut into 128 blocks of equal rows first."""
 import dataclasses
@@ -57,6 +59,9 @@ def build(variant: str) -> Program:
     program = program_with(cfg, mk.num_sms, MAX, replaced, whole_context_attention=not SPLIT)
     if variant == "scheduler":
         return program
+    if variant == "late":
+        return program_with(cfg, mk.num_sms, MAX, replaced, whole_context_attention=not SPLIT,
+                            early_gate_up=False, late_gate_up=True)
     instrs = [dataclasses.replace(i, l2_prefetch=None) for i in program.instruction_list()]
     blocks = {}                       # (target opcode, layer) -> [(row_begin, row_count)]
     for i in instrs:
