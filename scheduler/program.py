@@ -295,14 +295,19 @@ def early_gate_up_ranges(run_bytes: int, attention_blocks: int) -> tuple[tuple[i
     return (HANDOVER_GATE_UP_BYTES, attention_end), (attention_end, o_proj_end)
 
 
-def carried_gate_up(layer: int, row_begin: int, row_count: int, run_bytes: int, begin: int,
-                    end: int) -> L2Prefetch:
+def carried_gate_up(layer: int, row_begin: int, row_count: int, row_bytes: int, begin: int,
+                    end: int) -> L2Prefetch | None:
     """The L2 prefetch of bytes [begin, end) of a gate_up block's gate run (rows [row_begin,
-    +row_count), runs of run_bytes) and of as many bytes of its up run, as far from that
-    run's end as they are from the hand-over's share."""
+    +row_count) of row_bytes each), cut at the run's end, and of as many bytes of its up
+    run, as far from that run's end as they are from the hand-over's share; None when the
+    run ends before `begin`."""
+    run = row_count * row_bytes
+    end = min(end, run)
+    if end <= begin:
+        return None
     skip = HANDOVER_GATE_UP_BYTES
     return L2Prefetch(RMS_GATE_UP_SILU.code, layer, row_begin, row_count, begin, end,
-                      run_bytes - end + skip, run_bytes - begin + skip)
+                      run - end + skip, run - begin + skip)
 
 
 def decode_programs(max_seq_len: int, whole_context_positions: int,
@@ -380,39 +385,30 @@ def build_program(cfg, num_sms: int, page_size: int, max_seq_len: int,
     carried = early_gate_up_ranges(max(n for _, n in gu_blocks) * H * dtype_bytes,
                                    min(attention_blocks, len(gu_blocks)))
 
-    def gate_up_prefetch(stage: int, layer: int, b: int) -> L2Prefetch | None:
-        """What block b of the attention (stage 0) or o_proj (stage 1) prefetches while
-        it runs: bytes carried[stage] of gate_up block b's gate run, and the bytes as far
-        from the end of its up run as they are from the hand-over's share."""
-        if not early_gate_up or b >= len(gu_blocks):
-            return None
-        r0, n = gu_blocks[b]
-        run = n * H * dtype_bytes
-        begin, end = carried[stage][0], min(carried[stage][1], run)
-        if end <= begin:
-            return None
-        return carried_gate_up(layer, r0, n, run, begin, end)
-
     # The late carriers: reduce block h carries gate_up block h, the o_proj blocks (if
     # theirs fit the hand-over prefetch) the blocks after those, in order.
     reduce_blocks = cfg.num_heads if parts > 1 else 0
     o_proj_carries = max(n for _, n in o_blocks) * cfg.q_size * dtype_bytes <= \
         HANDOVER_PREFETCH_BYTES
+    late_begin = HANDOVER_GATE_UP_BYTES
 
-    def late_gate_up_prefetch(stage: str, layer: int, b: int) -> L2Prefetch | None:
-        if not late_gate_up:
-            return None
-        if stage == "o_proj":
-            if not o_proj_carries:
-                return None
+    def gate_up_prefetch(stage: str, layer: int, b: int) -> L2Prefetch | None:
+        """What block b of `stage` ("attention", "reduce" or "o_proj") prefetches while it
+        runs: a range of a gate_up block's gate run, and the bytes as far from the end of
+        its up run as they are from the hand-over's share (early_gate_up_ranges() under
+        the attention and o_proj; the late carriers above)."""
+        if early_gate_up and stage != "reduce":
+            begin, end = carried[0 if stage == "attention" else 1]
+        elif late_gate_up and stage == "reduce":
+            begin, end = late_begin, late_begin + LATE_REDUCE_GATE_UP_BYTES
+        elif late_gate_up and stage == "o_proj" and o_proj_carries:
             b += reduce_blocks
-        share = LATE_REDUCE_GATE_UP_BYTES if stage == "reduce" else LATE_O_PROJ_GATE_UP_BYTES
+            begin, end = late_begin, late_begin + LATE_O_PROJ_GATE_UP_BYTES
+        else:
+            return None
         if b >= len(gu_blocks):
             return None
-        r0, n = gu_blocks[b]
-        run = n * H * dtype_bytes
-        begin, end = HANDOVER_GATE_UP_BYTES, min(HANDOVER_GATE_UP_BYTES + share, run)
-        return carried_gate_up(layer, r0, n, run, begin, end) if end > begin else None
+        return carried_gate_up(layer, *gu_blocks[b], H * dtype_bytes, begin, end)
 
     c = counter("embed")
     emit(EMBED, 0, (), c, 0)
@@ -433,14 +429,14 @@ def build_program(cfg, num_sms: int, page_size: int, max_seq_len: int,
                         emit(ATTENTION_PARTIAL, layer, [done(c_qkv)], c_attn, b,
                              kv_head=kv_head, partition=0, num_partitions=1, head_begin=head,
                              head_count=1, dim_begin=d0, dim_count=nd,
-                             l2_prefetch=gate_up_prefetch(0, layer, b))
+                             l2_prefetch=gate_up_prefetch("attention", layer, b))
                         b += 1
                 continue
             for part in range(parts):
                 emit(ATTENTION_PARTIAL, layer, [done(c_qkv)], c_attn, b, kv_head=kv_head,
                      partition=part, num_partitions=parts, head_begin=0,
                      head_count=cfg.group_size, dim_begin=0, dim_count=cfg.head_dim,
-                     l2_prefetch=gate_up_prefetch(0, layer, b))
+                     l2_prefetch=gate_up_prefetch("attention", layer, b))
                 b += 1
         attn_done = c_attn
         if parts > 1:     # one partition writes attn_out itself
@@ -448,12 +444,11 @@ def build_program(cfg, num_sms: int, page_size: int, max_seq_len: int,
             for h in range(cfg.num_heads):
                 emit(ATTENTION_REDUCE, layer, [done(c_attn)], attn_done, h, head_begin=h,
                      head_count=1, num_partitions=parts,
-                     l2_prefetch=late_gate_up_prefetch("reduce", layer, h))
+                     l2_prefetch=gate_up_prefetch("reduce", layer, h))
         c_o = counter(f"L{layer}.o_proj")
         for b, (r0, n) in enumerate(o_blocks):
             emit(O_PROJ_RESIDUAL, layer, [done(attn_done)], c_o, b, row_begin=r0, row_count=n,
-                 l2_prefetch=gate_up_prefetch(1, layer, b) or
-                 late_gate_up_prefetch("o_proj", layer, b))
+                 l2_prefetch=gate_up_prefetch("o_proj", layer, b))
         c_gu = counter(f"L{layer}.gate_up")
         for b, (r0, n) in enumerate(gu_blocks):
             emit(RMS_GATE_UP_SILU, layer, [done(c_o)], c_gu, b, row_begin=r0, row_count=n)

@@ -89,10 +89,9 @@ def build(variant: str) -> Program:
                 continue
             r0, rows = blocks[(target.code, i.layer)][k]
             if mirror:
-                run = rows * cfg.hidden_size * 2
-                if min(end, run) <= begin:            # a short last block: nothing left
+                prefetch = carried_gate_up(i.layer, r0, rows, cfg.hidden_size * 2, begin, end)
+                if prefetch is None:                  # a short last block: nothing left
                     continue
-                prefetch = carried_gate_up(i.layer, r0, rows, run, begin, min(end, run))
             else:
                 prefetch = L2Prefetch(target.code, i.layer, r0, rows, begin, end, begin, end)
             instrs[n] = dataclasses.replace(i, l2_prefetch=prefetch)
