@@ -23,6 +23,12 @@ from .program import BufferSpec, Program
 _WORD = {name: i for i, name in enumerate(HEADER_FIELDS)}
 
 
+def _token_rows(buffers: dict[str, BufferSpec], steps: int) -> dict[str, BufferSpec]:
+    """The activations with one token row per step."""
+    return {name: BufferSpec((steps, *spec.shape[1:]), spec.dtype)
+            for name, spec in buffers.items()}
+
+
 def chain_steps(program: Program, steps: int) -> Program:
     """`steps` copies of the one-token step `program` in one stream (program itself for
     one step)."""
@@ -55,10 +61,9 @@ def chain_steps(program: Program, steps: int) -> Program:
             copy[embed, _WORD["wait0_counter"]] = (t - 1) * n + argmax_counter
             copy[embed, _WORD["wait0_target"]] = program.counter_targets[argmax_counter]
         copies.append(copy)
-    buffers = {name: BufferSpec((steps, *spec.shape[1:]), spec.dtype)
-               for name, spec in program.buffers.items()}
     return Program(**{**program.__dict__, "instructions": torch.cat(copies),
-                      "num_tokens": steps, "steps_per_launch": steps, "buffers": buffers,
+                      "num_tokens": steps, "steps_per_launch": steps,
+                      "buffers": _token_rows(program.buffers, steps),
                       "counter_names": [f"step{t}.{name}" for t in range(steps)
                                         for name in program.counter_names],
                       "counter_targets": program.counter_targets * steps, "decoded": []})
@@ -73,10 +78,9 @@ def chain_prefix(chained: Program, steps: int) -> Program:
         raise ValueError(f"steps must be in [1, {total}], got {steps!r}")
     n = chained.num_instructions // total
     counters = chained.num_counters // total
-    buffers = {name: BufferSpec((steps, *spec.shape[1:]), spec.dtype)
-               for name, spec in chained.buffers.items()}
     return Program(**{**chained.__dict__, "instructions": chained.instructions[:steps * n],
-                      "num_tokens": steps, "steps_per_launch": steps, "buffers": buffers,
+                      "num_tokens": steps, "steps_per_launch": steps,
+                      "buffers": _token_rows(chained.buffers, steps),
                       "counter_names": chained.counter_names[:steps * counters],
                       "counter_targets": chained.counter_targets[:steps * counters],
                       "decoded": []})
