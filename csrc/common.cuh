@@ -273,6 +273,27 @@ __device__ __forceinline__ const __nv_bfloat16* bf16_ptr(const void* p) {
   return static_cast<const __nv_bfloat16*>(p);
 }
 
+// Layer `layer`'s weight matrix of a row-block op (OpSpec.streams_weight_rows; the LM
+// head's is the same at every layer): `rows` points at its row 0, each row_elems bf16
+// long. gate_up's matrix holds its intermediate_size gate rows, then as many up rows. Null
+// for any other opcode. The one place the ops that stream these rows and the controller
+// that prefetches them find them.
+struct LayerRows {
+  const __nv_bfloat16* rows;
+  int64_t row_elems;
+};
+__device__ __forceinline__ LayerRows layer_rows(const KernelParams& p, int op, int64_t layer) {
+  const int64_t H = p.hidden_size, I = p.intermediate_size;
+  const int64_t q_size = static_cast<int64_t>(p.num_heads) * p.head_dim;
+  switch (op) {
+    case kOpOProjResidual: return {bf16_ptr(p.o_proj) + layer * H * q_size, q_size};
+    case kOpRmsGateUpSilu: return {bf16_ptr(p.gate_up) + layer * 2 * I * H, H};
+    case kOpDownProjResidual: return {bf16_ptr(p.down) + layer * H * I, I};
+    case kOpRmsLmHead: return {bf16_ptr(p.lm_head), H};
+    default: return {nullptr, 0};
+  }
+}
+
 }  // namespace mk
 
 namespace mk {

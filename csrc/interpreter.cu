@@ -183,33 +183,18 @@ struct WeightRuns {
 __device__ WeightRuns row_block_runs(const KernelParams& p, int op, int64_t l, int64_t r0,
                                      int64_t n) {
   WeightRuns r = {};
-  const int64_t H = p.hidden_size, I = p.intermediate_size;
-  const int64_t q_size = static_cast<int64_t>(p.num_heads) * p.head_dim;
-  const int64_t rows = op == kOpRmsGateUpSilu ? I : op == kOpRmsLmHead ? p.vocab_size : H;
+  const int64_t I = p.intermediate_size;
+  const int64_t rows = op == kOpRmsGateUpSilu ? I : op == kOpRmsLmHead ? p.vocab_size
+                                                                        : p.hidden_size;
   const int64_t layers = op == kOpRmsLmHead ? 1 : p.num_layers;
   if (l < 0 || l >= layers || r0 < 0 || n < 1 || r0 + n > rows) return r;
-  switch (op) {
-    case kOpOProjResidual:
-      r.ptr[0] = bf16_ptr(p.o_proj) + (l * H + r0) * q_size;
-      r.bytes[0] = static_cast<uint32_t>(n * q_size * 2);
-      break;
-    case kOpRmsGateUpSilu: {
-      const __nv_bfloat16* base = bf16_ptr(p.gate_up) + l * 2 * I * H;
-      r.ptr[0] = base + r0 * H;
-      r.ptr[1] = base + (I + r0) * H;
-      r.bytes[0] = r.bytes[1] = static_cast<uint32_t>(n * H * 2);
-      break;
-    }
-    case kOpDownProjResidual:
-      r.ptr[0] = bf16_ptr(p.down) + (l * H + r0) * I;
-      r.bytes[0] = static_cast<uint32_t>(n * I * 2);
-      break;
-    case kOpRmsLmHead:
-      r.ptr[0] = bf16_ptr(p.lm_head) + r0 * H;
-      r.bytes[0] = static_cast<uint32_t>(n * H * 2);
-      break;
-    default:
-      break;
+  const LayerRows w = layer_rows(p, op, l);
+  if (w.rows == nullptr) return r;
+  r.ptr[0] = w.rows + r0 * w.row_elems;
+  r.bytes[0] = static_cast<uint32_t>(n * w.row_elems * 2);
+  if (op == kOpRmsGateUpSilu) {  // the up rows, I rows after the gate rows
+    r.ptr[1] = w.rows + (I + r0) * w.row_elems;
+    r.bytes[1] = r.bytes[0];
   }
   return r;
 }

@@ -25,7 +25,7 @@ __device__ __forceinline__ bool op_rms_gate_up_silu(const OpContext& ctx) {
     __device__ void emit(int i, const float (&out)[kRowsPerPass], int) const {
       if (threadIdx.x % kWarpSize == 0) act[i] = out[0] / (1.0f + __expf(-out[0])) * out[1];
     }
-  } g{bf16_ptr(p.gate_up) + (static_cast<int64_t>(l) * 2 * I + r0) * H,
+  } g{layer_rows(p, kOpRmsGateUpSilu, l).rows + static_cast<int64_t>(r0) * H,
       static_cast<int64_t>(I) * H, n, H, p.mlp_act + static_cast<int64_t>(t) * I + r0};
   float* xn = ctx.smem;
   float* gain = xn + H;

@@ -30,6 +30,8 @@ __device__ __forceinline__ bool op_row_pair_matvec(const OpContext& ctx) {
   const KernelParams& p = ctx.p;
   const int op = ctx.words[word::kOpcode], t = ctx.token, H = p.hidden_size;
   const bool lm_head = op == kOpRmsLmHead, down = op == kOpDownProjResidual;
+  // layer_rows() (common.cuh) by hand: its switch over a run-time opcode grew the kernel
+  // by 0.9 KB here and the step by ~3 us (benchmarks/RESULTS.md, entry 40).
   const int K = lm_head ? H : down ? p.intermediate_size : p.num_heads * p.head_dim;
   const int r0 = ctx.arg(row_block::kRowBegin), n = ctx.arg(row_block::kRowCount);
   const __nv_bfloat16* w =
