@@ -100,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps-per-launch", default=None, metavar="N[,N...]",
                    help="greedy decode steps the megakernel chains per launch (default: the "
                         "backend's); several values time one megakernel row each, named "
-                        "megakernel-sN"), 
+                        "megakernel-sN")
     p.add_argument("--seed", type=int, default=0, help="weights seed (random: models) and "
                    "prompt seed")
     p.add_argument("--no-fp32-reference", action="store_true",
