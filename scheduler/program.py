@@ -280,6 +280,16 @@ EARLY_GATE_UP_MAX_KV_BYTES = 8 * 1024 * 1024
 LATE_REDUCE_GATE_UP_BYTES = 96 * 1024
 LATE_O_PROJ_GATE_UP_BYTES = 48 * 1024
 
+# Where o_proj's blocks fit the hand-over prefetch and the attention carries gate_up's
+# bytes, those o_proj bytes land in L2 in the attention window too, beside the carried
+# ones. The qkv stage leaves the memory system some room (its span is ~1.5x its bytes'
+# time), so qkv block b carries the last QKV_O_PROJ_BYTES of o_proj block b: the half
+# that the hand-over prefetch reaches last. On an H100 (RESULTS entry 41, back-to-back
+# steps): llama-3.2-1b -2 to -5 us per step at context 32, -9 at 1024; the whole block
+# (8 MB per layer) +5 to +8; past the early limit +6 at 8192 tokens, and on llama-3.2-3b
+# and llama-3.1-8b, whose o_proj blocks stream, a tie or a loss (+23 to +150).
+QKV_O_PROJ_BYTES = 32 * 1024
+
 
 def early_gate_up_limit(cfg, dtype_bytes: int = 2) -> int:
     """The positions [0, limit) whose steps carry gate_up prefetches under the attention."""
@@ -340,7 +350,8 @@ def build_program(cfg, num_sms: int, page_size: int, max_seq_len: int,
     num_tokens is the number of tokens the step serves (1 for decode); max_seq_len bounds
     the context and so the attention partitions. early_gate_up: the attention and o_proj
     instructions carry L2 prefetches of gate_up's weights (for positions below
-    early_gate_up_limit()); late_gate_up: the split program's reduce and, where their
+    early_gate_up_limit()), and where o_proj's blocks fit the hand-over prefetch the qkv
+    instructions carry o_proj's; late_gate_up: the split program's reduce and, where their
     blocks fit the hand-over prefetch, o_proj instructions do (for positions beyond it).
     """
     if num_sms < 1:
@@ -391,6 +402,17 @@ def build_program(cfg, num_sms: int, page_size: int, max_seq_len: int,
     o_proj_carries = max(n for _, n in o_blocks) * cfg.q_size * dtype_bytes <= \
         HANDOVER_PREFETCH_BYTES
     late_begin = HANDOVER_GATE_UP_BYTES
+    qkv_carries = early_gate_up and o_proj_carries and carried[0][1] > carried[0][0]
+
+    def o_proj_prefetch(layer: int, b: int) -> L2Prefetch | None:
+        """What qkv block b prefetches while it runs: the last QKV_O_PROJ_BYTES of o_proj
+        block b (see QKV_O_PROJ_BYTES)."""
+        if not qkv_carries or b >= len(o_blocks):
+            return None
+        r0, n = o_blocks[b]
+        run = n * cfg.q_size * dtype_bytes
+        return L2Prefetch(O_PROJ_RESIDUAL.code, layer, r0, n, max(0, run - QKV_O_PROJ_BYTES),
+                          run)
 
     def gate_up_prefetch(stage: str, layer: int, b: int) -> L2Prefetch | None:
         """What block b of `stage` ("attention", "reduce" or "o_proj") prefetches while it
@@ -417,7 +439,7 @@ def build_program(cfg, num_sms: int, page_size: int, max_seq_len: int,
         c_qkv = counter(f"L{layer}.qkv")
         for b, (head, p0, n) in enumerate(qkv_blocks):
             emit(RMS_QKV_ROPE, layer, [done(prev)], c_qkv, b, head=head, pair_begin=p0,
-                 pair_count=n)
+                 pair_count=n, l2_prefetch=o_proj_prefetch(layer, b))
         c_attn = counter(f"L{layer}.attention")
         b = 0
         for kv_head in range(cfg.num_kv_heads):

@@ -128,9 +128,10 @@ def test_whole_context_attention_below_its_limit_then_the_split_program(checkpoi
 
 def test_carried_gate_up_prefetches_change_no_result():
     """On the 1B shape (gate_up runs long enough to carry prefetches): the programs below
-    early_gate_up_positions carry L2 prefetches under the attention, the split program
-    above it under its reduce stage and o_proj, and a generation across both switches
-    gives, bit for bit, the logits of an engine whose programs carry none."""
+    early_gate_up_positions carry L2 prefetches under qkv (o_proj's), the attention and
+    o_proj, the split program above it under its reduce stage and o_proj, and a
+    generation across both switches gives, bit for bit, the logits of an engine whose
+    programs carry none."""
     from megakernel.scheduler import whole_context_limit
 
     def engine(early, late):
@@ -145,7 +146,7 @@ def test_carried_gate_up_prefetches_change_no_result():
     carrying, plain = engine(256, True), engine(0, False)
     whole_end = whole_context_limit(carrying.config)
     assert whole_end < 256
-    early = {"attention_partial", "o_proj_residual"}
+    early = {"rms_qkv_rope", "attention_partial", "o_proj_residual"}
     assert [carriers(carrying.backend, p) for p in (0, whole_end, 255, 256)] == [
         early, early, early, {"attention_reduce", "o_proj_residual"}]
     assert not any(carriers(plain.backend, p) for p in (0, whole_end, 256))

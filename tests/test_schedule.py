@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megakernel.config import ModelConfig
-from megakernel.instructions import RMS_GATE_UP_SILU, ScheduleError
+from megakernel.instructions import O_PROJ_RESIDUAL, RMS_GATE_UP_SILU, ScheduleError
 from megakernel.kv_cache import PagedKVCache
 from megakernel.backends.reference_backend import ReferenceBackend
 from megakernel.instructions.rms_qkv_rope import block_rows
@@ -202,13 +202,15 @@ def test_attention_and_o_proj_carry_gate_up_prefetches(name, whole, attention_ra
     # Block b of the attention and of o_proj each carry an L2 prefetch of gate_up block b
     # of their layer: of its gate run the bytes after what gate_up's hand-over prefetches
     # (o_proj the 16 KB after the attention's), of its up run as many, as far from the
-    # run's end as those are from the hand-over's share. No other opcode carries one.
+    # run's end as those are from the hand-over's share. Besides them only qkv carries
+    # one, where o_proj's blocks fit the hand-over (test_qkv_carries_o_proj_prefetches).
     cfg = PRESETS[name]
     program = build_program(cfg, num_sms=132, page_size=16, max_seq_len=4096,
                             whole_context_attention=whole)
     instrs = program.instruction_list()
     carriers = {"attention_partial": attention_range, "o_proj_residual": o_proj_range}
-    assert all(i.l2_prefetch is None for i in instrs if i.spec.name not in carriers)
+    assert all(i.l2_prefetch is None for i in instrs
+               if i.spec.name not in carriers and i.spec.name != "rms_qkv_rope")
     for layer in (0, cfg.num_layers - 1):
         gate_up = [(i.args["row_begin"], i.args["row_count"]) for i in instrs
                    if i.layer == layer and i.spec.name == "rms_gate_up_silu"]
@@ -228,6 +230,35 @@ def test_attention_and_o_proj_carry_gate_up_prefetches(name, whole, attention_ra
     per_layer = sum(q.run0_end - q.run0_begin + q.run1_end - q.run1_begin for q in (
         i.l2_prefetch for i in instrs if i.layer == 0 and i.spec.name == "attention_partial"))
     assert per_layer <= EARLY_GATE_UP_L2_BYTES
+
+
+@pytest.mark.parametrize("whole", [True, False])
+def test_qkv_carries_o_proj_prefetches(whole):
+    # llama-3.2-1b's 64 KB o_proj blocks fit the hand-over prefetch: qkv block b carries
+    # the last 32 KB of o_proj block b of its layer. 3B's and 8B's o_proj blocks do not
+    # fit: their qkv carries nothing.
+    cfg = PRESETS["llama-3.2-1b"]
+    instrs = build_program(cfg, num_sms=132, page_size=16, max_seq_len=4096,
+                           whole_context_attention=whole).instruction_list()
+    for layer in (0, cfg.num_layers - 1):
+        o_proj = [(i.args["row_begin"], i.args["row_count"]) for i in instrs
+                  if i.layer == layer and i.spec.name == "o_proj_residual"]
+        carried = [i.l2_prefetch for i in instrs
+                   if i.layer == layer and i.spec.name == "rms_qkv_rope"]
+        assert len(carried) >= len(o_proj)
+        assert all(q is None for q in carried[len(o_proj):])
+        for q, (r0, n) in zip(carried, o_proj):
+            run = n * cfg.q_size * 2
+            assert run == 64 * 1024
+            assert (q.opcode, q.layer, q.row_begin, q.row_count) == (
+                O_PROJ_RESIDUAL.code, layer, r0, n)
+            assert (q.run0_begin, q.run0_end, q.run1_begin, q.run1_end) == (
+                run - 32 * 1024, run, 0, 0)
+    for name in ("llama-3.2-3b", "llama-3.1-8b"):
+        other = build_program(PRESETS[name], num_sms=132, page_size=16, max_seq_len=4096,
+                              whole_context_attention=whole)
+        assert all(i.l2_prefetch is None for i in other.instruction_list()
+                   if i.spec.name == "rms_qkv_rope")
 
 
 def test_no_carried_prefetch_when_off_or_when_gate_up_runs_are_short():

@@ -11,11 +11,12 @@ program) instead; CONTEXTS: the first positions of the timed runs (default 32).
 
 A variant is a '+'-joined list of carriers, each STAGE:BEGIN_KB:END_KB[:TARGET[:mirror]]:
 the stage's block b (attn, qkv, o_proj; reduce in the split program) carries bytes
-[BEGIN, END) KB of each weight run of block b of TARGET (gate_up, the default, or down) of
-its layer; with 'mirror', of the up run as many bytes counted back from its end (the
-scheduler's placement). 'none': no carried prefetch; 'scheduler': the program as built
+[BEGIN, END) KB of each weight run of block b of TARGET (gate_up, the default, down or
+o_proj) of its layer; with 'mirror', of the up run as many bytes counted back from its end
+(the scheduler's placement). 'none': no carried prefetch; 'scheduler': the program as built
 with the early carriers; 'late': with the late ones (build_program(late_gate_up=True),
-what the backend runs past the early limit). A '*' after a stage (o_proj*) makes it
+what the backend runs past the early limit); either, first, keeps its carriers under the
+carriers after it (scheduler+qkv:0:64:o_proj). A '*' after a stage (o_proj*) makes it
 carry only the TARGET blocks the earlier carriers left out; 'gu128' as a carrier builds
 the program with gate_up cut into 128 blocks of equal rows first."""
 import dataclasses
@@ -41,7 +42,7 @@ DEFAULT_VARIANTS = ("none,scheduler,attn:32:128,attn:0:128,attn:32:160,attn:32:1
 VARIANTS = os.environ.get("VARIANTS", DEFAULT_VARIANTS).split(",")
 STAGES = {"attn": ATTENTION_PARTIAL, "qkv": RMS_QKV_ROPE, "o_proj": O_PROJ_RESIDUAL,
           "reduce": ATTENTION_REDUCE}
-TARGETS = {"gate_up": RMS_GATE_UP_SILU, "down": DOWN_PROJ_RESIDUAL}
+TARGETS = {"gate_up": RMS_GATE_UP_SILU, "down": DOWN_PROJ_RESIDUAL, "o_proj": O_PROJ_RESIDUAL}
 cfg, mk = random_backend(model, MAX)
 
 
@@ -57,20 +58,22 @@ def build(variant: str) -> Program:
     carriers = variant.split("+")
     replaced = {"split_rows": equal_gate_up_blocks} if "gu128" in carriers else {}
     program = program_with(cfg, mk.num_sms, MAX, replaced, whole_context_attention=not SPLIT)
-    if variant == "scheduler":
-        return program
-    if variant == "late":
-        return program_with(cfg, mk.num_sms, MAX, replaced, whole_context_attention=not SPLIT,
-                            early_gate_up=False, late_gate_up=True)
-    instrs = [dataclasses.replace(i, l2_prefetch=None) for i in program.instruction_list()]
+    if carriers[0] == "late":
+        program = program_with(cfg, mk.num_sms, MAX, replaced,
+                               whole_context_attention=not SPLIT, early_gate_up=False,
+                               late_gate_up=True)
+    if carriers[0] in ("scheduler", "late"):     # keep the program's own carriers
+        instrs = program.instruction_list()
+    else:
+        instrs = [dataclasses.replace(i, l2_prefetch=None) for i in program.instruction_list()]
     blocks = {}                       # (target opcode, layer) -> [(row_begin, row_count)]
     for i in instrs:
-        if i.opcode in (RMS_GATE_UP_SILU.code, DOWN_PROJ_RESIDUAL.code):
+        if i.opcode in {t.code for t in TARGETS.values()}:
             blocks.setdefault((i.opcode, i.layer), []).append(
                 (i.args["row_begin"], i.args["row_count"]))
     covered = set()                   # (target opcode, layer, block) carried so far
     for carrier in carriers:
-        if carrier in ("none", "gu128"):
+        if carrier in ("none", "gu128", "scheduler", "late"):
             continue
         stage, begin, end, *rest = carrier.split(":") + [""]
         begin, end = int(begin) * 1024, int(end) * 1024
