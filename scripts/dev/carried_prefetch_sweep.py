@@ -96,7 +96,8 @@ def build(variant: str) -> Program:
                 if prefetch is None:                  # a short last block: nothing left
                     continue
             else:
-                prefetch = L2Prefetch(target.code, i.layer, r0, rows, begin, end, begin, end)
+                second = (begin, end) if target is RMS_GATE_UP_SILU else (0, 0)  # one run
+                prefetch = L2Prefetch(target.code, i.layer, r0, rows, begin, end, *second)
             instrs[n] = dataclasses.replace(i, l2_prefetch=prefetch)
         covered |= {(q.opcode, q.layer, blocks[(q.opcode, q.layer)].index(
             (q.row_begin, q.row_count))) for q in (i.l2_prefetch for i in instrs) if q}
