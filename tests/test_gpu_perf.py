@@ -94,9 +94,11 @@ def test_llama_1b_profile_records_every_instruction(llama_1b):
         token = mk.decode(token, pos).greedy_token
     mk.check_error(int(token))
     raw = mk.last_profile().cpu()
-    assert (raw[:, 6] > 0).all(), "an instruction left no record"
-    assert torch.equal(raw[:, 7], torch.arange(mk.program.num_instructions))
-    assert ((raw[:, 4] <= raw[:, 5]) & (raw[:, 5] <= raw[:, 6])).all()
+    f = profiling.KERNEL_PROFILE_FIELDS
+    start, ready, end = raw[:, f["start_ns"]], raw[:, f["ready_ns"]], raw[:, f["end_ns"]]
+    assert (end > 0).all(), "an instruction left no record"
+    assert torch.equal(raw[:, f["instruction"]], torch.arange(mk.program.num_instructions))
+    assert ((start <= ready) & (ready <= end)).all()
     records = profiling.records_from_kernel_profile(raw)
     names = profiling.instruction_labels(mk.program)[0]
     print("\n" + profiling.format_summary(profiling.summarize(records, names, mk.num_sms),
@@ -111,7 +113,7 @@ def test_llama_1b_profile_records_every_instruction(llama_1b):
     mk.check_error(int(chain.last_token))
     raw = mk.last_profile().cpu()
     n = mk.program_for(CONTEXT + 3).num_instructions
-    assert raw.shape[0] == 4 * n and (raw[:, 6] > 0).all()
+    assert raw.shape[0] == 4 * n and (raw[:, f["end_ns"]] > 0).all()
     step = profiling.chained_step(raw, 2, n)
-    assert step[:, 7].tolist() == list(range(n))
+    assert step[:, f["instruction"]].tolist() == list(range(n))
     assert profiling.layer_spans(step, {op: s.name for op, s in OPCODES.items()})
