@@ -82,8 +82,8 @@ def chained_step(raw, step: int, instructions_per_step: int) -> np.ndarray:
         before = raw[(step - 1) * n:step * n, f["end_ns"]]
         if (before > 0).any():
             begin = before.max()
-            for field in ("start_ns", "ready_ns"):
-                rows[ran, f[field]] = np.maximum(rows[ran, f[field]], begin)
+            for column in ("start_ns", "ready_ns"):
+                rows[ran, f[column]] = np.maximum(rows[ran, f[column]], begin)
     return rows
 
 

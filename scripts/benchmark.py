@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import math
 import os
@@ -576,10 +577,9 @@ def _check_runnable(name: str, weights, device: torch.device) -> None:
         if device.type != "cuda":
             raise SkipBackend("CUDA graphs need a CUDA device (this run is on the CPU)")
         if name == "torch-compile":
-            try:
-                import triton  # noqa: F401  (inductor's GPU code generator)
-            except ImportError as e:
-                raise SkipBackend(f"torch.compile for CUDA needs triton ({e})") from None
+            if importlib.util.find_spec("triton") is None:   # inductor's GPU code generator
+                raise SkipBackend("torch.compile for CUDA needs triton, which is not "
+                                  "installed")
     elif name == "reference" and device.type != "cpu":
         raise SkipBackend("the reference interpreter runs on the CPU only (this run is "
                           f"on {device.type}; use --device cpu)")
