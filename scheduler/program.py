@@ -286,8 +286,9 @@ LATE_O_PROJ_GATE_UP_BYTES = 48 * 1024
 # time), so qkv block b carries the last QKV_O_PROJ_BYTES of o_proj block b: the half
 # that the hand-over prefetch reaches last. On an H100 (RESULTS entry 41, back-to-back
 # steps): llama-3.2-1b -2 to -5 us per step at context 32, -9 at 1024; the whole block
-# (8 MB per layer) +5 to +8; past the early limit +6 at 8192 tokens, and on llama-3.2-3b
-# and llama-3.1-8b, whose o_proj blocks stream, a tie or a loss (+23 to +150).
+# (8 MB per layer) +5 to +8 at 32, -3 to -4 at 1024; past the early limit +6 at 8192
+# tokens; on llama-3.2-3b and llama-3.1-8b, whose o_proj blocks stream, a tie at best
+# (3B's last 16 KB of each block) and a loss otherwise (+23 to +150).
 QKV_O_PROJ_BYTES = 32 * 1024
 
 
