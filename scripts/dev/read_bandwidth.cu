@@ -1,0 +1,239 @@
+// How fast can an SM pull weights from DRAM, by load path? A standalone microbenchmark
+// (no torch): every block reads its own contiguous share of a large buffer, as the
+// megakernel's row blocks do, and the DRAM read rate is timed over the whole grid.
+//
+//   ldg U:   16-byte ld.global.nc loads with an L2 evict-first hint, U per thread in
+//            flight (the megakernel's mat-vec keeps 2 rows x 8 = 16 per lane);
+//   bulk S x C KB: one thread per block streams with cp.async.bulk (the TMA copy engine)
+//            into a ring of S shared-memory buffers of C KB, each completed on an mbarrier;
+//            the data is not read from shared memory (the DRAM side alone);
+//   warp bulk 15 x S x C KB: the same per warp, each warp its own share and ring, and the
+//            warp reads each chunk back from shared memory.
+//
+//   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a read_bandwidth.cu -o rb
+//   ./rb [MB per block, default 16]      (benchmarks/RESULTS.md, entry 42: ./rb 48)
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+#include <algorithm>
+#include <cuda_runtime.h>
+
+#define CHECK(x)                                                                   \
+  do {                                                                             \
+    cudaError_t e = (x);                                                           \
+    if (e != cudaSuccess) {                                                        \
+      std::fprintf(stderr, "%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e)); \
+      std::exit(1);                                                                \
+    }                                                                              \
+  } while (0)
+
+__device__ __forceinline__ uint4 load_evict_first(const uint4* p, uint64_t policy) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0,%1,%2,%3}, [%4], %5;"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p), "l"(policy));
+  return v;
+}
+
+template <int U>
+__global__ void __launch_bounds__(512) ldg_read(const uint4* buf, size_t per_block16,
+                                                unsigned* sink) {
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+  const uint4* p = buf + blockIdx.x * per_block16;
+  unsigned acc = 0;
+  const size_t stride = blockDim.x;
+  for (size_t i = threadIdx.x; i < per_block16; i += U * stride) {
+    uint4 v[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      v[u] = i + u * stride < per_block16 ? load_evict_first(p + i + u * stride, policy)
+                                          : make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int u = 0; u < U; ++u) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
+  }
+  if (acc == 0x9e3779b9u) sink[0] = acc;  // keeps the loads
+}
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__global__ void __launch_bounds__(32) bulk_read(const char* buf, size_t per_block, int stages,
+                                                int chunk, unsigned* sink) {
+  extern __shared__ __align__(128) char ring[];
+  __shared__ __align__(8) uint64_t full[16];
+  if (threadIdx.x != 0) return;
+  for (int s = 0; s < stages; ++s)
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(&full[s])));
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+  const char* p = buf + blockIdx.x * per_block;
+  const int chunks = static_cast<int>(per_block / chunk);
+  auto issue = [&](int c) {
+    const int s = c % stages;
+    const uint32_t bar = smem_addr(&full[s]);
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar),
+                 "r"(chunk)
+                 : "memory");
+    asm volatile(
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+        ::"r"(smem_addr(ring + static_cast<size_t>(s) * chunk)),
+        "l"(p + static_cast<size_t>(c) * chunk), "r"(chunk), "r"(bar)
+        : "memory");
+  };
+  auto wait = [&](int c) {
+    const uint32_t bar = smem_addr(&full[c % stages]);
+    const uint32_t parity = (c / stages) & 1;
+    uint32_t done = 0;
+    for (uint32_t tries = 0; !done; ++tries) {
+      if (tries > (1u << 26)) __trap();  // a copy that never lands: fail, do not hang
+      asm volatile(
+          "{ .reg .pred q; mbarrier.try_wait.parity.shared::cta.b64 q, [%1], %2; selp.u32 %0, 1, 0, q; }"
+          : "=r"(done)
+          : "r"(bar), "r"(parity)
+          : "memory");
+    }
+  };
+  for (int c = 0; c < stages && c < chunks; ++c) issue(c);
+  unsigned acc = 0;
+  for (int c = 0; c < chunks; ++c) {
+    wait(c);
+    acc += static_cast<unsigned char>(ring[(c % stages) * chunk]);
+    if (c + stages < chunks) issue(c + stages);
+  }
+  if (acc == 0x9e3779b9u) sink[0] = acc;
+}
+
+// Each warp streams its own contiguous share with its own ring of `stages` slots of `chunk`
+// bytes (lane 0 issues and waits), and the whole warp reads every chunk back from shared
+// memory: what a mat-vec whose warps each own their rows would do.
+__global__ void __launch_bounds__(480) warp_bulk_read(const char* buf, size_t per_block,
+                                                      int stages, int chunk, unsigned* sink) {
+  extern __shared__ __align__(128) char ring_all[];
+  __shared__ __align__(8) uint64_t full_all[15 * 8];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  char* ring = ring_all + static_cast<size_t>(warp) * stages * chunk;
+  uint64_t* full = full_all + warp * 8;
+  if (lane == 0) {
+    for (int s = 0; s < stages; ++s)
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(&full[s])));
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+  }
+  __syncwarp();
+  const size_t per_warp = per_block / warps / chunk * chunk;
+  const char* p = buf + blockIdx.x * per_block + warp * per_warp;
+  const int chunks = static_cast<int>(per_warp / chunk);
+  auto issue = [&](int c) {
+    const int s = c % stages;
+    const uint32_t bar = smem_addr(&full[s]);
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar),
+                 "r"(chunk)
+                 : "memory");
+    asm volatile(
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+        ::"r"(smem_addr(ring + static_cast<size_t>(s) * chunk)),
+        "l"(p + static_cast<size_t>(c) * chunk), "r"(chunk), "r"(bar)
+        : "memory");
+  };
+  if (lane == 0)
+    for (int c = 0; c < stages && c < chunks; ++c) issue(c);
+  unsigned acc = 0;
+  for (int c = 0; c < chunks; ++c) {
+    const uint32_t bar = smem_addr(&full[c % stages]);
+    const uint32_t parity = (c / stages) & 1;
+    uint32_t done = 0;
+    for (uint32_t tries = 0; !done; ++tries) {
+      if (tries > (1u << 26)) __trap();  // a copy that never lands: fail, do not hang
+      asm volatile(
+          "{ .reg .pred q; mbarrier.try_wait.parity.shared::cta.b64 q, [%1], %2; selp.u32 %0, 1, 0, q; }"
+          : "=r"(done)
+          : "r"(bar), "r"(parity)
+          : "memory");
+    }
+    const uint4* data = reinterpret_cast<const uint4*>(ring + (c % stages) * chunk);
+    for (int i = lane; i < chunk / 16; i += 32) {
+      const uint4 v = data[i];
+      acc ^= v.x ^ v.y ^ v.z ^ v.w;
+    }
+    __syncwarp();
+    if (lane == 0 && c + stages < chunks) issue(c + stages);
+  }
+  if (acc == 0x9e3779b9u) sink[0] = acc;
+}
+
+template <typename Launch>
+double median_tbps(Launch launch, size_t bytes) {
+  cudaEvent_t a, b;
+  CHECK(cudaEventCreate(&a));
+  CHECK(cudaEventCreate(&b));
+  std::vector<float> ms;
+  for (int i = 0; i < 13; ++i) {
+    CHECK(cudaEventRecord(a));
+    launch();
+    CHECK(cudaEventRecord(b));
+    CHECK(cudaEventSynchronize(b));
+    CHECK(cudaGetLastError());
+    float t;
+    CHECK(cudaEventElapsedTime(&t, a, b));
+    if (i >= 3) ms.push_back(t);
+  }
+  std::sort(ms.begin(), ms.end());
+  return bytes / (ms[ms.size() / 2] * 1e-3) / 1e12;
+}
+
+int main(int argc, char** argv) {
+  int sms;
+  CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  const int mb = argc > 1 ? std::atoi(argv[1]) : 16;   // MB per block
+  const size_t per_block = static_cast<size_t>(mb) << 20;
+  const size_t bytes = per_block * sms;           // ~2.1 GB on 132 SMs
+  char* buf;
+  unsigned* sink;
+  CHECK(cudaMalloc(&buf, bytes));
+  CHECK(cudaMalloc(&sink, 4));
+  CHECK(cudaMemset(buf, 1, bytes));
+  const uint4* b16 = reinterpret_cast<const uint4*>(buf);
+  std::printf("%d SMs, %.2f GB read per run, one block per SM\n", sms, bytes / 1e9);
+  auto ldg = [&](auto kernel, int threads, const char* name) {
+    const double r = median_tbps([&] { kernel<<<sms, threads>>>(b16, per_block / 16, sink); },
+                                 bytes);
+    std::printf("%-26s %.3f TB/s\n", name, r);
+  };
+  ldg(ldg_read<8>, 480, "ldg 480 threads x 8");
+  ldg(ldg_read<16>, 480, "ldg 480 threads x 16");
+  ldg(ldg_read<32>, 480, "ldg 480 threads x 32");
+  ldg(ldg_read<16>, 512, "ldg 512 threads x 16");
+  const int configs[][2] = {{2, 32}, {4, 16}, {4, 32}, {6, 32}, {8, 16}, {4, 48}, {8, 24},
+                            {12, 16}, {3, 64}};
+  for (const auto& config : configs) {
+    const int stages = config[0], kb = config[1];
+    const int chunk = kb * 1024;
+    const int smem = stages * chunk;
+    CHECK(cudaFuncSetAttribute(bulk_read, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    const double r = median_tbps(
+        [&] { bulk_read<<<sms, 32, smem>>>(buf, per_block, stages, chunk, sink); }, bytes);
+    std::printf("bulk %2d x %2d KB (%3d KB)    %.3f TB/s\n", stages, kb, smem / 1024, r);
+  }
+  const int warp_configs[][2] = {{2, 4}, {3, 4}, {1, 8}, {1, 12}, {2, 6}};
+  for (const auto& config : warp_configs) {
+    const int stages = config[0], kb = config[1];
+    const int chunk = kb * 1024;
+    const int smem = 15 * stages * chunk;
+    CHECK(cudaFuncSetAttribute(warp_bulk_read, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               smem));
+    const double r = median_tbps(
+        [&] { warp_bulk_read<<<sms, 480, smem>>>(buf, per_block, stages, chunk, sink); },
+        bytes);
+    std::printf("warp bulk 15 x %d x %2d KB (%3d KB) %.3f TB/s\n", stages, kb, smem / 1024, r);
+  }
+  // The device copy the benchmark's floor uses, read + write counted.
+  char* dst;
+  CHECK(cudaMalloc(&dst, bytes / 2));
+  const double copy = median_tbps(
+      [&] { CHECK(cudaMemcpyAsync(dst, buf, bytes / 2, cudaMemcpyDeviceToDevice)); }, bytes);
+  std::printf("%-26s %.3f TB/s\n", "cudaMemcpy (read + write)", copy);
+  return 0;
+}
