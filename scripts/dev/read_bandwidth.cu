@@ -8,7 +8,8 @@
 //            into a ring of S shared-memory buffers of C KB, each completed on an mbarrier;
 //            the data is not read from shared memory (the DRAM side alone);
 //   warp bulk 15 x S x C KB: the same per warp, each warp its own share and ring, and the
-//            warp reads each chunk back from shared memory.
+//            warp reads each chunk back from shared memory;
+//   rows ldg / rows ring: mat-vecs over 4 KB rows (below).
 //
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a read_bandwidth.cu -o rb
 //   ./rb [MB per block, default 16]      (benchmarks/RESULTS.md, entry 42: ./rb 48)
@@ -164,6 +165,127 @@ __global__ void __launch_bounds__(480) warp_bulk_read(const char* buf, size_t pe
   if (acc == 0x9e3779b9u) sink[0] = acc;
 }
 
+// The two mat-vec shapes, with the dot products against a float vector in shared memory
+// (4 KB rows, 2048 bf16, like the LM head's), one block per SM over its contiguous rows:
+//
+//   rows ldg: the megakernel's own (common.cuh: WarpRows, RowPairs): 15 warps, each two
+//            rows 15 apart, 8 16-byte loads of each row per lane in flight;
+//   rows ring S x 15 rows: warp 15's lane 0 copies 15 rows (60 KB) at a time into a ring
+//            of S slots with cp.async.bulk; warp w computes row w of each slot and
+//            releases the slot on an mbarrier the copier waits on.
+__device__ __forceinline__ float dot8_smem(uint4 w, const float* x, float acc) {
+  const float2 a = make_float2(__uint_as_float(w.x << 16), __uint_as_float(w.x & 0xffff0000u));
+  const float2 b = make_float2(__uint_as_float(w.y << 16), __uint_as_float(w.y & 0xffff0000u));
+  const float2 c = make_float2(__uint_as_float(w.z << 16), __uint_as_float(w.z & 0xffff0000u));
+  const float2 d = make_float2(__uint_as_float(w.w << 16), __uint_as_float(w.w & 0xffff0000u));
+  acc = fmaf(a.x, x[0], acc); acc = fmaf(a.y, x[1], acc);
+  acc = fmaf(b.x, x[2], acc); acc = fmaf(b.y, x[3], acc);
+  acc = fmaf(c.x, x[4], acc); acc = fmaf(c.y, x[5], acc);
+  acc = fmaf(d.x, x[6], acc); acc = fmaf(d.y, x[7], acc);
+  return acc;
+}
+
+constexpr int kRowChunks = 256;  // 16-byte chunks in a 4 KB row
+
+__global__ void __launch_bounds__(480) rows_ldg(const uint4* buf, size_t rows_per_block,
+                                                float* sink) {
+  __shared__ float x[kRowChunks * 8];
+  for (int i = threadIdx.x; i < kRowChunks * 8; i += blockDim.x) x[i] = 1.0f / (1 + i);
+  __syncthreads();
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const uint4* base = buf + blockIdx.x * rows_per_block * kRowChunks;
+  float total = 0.0f;
+  for (size_t r0 = 0; r0 + 30 <= rows_per_block; r0 += 30) {
+    const uint4* row0 = base + (r0 + warp) * kRowChunks;
+    const uint4* row1 = row0 + 15 * kRowChunks;
+    float acc0 = 0.0f, acc1 = 0.0f;
+    for (int c0 = lane; c0 < kRowChunks; c0 += 256) {
+      uint4 w0[8], w1[8];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        w0[u] = load_evict_first(row0 + c0 + u * 32, policy);
+        w1[u] = load_evict_first(row1 + c0 + u * 32, policy);
+      }
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        acc0 = dot8_smem(w0[u], x + (c0 + u * 32) * 8, acc0);
+        acc1 = dot8_smem(w1[u], x + (c0 + u * 32) * 8, acc1);
+      }
+    }
+    total += acc0 + acc1;
+  }
+  if (total == 1234.5f) sink[0] = total;
+}
+
+__global__ void __launch_bounds__(512) rows_ring(const char* buf, size_t rows_per_block,
+                                                 int stages, float* sink) {
+  extern __shared__ __align__(128) char ring[];
+  __shared__ float x[kRowChunks * 8];
+  __shared__ __align__(8) uint64_t full[8], empty[8];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  constexpr int kSlot = 15 * kRowChunks * 16;
+  for (int i = threadIdx.x; i < kRowChunks * 8; i += blockDim.x) x[i] = 1.0f / (1 + i);
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < stages; ++s) {
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(&full[s])));
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], 15;" ::"r"(smem_addr(&empty[s])));
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+  }
+  __syncthreads();
+  const char* base = buf + blockIdx.x * rows_per_block * kRowChunks * 16;
+  const int slots = static_cast<int>(rows_per_block / 15);
+  auto wait_parity = [](uint32_t bar, uint32_t parity) {
+    uint32_t done = 0;
+    for (uint32_t tries = 0; !done; ++tries) {
+      if (tries > (1u << 26)) __trap();
+      asm volatile(
+          "{ .reg .pred q; mbarrier.try_wait.parity.shared::cta.b64 q, [%1], %2; selp.u32 %0, 1, 0, q; }"
+          : "=r"(done)
+          : "r"(bar), "r"(parity)
+          : "memory");
+    }
+  };
+  if (warp == 15) {
+    if (lane != 0) return;
+    uint64_t policy;
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+    for (int c = 0; c < slots; ++c) {
+      const int s = c % stages;
+      if (c >= stages) wait_parity(smem_addr(&empty[s]), ((c / stages) - 1) & 1);
+      const uint32_t bar = smem_addr(&full[s]);
+      asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar),
+                   "r"(kSlot)
+                   : "memory");
+      asm volatile(
+          "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint"
+          " [%0], [%1], %2, [%3], %4;" ::"r"(smem_addr(ring + static_cast<size_t>(s) * kSlot)),
+          "l"(base + static_cast<size_t>(c) * kSlot), "r"(kSlot), "r"(bar), "l"(policy)
+          : "memory");
+    }
+    return;
+  }
+  float total = 0.0f;
+  for (int c = 0; c < slots; ++c) {
+    const int s = c % stages;
+    wait_parity(smem_addr(&full[s]), (c / stages) & 1);
+    const uint4* row = reinterpret_cast<const uint4*>(ring + static_cast<size_t>(s) * kSlot) +
+                       warp * kRowChunks;
+    float acc = 0.0f;
+#pragma unroll
+    for (int u = 0; u < 8; ++u) acc = dot8_smem(row[u * 32 + lane], x + (u * 32 + lane) * 8, acc);
+    total += acc;
+    __syncwarp();
+    if (lane == 0)
+      asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(&empty[s]))
+                   : "memory");
+  }
+  if (total == 1234.5f) sink[0] = total;
+}
+
 template <typename Launch>
 double median_tbps(Launch launch, size_t bytes) {
   cudaEvent_t a, b;
@@ -228,6 +350,21 @@ int main(int argc, char** argv) {
         [&] { warp_bulk_read<<<sms, 480, smem>>>(buf, per_block, stages, chunk, sink); },
         bytes);
     std::printf("warp bulk 15 x %d x %2d KB (%3d KB) %.3f TB/s\n", stages, kb, smem / 1024, r);
+  }
+  {
+    const size_t rows_per_block = per_block / 4096 / 30 * 30;
+    const size_t rows_bytes = rows_per_block * 4096 * sms;
+    float* fsink = reinterpret_cast<float*>(sink);
+    const double r = median_tbps(
+        [&] { rows_ldg<<<sms, 480>>>(b16, rows_per_block, fsink); }, rows_bytes);
+    std::printf("%-33s %.3f TB/s\n", "rows ldg (the megakernel's shape)", r);
+    for (int stages : {2, 3}) {
+      const int smem = stages * 15 * 4096;
+      CHECK(cudaFuncSetAttribute(rows_ring, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+      const double q = median_tbps(
+          [&] { rows_ring<<<sms, 512, smem>>>(buf, rows_per_block, stages, fsink); }, rows_bytes);
+      std::printf("rows ring %d x 15 rows (%3d KB)      %.3f TB/s\n", stages, smem / 1024, q);
+    }
   }
   // The device copy the benchmark's floor uses, read + write counted.
   char* dst;
