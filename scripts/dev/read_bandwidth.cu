@@ -11,7 +11,7 @@
 //            warp reads each chunk back from shared memory;
 //   rows ldg / rows ring: mat-vecs over 4 KB rows (below).
 //
-//   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a read_bandwidth.cu -o rb
+//   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -I../../csrc read_bandwidth.cu -o rb
 //   ./rb [MB per block, default 16]      (benchmarks/RESULTS.md, entry 42: ./rb 48)
 #include <cstdint>
 #include <cstdio>
@@ -19,6 +19,8 @@
 #include <vector>
 #include <algorithm>
 #include <cuda_runtime.h>
+
+#include "common.cuh"
 
 #define CHECK(x)                                                                   \
   do {                                                                             \
@@ -29,19 +31,16 @@
     }                                                                              \
   } while (0)
 
-__device__ __forceinline__ uint4 load_evict_first(const uint4* p, uint64_t policy) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0,%1,%2,%3}, [%4], %5;"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p), "l"(policy));
-  return v;
-}
+// The kernel's own weight loads, L2 policy and dot products (csrc/common.cuh).
+using mk::dot8;
+using mk::evict_first_policy;
+using mk::load_weight;
+using mk::smem_address;
 
 template <int U>
 __global__ void __launch_bounds__(512) ldg_read(const uint4* buf, size_t per_block16,
                                                 unsigned* sink) {
-  uint64_t policy;
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+  const uint64_t policy = evict_first_policy();
   const uint4* p = buf + blockIdx.x * per_block16;
   unsigned acc = 0;
   const size_t stride = blockDim.x;
@@ -49,7 +48,7 @@ __global__ void __launch_bounds__(512) ldg_read(const uint4* buf, size_t per_blo
     uint4 v[U];
 #pragma unroll
     for (int u = 0; u < U; ++u)
-      v[u] = i + u * stride < per_block16 ? load_evict_first(p + i + u * stride, policy)
+      v[u] = i + u * stride < per_block16 ? load_weight(p + i + u * stride, policy)
                                           : make_uint4(0, 0, 0, 0);
 #pragma unroll
     for (int u = 0; u < U; ++u) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
@@ -57,8 +56,49 @@ __global__ void __launch_bounds__(512) ldg_read(const uint4* buf, size_t per_blo
   if (acc == 0x9e3779b9u) sink[0] = acc;  // keeps the loads
 }
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+// mbarriers [0, n) with `count` arrivals each, visible to the copy engine.
+__device__ __forceinline__ void init_barriers(uint64_t* bars, int n, int count) {
+  for (int s = 0; s < n; ++s)
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_address(&bars[s])),
+                 "r"(count));
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
+
+// `bytes` from global src to shared dst by the copy engine, completing on mbarrier bar
+// (this thread's arrival carries the expected bytes); with an L2 cache-hint policy unless
+// it is 0.
+__device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t bytes,
+                                          uint64_t* bar, uint64_t policy) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_address(bar)),
+               "r"(bytes)
+               : "memory");
+  if (policy != 0)
+    asm volatile(
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint"
+        " [%0], [%1], %2, [%3], %4;" ::"r"(smem_address(dst)),
+        "l"(src), "r"(bytes), "r"(smem_address(bar)), "l"(policy)
+        : "memory");
+  else
+    asm volatile(
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+        ::"r"(smem_address(dst)), "l"(src), "r"(bytes), "r"(smem_address(bar))
+        : "memory");
+}
+
+// Until mbarrier bar completes the phase of this parity; a copy that never lands traps
+// (fails the run) rather than hangs.
+__device__ __forceinline__ void wait_parity(uint64_t* bar, uint32_t parity) {
+  uint32_t done = 0;
+  for (uint32_t tries = 0; !done; ++tries) {
+    if (tries > (1u << 26)) __trap();
+    asm volatile(
+        "{ .reg .pred q; mbarrier.try_wait.parity.shared::cta.b64 q, [%1], %2; "
+        "selp.u32 %0, 1, 0, q; }"
+        : "=r"(done)
+        : "r"(smem_address(bar)), "r"(parity)
+        : "memory");
+  }
 }
 
 __global__ void __launch_bounds__(32) bulk_read(const char* buf, size_t per_block, int stages,
@@ -66,41 +106,18 @@ __global__ void __launch_bounds__(32) bulk_read(const char* buf, size_t per_bloc
   extern __shared__ __align__(128) char ring[];
   __shared__ __align__(8) uint64_t full[16];
   if (threadIdx.x != 0) return;
-  for (int s = 0; s < stages; ++s)
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(&full[s])));
-  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+  init_barriers(full, stages, 1);
+  const uint64_t policy = 0;  // no L2 hint
   const char* p = buf + blockIdx.x * per_block;
   const int chunks = static_cast<int>(per_block / chunk);
   auto issue = [&](int c) {
-    const int s = c % stages;
-    const uint32_t bar = smem_addr(&full[s]);
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar),
-                 "r"(chunk)
-                 : "memory");
-    asm volatile(
-        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-        ::"r"(smem_addr(ring + static_cast<size_t>(s) * chunk)),
-        "l"(p + static_cast<size_t>(c) * chunk), "r"(chunk), "r"(bar)
-        : "memory");
-  };
-  auto wait = [&](int c) {
-    const uint32_t bar = smem_addr(&full[c % stages]);
-    const uint32_t parity = (c / stages) & 1;
-    uint32_t done = 0;
-    for (uint32_t tries = 0; !done; ++tries) {
-      if (tries > (1u << 26)) __trap();  // a copy that never lands: fail, do not hang
-      asm volatile(
-          "{ .reg .pred q; mbarrier.try_wait.parity.shared::cta.b64 q, [%1], %2; selp.u32 %0, 1, 0, q; }"
-          : "=r"(done)
-          : "r"(bar), "r"(parity)
-          : "memory");
-    }
+    bulk_copy(ring + static_cast<size_t>(c % stages) * chunk, p + static_cast<size_t>(c) * chunk,
+              chunk, &full[c % stages], policy);
   };
   for (int c = 0; c < stages && c < chunks; ++c) issue(c);
   unsigned acc = 0;
   for (int c = 0; c < chunks; ++c) {
-    wait(c);
+    wait_parity(&full[c % stages], (c / stages) & 1);
     acc += static_cast<unsigned char>(ring[(c % stages) * chunk]);
     if (c + stages < chunks) issue(c + stages);
   }
@@ -117,43 +134,21 @@ __global__ void __launch_bounds__(480) warp_bulk_read(const char* buf, size_t pe
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
   char* ring = ring_all + static_cast<size_t>(warp) * stages * chunk;
   uint64_t* full = full_all + warp * 8;
-  if (lane == 0) {
-    for (int s = 0; s < stages; ++s)
-      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(&full[s])));
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-  }
+  if (lane == 0) init_barriers(full, stages, 1);
   __syncwarp();
+  const uint64_t policy = 0;  // no L2 hint
   const size_t per_warp = per_block / warps / chunk * chunk;
   const char* p = buf + blockIdx.x * per_block + warp * per_warp;
   const int chunks = static_cast<int>(per_warp / chunk);
   auto issue = [&](int c) {
-    const int s = c % stages;
-    const uint32_t bar = smem_addr(&full[s]);
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar),
-                 "r"(chunk)
-                 : "memory");
-    asm volatile(
-        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-        ::"r"(smem_addr(ring + static_cast<size_t>(s) * chunk)),
-        "l"(p + static_cast<size_t>(c) * chunk), "r"(chunk), "r"(bar)
-        : "memory");
+    bulk_copy(ring + static_cast<size_t>(c % stages) * chunk, p + static_cast<size_t>(c) * chunk,
+              chunk, &full[c % stages], policy);
   };
   if (lane == 0)
     for (int c = 0; c < stages && c < chunks; ++c) issue(c);
   unsigned acc = 0;
   for (int c = 0; c < chunks; ++c) {
-    const uint32_t bar = smem_addr(&full[c % stages]);
-    const uint32_t parity = (c / stages) & 1;
-    uint32_t done = 0;
-    for (uint32_t tries = 0; !done; ++tries) {
-      if (tries > (1u << 26)) __trap();  // a copy that never lands: fail, do not hang
-      asm volatile(
-          "{ .reg .pred q; mbarrier.try_wait.parity.shared::cta.b64 q, [%1], %2; selp.u32 %0, 1, 0, q; }"
-          : "=r"(done)
-          : "r"(bar), "r"(parity)
-          : "memory");
-    }
+    wait_parity(&full[c % stages], (c / stages) & 1);
     const uint4* data = reinterpret_cast<const uint4*>(ring + (c % stages) * chunk);
     for (int i = lane; i < chunk / 16; i += 32) {
       const uint4 v = data[i];
@@ -173,27 +168,14 @@ __global__ void __launch_bounds__(480) warp_bulk_read(const char* buf, size_t pe
 //   rows ring S x 15 rows: warp 15's lane 0 copies 15 rows (60 KB) at a time into a ring
 //            of S slots with cp.async.bulk; warp w computes row w of each slot and
 //            releases the slot on an mbarrier the copier waits on.
-__device__ __forceinline__ float dot8_smem(uint4 w, const float* x, float acc) {
-  const float2 a = make_float2(__uint_as_float(w.x << 16), __uint_as_float(w.x & 0xffff0000u));
-  const float2 b = make_float2(__uint_as_float(w.y << 16), __uint_as_float(w.y & 0xffff0000u));
-  const float2 c = make_float2(__uint_as_float(w.z << 16), __uint_as_float(w.z & 0xffff0000u));
-  const float2 d = make_float2(__uint_as_float(w.w << 16), __uint_as_float(w.w & 0xffff0000u));
-  acc = fmaf(a.x, x[0], acc); acc = fmaf(a.y, x[1], acc);
-  acc = fmaf(b.x, x[2], acc); acc = fmaf(b.y, x[3], acc);
-  acc = fmaf(c.x, x[4], acc); acc = fmaf(c.y, x[5], acc);
-  acc = fmaf(d.x, x[6], acc); acc = fmaf(d.y, x[7], acc);
-  return acc;
-}
-
 constexpr int kRowChunks = 256;  // 16-byte chunks in a 4 KB row
 
 __global__ void __launch_bounds__(480) rows_ldg(const uint4* buf, size_t rows_per_block,
                                                 float* sink) {
-  __shared__ float x[kRowChunks * 8];
+  __shared__ __align__(16) float x[kRowChunks * 8];
   for (int i = threadIdx.x; i < kRowChunks * 8; i += blockDim.x) x[i] = 1.0f / (1 + i);
   __syncthreads();
-  uint64_t policy;
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+  const uint64_t policy = evict_first_policy();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const uint4* base = buf + blockIdx.x * rows_per_block * kRowChunks;
   float total = 0.0f;
@@ -205,13 +187,13 @@ __global__ void __launch_bounds__(480) rows_ldg(const uint4* buf, size_t rows_pe
       uint4 w0[8], w1[8];
 #pragma unroll
       for (int u = 0; u < 8; ++u) {
-        w0[u] = load_evict_first(row0 + c0 + u * 32, policy);
-        w1[u] = load_evict_first(row1 + c0 + u * 32, policy);
+        w0[u] = load_weight(row0 + c0 + u * 32, policy);
+        w1[u] = load_weight(row1 + c0 + u * 32, policy);
       }
 #pragma unroll
       for (int u = 0; u < 8; ++u) {
-        acc0 = dot8_smem(w0[u], x + (c0 + u * 32) * 8, acc0);
-        acc1 = dot8_smem(w1[u], x + (c0 + u * 32) * 8, acc1);
+        acc0 = dot8(w0[u], x + (c0 + u * 32) * 8, acc0);
+        acc1 = dot8(w1[u], x + (c0 + u * 32) * 8, acc1);
       }
     }
     total += acc0 + acc1;
@@ -222,65 +204,42 @@ __global__ void __launch_bounds__(480) rows_ldg(const uint4* buf, size_t rows_pe
 __global__ void __launch_bounds__(512) rows_ring(const char* buf, size_t rows_per_block,
                                                  int stages, float* sink) {
   extern __shared__ __align__(128) char ring[];
-  __shared__ float x[kRowChunks * 8];
+  __shared__ __align__(16) float x[kRowChunks * 8];
   __shared__ __align__(8) uint64_t full[8], empty[8];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   constexpr int kSlot = 15 * kRowChunks * 16;
   for (int i = threadIdx.x; i < kRowChunks * 8; i += blockDim.x) x[i] = 1.0f / (1 + i);
   if (threadIdx.x == 0) {
-    for (int s = 0; s < stages; ++s) {
-      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(&full[s])));
-      asm volatile("mbarrier.init.shared::cta.b64 [%0], 15;" ::"r"(smem_addr(&empty[s])));
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    init_barriers(full, stages, 1);
+    init_barriers(empty, stages, 15);
   }
   __syncthreads();
   const char* base = buf + blockIdx.x * rows_per_block * kRowChunks * 16;
   const int slots = static_cast<int>(rows_per_block / 15);
-  auto wait_parity = [](uint32_t bar, uint32_t parity) {
-    uint32_t done = 0;
-    for (uint32_t tries = 0; !done; ++tries) {
-      if (tries > (1u << 26)) __trap();
-      asm volatile(
-          "{ .reg .pred q; mbarrier.try_wait.parity.shared::cta.b64 q, [%1], %2; selp.u32 %0, 1, 0, q; }"
-          : "=r"(done)
-          : "r"(bar), "r"(parity)
-          : "memory");
-    }
-  };
   if (warp == 15) {
     if (lane != 0) return;
-    uint64_t policy;
-    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+    const uint64_t policy = evict_first_policy();
     for (int c = 0; c < slots; ++c) {
       const int s = c % stages;
-      if (c >= stages) wait_parity(smem_addr(&empty[s]), ((c / stages) - 1) & 1);
-      const uint32_t bar = smem_addr(&full[s]);
-      asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar),
-                   "r"(kSlot)
-                   : "memory");
-      asm volatile(
-          "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint"
-          " [%0], [%1], %2, [%3], %4;" ::"r"(smem_addr(ring + static_cast<size_t>(s) * kSlot)),
-          "l"(base + static_cast<size_t>(c) * kSlot), "r"(kSlot), "r"(bar), "l"(policy)
-          : "memory");
+      if (c >= stages) wait_parity(&empty[s], ((c / stages) - 1) & 1);
+      bulk_copy(ring + static_cast<size_t>(s) * kSlot, base + static_cast<size_t>(c) * kSlot,
+                kSlot, &full[s], policy);
     }
     return;
   }
   float total = 0.0f;
   for (int c = 0; c < slots; ++c) {
     const int s = c % stages;
-    wait_parity(smem_addr(&full[s]), (c / stages) & 1);
+    wait_parity(&full[s], (c / stages) & 1);
     const uint4* row = reinterpret_cast<const uint4*>(ring + static_cast<size_t>(s) * kSlot) +
                        warp * kRowChunks;
     float acc = 0.0f;
 #pragma unroll
-    for (int u = 0; u < 8; ++u) acc = dot8_smem(row[u * 32 + lane], x + (u * 32 + lane) * 8, acc);
+    for (int u = 0; u < 8; ++u) acc = dot8(row[u * 32 + lane], x + (u * 32 + lane) * 8, acc);
     total += acc;
     __syncwarp();
     if (lane == 0)
-      asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(&empty[s]))
+      asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_address(&empty[s]))
                    : "memory");
   }
   if (total == 1234.5f) sink[0] = total;
