@@ -43,6 +43,7 @@ VARIANTS = os.environ.get("VARIANTS", DEFAULT_VARIANTS).split(",")
 STAGES = {"attn": ATTENTION_PARTIAL, "qkv": RMS_QKV_ROPE, "o_proj": O_PROJ_RESIDUAL,
           "reduce": ATTENTION_REDUCE}
 TARGETS = {"gate_up": RMS_GATE_UP_SILU, "down": DOWN_PROJ_RESIDUAL, "o_proj": O_PROJ_RESIDUAL}
+TARGET_CODES = {t.code for t in TARGETS.values()}
 cfg, mk = random_backend(model, MAX)
 
 
@@ -68,7 +69,7 @@ def build(variant: str) -> Program:
         instrs = [dataclasses.replace(i, l2_prefetch=None) for i in program.instruction_list()]
     blocks = {}                       # (target opcode, layer) -> [(row_begin, row_count)]
     for i in instrs:
-        if i.opcode in {t.code for t in TARGETS.values()}:
+        if i.opcode in TARGET_CODES:
             blocks.setdefault((i.opcode, i.layer), []).append(
                 (i.args["row_begin"], i.args["row_count"]))
     covered = set()                   # (target opcode, layer, block) carried so far
