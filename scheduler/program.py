@@ -402,7 +402,6 @@ def build_program(cfg, num_sms: int, page_size: int, max_seq_len: int,
     reduce_blocks = cfg.num_heads if parts > 1 else 0
     o_proj_carries = max(n for _, n in o_blocks) * cfg.q_size * dtype_bytes <= \
         HANDOVER_PREFETCH_BYTES
-    late_begin = HANDOVER_GATE_UP_BYTES
     qkv_carries = early_gate_up and o_proj_carries and carried[0][1] > carried[0][0]
 
     def o_proj_prefetch(layer: int, b: int) -> L2Prefetch | None:
@@ -423,10 +422,12 @@ def build_program(cfg, num_sms: int, page_size: int, max_seq_len: int,
         if early_gate_up and stage != "reduce":
             begin, end = carried[0 if stage == "attention" else 1]
         elif late_gate_up and stage == "reduce":
-            begin, end = late_begin, late_begin + LATE_REDUCE_GATE_UP_BYTES
+            begin = HANDOVER_GATE_UP_BYTES
+            end = begin + LATE_REDUCE_GATE_UP_BYTES
         elif late_gate_up and stage == "o_proj" and o_proj_carries:
             b += reduce_blocks
-            begin, end = late_begin, late_begin + LATE_O_PROJ_GATE_UP_BYTES
+            begin = HANDOVER_GATE_UP_BYTES
+            end = begin + LATE_O_PROJ_GATE_UP_BYTES
         else:
             return None
         if b >= len(gu_blocks):

@@ -78,7 +78,7 @@ def main():
         g = np.array(g) / 1e3
         print(f"  {NAMES[op]:<20} {np.median(g[:, 0]):.2f} / {np.percentile(g[:, 0], 90):.2f}"
               f"   {np.median(g[:, 1]):.2f} / {np.percentile(g[:, 1], 90):.2f}")
-    for step_index, raw in enumerate(steps):
+    for raw in steps:
         raw = raw[np.argsort(raw[:, F["instruction"]], kind="stable")]
         keys = raw[:, F["layer"]] * 100 + raw[:, F["opcode"]]
         for key in np.unique(keys):
@@ -87,9 +87,9 @@ def main():
             if len(r) < 8:
                 continue
             ready, op_end, end = r[:, F["ready_ns"]], r[:, F["op_end_ns"]], r[:, F["end_ns"]]
-            d = per_op.setdefault(op, {k: [] for k in ("op", "rel", "sm", "place", "late",
-                                                       "tail", "last_late", "last_excess",
-                                                       "instance")})
+            d = per_op.setdefault(op, {k: [] for k in ("op", "rel", "sm", "place", "tail",
+                                                       "last_late", "last_excess",
+                                                       "last_rows")})
             dur = (op_end - ready).astype(np.float64)
             med = np.median(dur)
             last = int(np.argmax(end))
@@ -97,12 +97,10 @@ def main():
             d["rel"] += (dur / med - 1).tolist()
             d["sm"] += r[:, F["sm"]].tolist()
             d["place"] += (r[:, F["instruction"]] - r[:, F["instruction"]].min()).tolist()
-            d["late"] += (ready - ready.min()).tolist()
-            d["instance"] += [step_index * 10000 + key] * len(r)
             d["tail"].append(end.max() - np.median(end))
             d["last_late"].append(ready[last] - ready.min())
             d["last_excess"].append(dur[last] - med)
-            d.setdefault("last_rows", []).append((step_index, raw, r[last]))
+            d["last_rows"].append((raw, r[last]))
     sm_means = {}
     print(f"{model}: {len(steps)} steps of {LAUNCHES} launches x {STEPS} chained; us")
     print(f"  {'opcode':<20} {'op med':>7} {'op p90':>7} {'tail':>6} {'last: late':>11} "
@@ -133,7 +131,7 @@ def main():
     print("the last block to signal: what its SM ran before (us from the stage's first "
           "ready: the previous instruction's end, this one's start and ready), first 6:")
     for op, d in per_op.items():
-        for _, raw, row in d["last_rows"][:6]:
+        for raw, row in d["last_rows"][:6]:
             same = raw[raw[:, F["sm"]] == row[F["sm"]]]
             same = same[same[:, F["end_ns"]] <= row[F["start_ns"]] + 1000]
             prev = same[np.argmax(same[:, F["end_ns"]])] if len(same) else None
