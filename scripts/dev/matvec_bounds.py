@@ -6,7 +6,7 @@ on purpose; only the time means something). RESULTS entry 46.
 
 MODE
   0  the kernel as it is (the base, built the same way)
-  1  every weight read from the first 16 KB of its 2 MB segment (~10 MB, L2-resident),
+  1  every weight read from the first 16 KB of its 2 MB segment (~20 MB, L2-resident),
      no L2 prefetches: the step if the weights came from L2
   2  no weight loads: finite pseudo-random values from the address (six integer ops per
      word), no L2 prefetches
