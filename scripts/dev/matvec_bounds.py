@@ -98,7 +98,7 @@ def patch(path: pathlib.Path, pairs) -> None:
 
 
 def main() -> None:
-    if len(sys.argv) != 3 or sys.argv[2] not in "012345" or len(sys.argv[2]) != 1:
+    if len(sys.argv) != 3 or sys.argv[2] not in {"0", "1", "2", "3", "4", "5"}:
         raise SystemExit(__doc__)
     root = pathlib.Path(__file__).resolve().parents[2]
     dest = pathlib.Path(sys.argv[1])
