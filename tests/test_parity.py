@@ -7,6 +7,7 @@ import torch
 
 import megakernel
 from conftest import hf_llama_config, write_hf_checkpoint
+from megakernel.backends.prompt_prefill import prefill_from_start
 from tolerances import relative_error
 
 CONFIGS = {
@@ -52,3 +53,29 @@ def test_matches_transformers(checkpoint, backend):
     # The KV cache really was paged: the sequence's pages are not contiguous.
     pages = engine.kv_cache.pages()
     assert pages != sorted(pages)
+
+
+@pytest.mark.parametrize("prompt_len", [1, 8, 37])
+def test_prompt_prefill_equals_the_per_op_forward(checkpoint, prompt_len):
+    """The prompt's first chunk in few launches (prompt_prefill.py) gives the logits and
+    the K/V that the per-op forward() gives."""
+    path, _ = checkpoint
+    engine = megakernel.Engine.from_pretrained(str(path), device="cpu", backend="torch",
+                                               page_size=8)
+    kv, backend = engine.kv_cache, engine.backend
+    ids = torch.randint(3, 200, (prompt_len,),
+                        generator=torch.Generator().manual_seed(prompt_len))
+
+    def run(prefill):
+        kv.release()
+        kv.reserve(prompt_len + 1)
+        backend.reset()
+        logits = prefill()
+        pos = torch.arange(prompt_len)
+        slots = (kv.page_table[0, pos // kv.page_size].long(), pos % kv.page_size)
+        return logits, kv.k[:, slots[0], slots[1]].clone(), kv.v[:, slots[0], slots[1]].clone()
+
+    fast = run(lambda: prefill_from_start(backend, ids))
+    per_op = run(lambda: backend.forward(ids, torch.arange(prompt_len), prompt_len))
+    for got, want in zip(fast, per_op):
+        assert relative_error(got, want) < 1e-5

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from megakernel.instructions.base import rms_norm
 
 from .base import Backend, StepOutput
+from .prompt_prefill import prefill_from_start
 
 # Prompt tokens per prefill chunk: bounds the [chunk, context] attention scores in memory.
 PREFILL_CHUNK = 512
@@ -98,6 +99,9 @@ class TorchBackend(Backend):
         for begin in range(0, token_ids.shape[0], PREFILL_CHUNK):
             chunk = token_ids[begin:begin + PREFILL_CHUNK]
             first = start_position + begin
+            if first == 0:   # the common case, in fewer launches (prompt_prefill.py)
+                logits = prefill_from_start(self, chunk)
+                continue
             positions = torch.arange(first, first + chunk.shape[0], device=device)
             logits = self.forward(chunk, positions, first + chunk.shape[0])
         return StepOutput(logits=logits, greedy_token=torch.argmax(logits))

@@ -1,0 +1,76 @@
+"""The prompt's first chunk in few kernel launches: the time to first token.
+
+A prompt prefills through per-op PyTorch (torch_backend.TorchBackend.forward). For a short
+prompt that path is bound by the host, not the GPU: on an H100 a 32-token prompt of
+Llama-3.2-1B ran ~1100 kernels and copies, 3.3 ms of device time behind 16.8 ms of host time
+(scripts/dev/ttft_breakdown.py; benchmarks/RESULTS.md, entry 48). This is the same math
+for a chunk that starts at position 0, in fewer launches: fused RMSNorm, RoPE for q and
+k at once, and attention over the chunk's own K/V (rounded as the cache stores them) in
+one causal scaled_dot_product_attention, with no gather of the cache. The residual
+stream, norms and softmax stay in float32, matmuls in the weight dtype, as in forward(),
+which stays the path of every other chunk and of the decode baselines.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """instructions.base.rms_norm through F.rms_norm (weight already float32)."""
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def _per_query_head(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[T, nkv, hd] -> float32 [T, nkv * group_size, hd], each KV head repeated for its
+    group of query heads, in one copy kernel. (Flash attention in bf16 with its own GQA
+    took more launches and more time here: RESULTS entry 48.)"""
+    T, nkv, hd = x.shape
+    out = torch.empty(T, nkv, group_size, hd, dtype=torch.float32, device=x.device)
+    return out.copy_(x.unsqueeze(2)).view(T, nkv * group_size, hd)
+
+
+def prefill_from_start(backend, token_ids: torch.Tensor) -> torch.Tensor:
+    """Tokens [T] (int64, on the device) at positions 0..T-1: appends their K/V to the
+    backend's cache and returns the last token's logits [V] float32. T must fit one
+    page table's worth of reserved pages."""
+    c, w, kv = backend.config, backend.weights, backend.kv_cache
+    dt = w.dtype
+    T, hd, nq, nkv, half = token_ids.shape[0], c.head_dim, c.num_heads, c.num_kv_heads, \
+        c.head_dim // 2
+    ps = kv.page_size
+    positions = torch.arange(T, device=token_ids.device)
+    slot_page = kv.page_table[0, positions // ps].long()
+    slot_offset = positions % ps
+    # Rotate-half RoPE as x * C + swap_halves(x) * S, for the q and k heads together.
+    cos, sin = w.rope_cos[:T], w.rope_sin[:T]
+    rope_c = torch.stack([cos, cos], dim=1).unsqueeze(1)          # [T, 1, 2, half]
+    rope_s = torch.stack([-sin, sin], dim=1).unsqueeze(1)
+    norms = {name: getattr(w, name).float() for name in ("attn_norm", "mlp_norm")}
+    final_norm = w.final_norm.float()
+
+    x = w.embed[token_ids].float()                                 # [T, H]
+    for layer in range(c.num_layers):
+        xn = _rms_norm(x, norms["attn_norm"][layer], c.rms_norm_eps)
+        qkv = (xn.to(dt) @ w.qkv[layer].t()).float()
+        qk = qkv[:, :c.q_size + c.kv_size].view(T, nq + nkv, 2, half)
+        qk = qk * rope_c + qk.flip(2) * rope_s
+        q, k = qk[:, :nq].reshape(T, nq, hd), qk[:, nq:].reshape(T, nkv, hd)
+        v = qkv[:, c.q_size + c.kv_size:].view(T, nkv, hd)
+        k_cached, v_cached = k.to(kv.k.dtype), v.to(kv.v.dtype)
+        kv.k[layer].index_put_((slot_page, slot_offset), k_cached)
+        kv.v[layer].index_put_((slot_page, slot_offset), v_cached)
+        # The keys and values as a decode step reads them back (the cache's rounding), in
+        # float32, per query head.
+        keys = _per_query_head(k_cached, c.group_size)
+        values = _per_query_head(v_cached, c.group_size)
+        attn = F.scaled_dot_product_attention(q.transpose(0, 1), keys.transpose(0, 1),
+                                              values.transpose(0, 1), is_causal=True)
+        attn = attn.transpose(0, 1).reshape(T, c.q_size)
+        x = x + (attn.to(dt) @ w.o_proj[layer].t()).float()
+        xn = _rms_norm(x, norms["mlp_norm"][layer], c.rms_norm_eps)
+        gate_up = (xn.to(dt) @ w.gate_up[layer].t()).float()
+        act = F.silu(gate_up[:, :c.intermediate_size]) * gate_up[:, c.intermediate_size:]
+        x = x + (act.to(dt) @ w.down[layer].t()).float()
+    xn = _rms_norm(x[-1], final_norm, c.rms_norm_eps)
+    return (xn.to(dt) @ w.lm_head.t()).float()
