@@ -30,10 +30,11 @@ def _per_query_head(x: torch.Tensor, group_size: int) -> torch.Tensor:
     return out.copy_(x.unsqueeze(2)).view(T, nkv * group_size, hd)
 
 
-def prefill_from_start(backend, token_ids: torch.Tensor) -> torch.Tensor:
+def prefill_from_start(backend, token_ids: torch.Tensor,
+                       last_index: torch.Tensor | None = None) -> torch.Tensor:
     """Tokens [T] (int64, on the device) at positions 0..T-1: appends their K/V to the
-    backend's cache and returns the last token's logits [V] float32. T must fit one
-    page table's worth of reserved pages."""
+    backend's cache and returns the logits [V] float32 of token last_index ([1] int64 on
+    the device; default the last token). Positions [0, T) must have pages."""
     c, w, kv = backend.config, backend.weights, backend.kv_cache
     dt = w.dtype
     T, hd, nq, nkv, half = token_ids.shape[0], c.head_dim, c.num_heads, c.num_kv_heads, \
@@ -72,5 +73,6 @@ def prefill_from_start(backend, token_ids: torch.Tensor) -> torch.Tensor:
         gate_up = (xn.to(dt) @ w.gate_up[layer].t()).float()
         act = F.silu(gate_up[:, :c.intermediate_size]) * gate_up[:, c.intermediate_size:]
         x = x + (act.to(dt) @ w.down[layer].t()).float()
-    xn = _rms_norm(x[-1], final_norm, c.rms_norm_eps)
+    last = x[-1] if last_index is None else x.index_select(0, last_index)[0]
+    xn = _rms_norm(last, final_norm, c.rms_norm_eps)
     return (xn.to(dt) @ w.lm_head.t()).float()

@@ -19,9 +19,11 @@ import torch.nn.functional as F
 from megakernel.instructions.base import rms_norm
 
 from .base import Backend, StepOutput
+from .prompt_graphs import PromptGraphs
 from .prompt_prefill import prefill_from_start
 
 # Prompt tokens per prefill chunk: bounds the [chunk, context] attention scores in memory.
+# A power of two: the largest prompt-graph bucket (prompt_graphs.py).
 PREFILL_CHUNK = 512
 
 
@@ -35,6 +37,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 class TorchBackend(Backend):
     name = "torch"
+    _prompt_graphs: PromptGraphs | None = None   # CUDA only, made at the first prefill
 
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor,
                 context_len: int) -> torch.Tensor:
@@ -99,8 +102,14 @@ class TorchBackend(Backend):
         for begin in range(0, token_ids.shape[0], PREFILL_CHUNK):
             chunk = token_ids[begin:begin + PREFILL_CHUNK]
             first = start_position + begin
-            if first == 0:   # the common case, in fewer launches (prompt_prefill.py)
-                logits = prefill_from_start(self, chunk)
+            if first == 0:   # the common case: in few launches, or replayed from a graph
+                logits = None
+                if device.type == "cuda":
+                    if self._prompt_graphs is None:
+                        self._prompt_graphs = PromptGraphs(self, PREFILL_CHUNK)
+                    logits = self._prompt_graphs.run(chunk)
+                if logits is None:
+                    logits = prefill_from_start(self, chunk)
                 continue
             positions = torch.arange(first, first + chunk.shape[0], device=device)
             logits = self.forward(chunk, positions, first + chunk.shape[0])

@@ -1,0 +1,94 @@
+"""The prompt prefill on the GPU: replays of its CUDA graphs (prompt_graphs.py) against
+the plain path, when they are captured, and the generate() around them."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import megakernel
+from megakernel.backends.prompt_graphs import MIN_BUCKET, PromptGraphs, bucket_of
+from megakernel.backends.prompt_prefill import prefill_from_start
+from tolerances import RELATIVE_TOLERANCE, relative_error
+
+pytestmark = pytest.mark.gpu
+
+BF16 = RELATIVE_TOLERANCE[torch.bfloat16]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return megakernel.Engine.from_pretrained("random:tiny", device="cuda", backend="torch",
+                                             max_seq_len=256, page_size=16)
+
+
+def prompt(n: int, seed: int) -> torch.Tensor:
+    return torch.randint(3, 200, (n,), generator=torch.Generator().manual_seed(seed)).cuda()
+
+
+def prefill(engine, run, n: int, reserve: int = 256):
+    """run(ids) after a fresh page reservation: (logits, K and V of positions [0, n))."""
+    kv = engine.kv_cache
+    kv.release()
+    kv.reserve(reserve)
+    logits = run()
+    pos = torch.arange(n, device="cuda")
+    page, offset = kv.page_table[0, pos // kv.page_size].long(), pos % kv.page_size
+    out = None if logits is None else logits.clone()
+    return out, kv.k[:, page, offset].clone(), kv.v[:, page, offset].clone()
+
+
+def test_buckets():
+    assert [bucket_of(n) for n in (1, MIN_BUCKET, MIN_BUCKET + 1, 100, 512)] == [
+        MIN_BUCKET, MIN_BUCKET, 2 * MIN_BUCKET, 128, 512]
+
+
+def test_a_bucket_is_captured_on_its_second_prompt_and_replays_match(engine):
+    graphs = PromptGraphs(engine.backend, max_tokens=512)
+    for i, n in enumerate([5, 12, 16, 9, 20, 31]):     # buckets 16, 16, 16, 16, 32, 32
+        ids = prompt(n, seed=i)
+        want = prefill(engine, lambda: prefill_from_start(engine.backend, ids), n)
+        got = prefill(engine, lambda: graphs.run(ids), n)
+        first_of_bucket = i in (0, 4)
+        assert (got[0] is None) == first_of_bucket
+        assert graphs.captures == (0 if i < 1 else 1 if i < 5 else 2)
+        if not first_of_bucket:
+            for g, w in zip(got, want):
+                assert relative_error(g, w) < BF16
+
+
+def test_a_graph_is_captured_again_when_a_weight_moves(engine):
+    graphs = PromptGraphs(engine.backend, max_tokens=512)
+    ids = prompt(10, seed=7)
+    for _ in range(2):
+        prefill(engine, lambda: graphs.run(ids), 10)
+    assert graphs.captures == 1
+    weights = engine.backend.weights
+    original = weights.down
+    weights.down = original.clone()
+    try:
+        want = prefill(engine, lambda: prefill_from_start(engine.backend, ids), 10)
+        got = prefill(engine, lambda: graphs.run(ids), 10)
+    finally:
+        weights.down = original
+    assert graphs.captures == 2
+    for g, w in zip(got, want):
+        assert relative_error(g, w) < BF16
+
+
+def test_no_graph_for_a_bucket_past_the_reserved_pages(engine):
+    graphs = PromptGraphs(engine.backend, max_tokens=512)
+    ids = prompt(33, seed=3)                             # bucket 64, pages for 48 positions
+    for _ in range(3):
+        assert prefill(engine, lambda: graphs.run(ids), 33, reserve=34)[0] is None
+    assert graphs.captures == 0
+
+
+def test_generate_repeats_itself_through_the_graphs(engine):
+    """The first generate() prefills without a graph, the second captures, the third
+    replays: the same tokens each time, logits within bf16 rounding."""
+    results = [engine.generate(prompt(23, seed=5).tolist(), max_new_tokens=6,
+                               ignore_eos=True, output_logits=True) for _ in range(3)]
+    assert engine.backend._prompt_graphs.captures >= 1
+    for r in results[1:]:
+        assert r.token_ids == results[0].token_ids
+        assert relative_error(r.logits, results[0].logits) < BF16
