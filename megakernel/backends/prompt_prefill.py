@@ -4,8 +4,8 @@ A prompt prefills through per-op PyTorch (torch_backend.TorchBackend.forward). F
 prompt that path is bound by the host, not the GPU: on an H100 a 32-token prompt of
 Llama-3.2-1B ran ~1100 kernels and copies, 3.3 ms of device time behind 16.8 ms of host time
 (scripts/dev/ttft_breakdown.py; benchmarks/RESULTS.md, entry 48). This is the same math
-for a chunk that starts at position 0, in fewer launches: fused RMSNorm, RoPE for q and
-k at once, and attention over the chunk's own K/V (rounded as the cache stores them) in
+for a chunk that starts at position 0, in fewer launches: F.rms_norm, RoPE for q and k
+at once, and attention over the chunk's own K/V (rounded as the cache stores them) in
 one causal scaled_dot_product_attention, with no gather of the cache. The residual
 stream, norms and softmax stay in float32, matmuls in the weight dtype, as in forward(),
 which stays the path of every other chunk and of the decode baselines.
