@@ -1,0 +1,47 @@
+"""sampling.sample draws from the distribution it promises: softmax(logits / temperature)
+restricted to the top-k tokens and to the top-p nucleus, renormalized."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megakernel.sampling import sample
+
+LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+DRAWS = 20000
+
+
+def expected(temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """The target distribution, written out independently of the sampler."""
+    probs = torch.softmax(LOGITS.double() / temperature, dim=-1)
+    order = probs.argsort(descending=True)
+    keep = torch.zeros_like(probs, dtype=torch.bool)
+    mass = 0.0
+    for rank, token in enumerate(order.tolist()):
+        if (top_k and rank >= top_k) or (rank > 0 and mass >= top_p):
+            break
+        keep[token] = True
+        mass += float(probs[token])
+    kept = torch.where(keep, probs, 0.0)
+    return kept / kept.sum()
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [
+    (1.0, 0, 1.0), (0.7, 3, 1.0), (1.3, 0, 0.8), (2.0, 4, 0.9)])
+def test_sample_frequencies_match_the_distribution(temperature, top_k, top_p):
+    generator = torch.Generator().manual_seed(11)
+    counts = torch.zeros(len(LOGITS), dtype=torch.float64)
+    for _ in range(DRAWS):
+        counts[int(sample(LOGITS, temperature, top_k, top_p, generator))] += 1
+    want = expected(temperature, top_k, top_p)
+    freq = counts / DRAWS
+    assert torch.equal(freq == 0, want == 0)        # excluded tokens never drawn
+    sigma = (want * (1 - want) / DRAWS).sqrt()
+    assert ((freq - want).abs() <= 5 * sigma + 1e-9).all(), (freq.tolist(), want.tolist())
+
+
+def test_masked_or_underflowing_scores_are_never_drawn():
+    logits = torch.tensor([0.0, -1e30, float("-inf"), 1.0])
+    generator = torch.Generator().manual_seed(0)
+    drawn = {int(sample(logits, 1.0, 0, 1.0, generator)) for _ in range(2000)}
+    assert drawn == {0, 3}
