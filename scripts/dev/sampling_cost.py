@@ -1,0 +1,70 @@
+"""What sampling costs per decode step on the GPU, against greedy decoding, with the
+engine's sampler and with softmax + torch.multinomial in its place (the form it had
+before benchmarks/RESULTS.md entry 49).
+
+    python3 scripts/dev/sampling_cost.py [--model random:llama-3.2-1b] [--rounds 2]
+
+Each case: 2 untimed generate() calls, then the median ms/token of 3 (32-token prompt,
+128 new tokens).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+import megakernel
+import megakernel.engine as engine_module
+from megakernel.sampling import sample
+
+
+def multinomial_sample(logits, temperature, top_k, top_p, generator):
+    """sampling.sample with softmax + torch.multinomial for the draw."""
+    scores = logits.float() / temperature
+    if top_k and top_k < scores.shape[-1]:
+        kth = torch.topk(scores, top_k).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=True)
+        probs = torch.softmax(sorted_scores, dim=-1)
+        drop_sorted = (torch.cumsum(probs, dim=-1) - probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+        scores = scores.masked_fill(drop, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[0]
+
+
+CASES = [("greedy", dict(temperature=0.0)), ("t0.8", dict(temperature=0.8)),
+         ("t0.8 top_k 50", dict(temperature=0.8, top_k=50)),
+         ("t0.8 top_p 0.9", dict(temperature=0.8, top_p=0.9))]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="random:llama-3.2-1b")
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args()
+    engine = megakernel.Engine.from_pretrained(args.model, device="cuda", max_seq_len=1024)
+    prompt = list(range(10, 42))
+
+    def ms_per_token(**kw):
+        for _ in range(2):
+            engine.generate(prompt, max_new_tokens=128, ignore_eos=True, seed=1, **kw)
+        return statistics.median(
+            engine.generate(prompt, max_new_tokens=128, ignore_eos=True, seed=1,
+                            **kw).stats.ms_per_token for _ in range(3))
+
+    try:
+        for _ in range(args.rounds):
+            for label, sampler in (("multinomial", multinomial_sample), ("engine", sample)):
+                engine_module.sample = sampler
+                for name, kw in CASES:
+                    if name != "greedy" or label == "multinomial":
+                        print(f"{label:12s} {name:16s} ms/token {ms_per_token(**kw):.3f}")
+    finally:
+        engine_module.sample = sample
+
+
+if __name__ == "__main__":
+    main()
