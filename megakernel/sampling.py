@@ -21,9 +21,10 @@ def validate_sampling(temperature: float, top_p: float, top_k: int) -> None:
         raise InvalidRequestError(f"top_k must be an integer >= 0, got {top_k}")
 
 
-def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-           generator: torch.Generator) -> torch.Tensor:
-    """logits [V] float32 -> [] int64 sampled token (temperature > 0)."""
+def masked_scores(logits: torch.Tensor, temperature: float, top_k: int,
+                  top_p: float) -> torch.Tensor:
+    """logits [V] / temperature, -inf outside the top-k tokens and the top-p nucleus: the
+    distribution sample() draws from is softmax of this."""
     scores = logits.float() / temperature
     if top_k and top_k < scores.shape[-1]:
         kth = torch.topk(scores, top_k).values[-1]
@@ -36,6 +37,13 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
         drop_sorted = (torch.cumsum(probs, dim=-1) - probs) >= top_p
         drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
         scores = scores.masked_fill(drop, float("-inf"))
+    return scores
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+           generator: torch.Generator) -> torch.Tensor:
+    """logits [V] float32 -> [] int64 sampled token (temperature > 0)."""
+    scores = masked_scores(logits, temperature, top_k, top_p)
     # Gumbel-max: the index of the largest scores + G, G_i = -log(-log(U_i)) i.i.d. with U
     # uniform, is a draw from softmax(scores), in a few elementwise kernels and one argmax
     # (softmax + multinomial took ~0.14 ms per step of a 128K vocabulary on an H100:

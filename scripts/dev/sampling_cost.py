@@ -16,22 +16,12 @@ import torch
 
 import megakernel
 import megakernel.engine as engine_module
-from megakernel.sampling import sample
+from megakernel.sampling import masked_scores, sample
 
 
 def multinomial_sample(logits, temperature, top_k, top_p, generator):
     """sampling.sample with softmax + torch.multinomial for the draw."""
-    scores = logits.float() / temperature
-    if top_k and top_k < scores.shape[-1]:
-        kth = torch.topk(scores, top_k).values[-1]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, descending=True)
-        probs = torch.softmax(sorted_scores, dim=-1)
-        drop_sorted = (torch.cumsum(probs, dim=-1) - probs) >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
-        scores = scores.masked_fill(drop, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
+    probs = torch.softmax(masked_scores(logits, temperature, top_k, top_p), dim=-1)
     return torch.multinomial(probs, 1, generator=generator)[0]
 
 
