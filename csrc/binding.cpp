@@ -6,6 +6,7 @@
 #include <pybind11/stl.h>
 #include <torch/extension.h>
 
+#include <cmath>
 #include <cstring>
 #include <optional>
 #include <stdexcept>
@@ -81,7 +82,7 @@ void launch(const at::Tensor& instructions, at::Tensor counters, at::Tensor queu
             const at::Tensor& page_table, double rms_norm_eps, int64_t epoch,
             int64_t timeout_ns, int64_t num_blocks, int64_t prefetch_bytes,
             const std::optional<at::Tensor>& token_source, int64_t token, int64_t position,
-            int64_t steps) {
+            int64_t steps, double sample_inv_temperature, int64_t sample_seed) {
   const at::Device device = hidden.device();
   const auto f32 = at::kFloat, i32 = at::kInt, i64 = at::kLong, bf16 = at::kBFloat16;
   check_tensor(instructions, "instructions", i32, 2, device);
@@ -203,6 +204,11 @@ void launch(const at::Tensor& instructions, at::Tensor counters, at::Tensor queu
   p.step_token_source = !step_input && token_source ? ptr<const int64_t>(*token_source) : nullptr;
   p.step_token = token;
   p.step_position = step_input ? 0 : static_cast<int>(position);
+  MK_CHECK(sample_inv_temperature >= 0.0 && std::isfinite(sample_inv_temperature),
+           "megakernel: sample_inv_temperature must be finite and >= 0, got ",
+           std::to_string(sample_inv_temperature));
+  p.sample_inv_temperature = static_cast<float>(sample_inv_temperature);
+  p.sample_seed = static_cast<uint64_t>(sample_seed);
   p.hidden = ptr<float>(hidden);
   p.q = ptr<float>(q);
   p.attn_partial_out = ptr<float>(attn_partial_out);
@@ -286,7 +292,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("num_blocks") = 0,
         py::arg("prefetch_bytes") = static_cast<int64_t>(mk::kDefaultPrefetchBytes),
         py::arg("token_source") = py::none(), py::arg("token") = 0, py::arg("position") = 0,
-        py::arg("steps") = 1);
+        py::arg("steps") = 1, py::arg("sample_inv_temperature") = 0.0,
+        py::arg("sample_seed") = 0);
   m.def("alloc_host_status", &alloc_host_status,
         "Zeroed int64 CPU tensor in mapped pinned memory for launch(host_status=...).");
   m.def("sm_count", &sm_count, "Number of SMs of the current CUDA device.");

@@ -20,7 +20,8 @@ enum Opcode : int {
   kOpDownProjResidual = 7,
   kOpRmsLmHead = 8,
   kOpArgmaxReduce = 9,
-  kNumOpcodes = 10,
+  kOpSampleLogits = 10,
+  kNumOpcodes = 11,
 };
 
 // Header words, common to every opcode.
@@ -95,6 +96,12 @@ namespace argmax_reduce {
 constexpr int kNumBlocks = 10;
 }  // namespace argmax_reduce
 
+// sample_logits: argument words.
+namespace sample_logits {
+constexpr int kRowBegin = 10;
+constexpr int kRowCount = 11;
+}  // namespace sample_logits
+
 // Row-block ops (OpSpec.streams_weight_rows): their first two args are the rows
 // [row_begin, row_begin + row_count) of their weights they stream.
 // o_proj_residual, rms_gate_up_silu, down_proj_residual, rms_lm_head.
@@ -127,6 +134,7 @@ inline const char* opcode_name(int op) {
     case 7: return "down_proj_residual";
     case 8: return "rms_lm_head";
     case 9: return "argmax_reduce";
+    case 10: return "sample_logits";
     default: return "none";
   }
 }

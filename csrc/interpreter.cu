@@ -45,6 +45,7 @@
 #include "ops/rms_gate_up_silu.cuh"
 #include "ops/row_pair_matvec.cuh"
 #include "ops/rms_qkv_rope.cuh"
+#include "ops/sample_logits.cuh"
 
 namespace mk {
 namespace {
@@ -286,6 +287,14 @@ __device__ void controller_fetch(const KernelParams& p, uint64_t claim_base, int
 
 // Compute warps: runs the op, which passes the block barrier (ctx.ready()) once the
 // controller has seen its waits hold. Returns false when the block must stop.
+//
+// kSampling: the kernel's instance for launches that sample (KernelParams:
+// sample_inv_temperature > 0), the only one with sample_logits' code. Greedy launches run
+// an instance without it: code that greedy steps never run still slowed them by 2 us per
+// token at 8 steps per launch and 7 at one, by where it put theirs (benchmarks/RESULTS.md,
+// entry 51). There a sample_logits instruction does nothing, which leaves the LM head's
+// greedy partial argmax in its slot: what the op itself writes at inv_temperature 0.
+template <bool kSampling>
 __device__ bool run_op(const OpContext& ctx) {
   switch (ctx.words[word::kOpcode]) {
     case kOpEmbed: return op_embed(ctx);
@@ -297,10 +306,14 @@ __device__ bool run_op(const OpContext& ctx) {
     case kOpDownProjResidual:
     case kOpRmsLmHead: return op_row_pair_matvec(ctx);  // one instance of code for three
     case kOpArgmaxReduce: return op_argmax_reduce(ctx);
+    case kOpSampleLogits:
+      if constexpr (kSampling) return op_sample_logits(ctx);
+      [[fallthrough]];
     default: return ctx.ready<kOpNone>();  // refused by the controller: ready() is false
   }
 }
 
+template <bool kSampling>
 __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant__ KernelParams p) {
   extern __shared__ float4 dynamic_smem[];
   __shared__ int slot_words[2][kInstructionWords];
@@ -377,7 +390,8 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
     } else {
       const OpContext ctx{p, words, reinterpret_cast<float*>(dynamic_smem), scratch,
                           &go[slot], policy, words[word::kTokenBegin]};
-      const bool ran = index != kNoInstruction ? run_op(ctx) : ctx.ready<kNumOpcodes>();
+      const bool ran =
+          index != kNoInstruction ? run_op<kSampling>(ctx) : ctx.ready<kNumOpcodes>();
       if (!ran) break;
 #ifdef MEGAKERNEL_PROFILE
       if (threadIdx.x == 0) op_end_ns[slot] = static_cast<int64_t>(global_timer_ns());
@@ -489,20 +503,25 @@ void launch_megakernel(const KernelParams& p, int num_blocks, void* stream) {
   const int sms = device_sm_count();
   const int blocks = num_blocks > 0 ? num_blocks : sms;
   const size_t smem = dynamic_smem_bytes(p);
+  const bool sampling = p.sample_inv_temperature > 0.0f;
+  void (*kernel)(KernelParams) = sampling ? megakernel<true> : megakernel<false>;
   // Setting the shared-memory limit and asking for the occupancy cost microseconds: done
-  // again only when a launch needs more shared memory than any before it on this device.
-  static size_t configured_smem[kMaxDevices] = {};
-  static int blocks_per_sm[kMaxDevices] = {};
-  int per_sm = device < kMaxDevices && smem <= configured_smem[device] ? blocks_per_sm[device] : 0;
+  // again only when a launch needs more shared memory than any before it on this device
+  // (per instance of the kernel).
+  static size_t configured_smem[2][kMaxDevices] = {};
+  static int blocks_per_sm[2][kMaxDevices] = {};
+  int per_sm = device < kMaxDevices && smem <= configured_smem[sampling][device]
+                   ? blocks_per_sm[sampling][device]
+                   : 0;
   if (per_sm == 0) {
-    check(cudaFuncSetAttribute(megakernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                static_cast<int>(smem)),
           "cudaFuncSetAttribute(max dynamic shared memory)");
-    check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, megakernel, kThreads, smem),
+    check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem),
           "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
     if (device < kMaxDevices && per_sm >= 1) {
-      configured_smem[device] = smem;
-      blocks_per_sm[device] = per_sm;
+      configured_smem[sampling][device] = smem;
+      blocks_per_sm[sampling][device] = per_sm;
     }
   }
   require(per_sm >= 1 && blocks <= per_sm * sms,
@@ -510,7 +529,7 @@ void launch_megakernel(const KernelParams& p, int num_blocks, void* stream) {
               " blocks resident, but only " + std::to_string(per_sm) + " per SM x " +
               std::to_string(sms) + " SMs fit (" + std::to_string(smem) +
               " bytes of dynamic shared memory)");
-  megakernel<<<blocks, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p);
+  kernel<<<blocks, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p);
   check(cudaGetLastError(), "kernel launch");
 }
 

@@ -140,6 +140,13 @@ struct KernelParams {
   int num_kv_heads;
   int head_dim;
   float rms_norm_eps;
+
+  // Temperature sampling (programs with sample_logits; 0: their steps stay greedy). Each
+  // step's argmax is taken over logit * sample_inv_temperature + gumbel_noise(sample_seed,
+  // position, row): a draw from softmax(logits / temperature), so sampled steps chain
+  // like greedy ones. Last, so the other fields keep their offsets.
+  float sample_inv_temperature;
+  uint64_t sample_seed;
 };
 
 // Launches the persistent kernel on `stream` (a cudaStream_t) with `num_blocks` blocks

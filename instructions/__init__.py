@@ -13,11 +13,12 @@ from .rms_gate_up_silu import RMS_GATE_UP_SILU
 from .down_proj_residual import DOWN_PROJ_RESIDUAL
 from .rms_lm_head import RMS_LM_HEAD
 from .argmax_reduce import ARGMAX_REDUCE
+from .sample_logits import SAMPLE_LOGITS
 
 __all__ = [
     "WORDS", "HEADER_FIELDS", "HEADER_WORDS", "L2_PREFETCH_FIELDS", "L2_PREFETCH_WORD",
     "MAX_WAITS", "NO_COUNTER", "OPCODES", "Instruction", "L2Prefetch", "MachineState",
     "OpSpec", "ROW_BLOCK_ARGS", "ScheduleError", "row_block_specs", "EMBED", "RMS_QKV_ROPE",
     "ATTENTION_PARTIAL", "ATTENTION_REDUCE", "O_PROJ_RESIDUAL", "RMS_GATE_UP_SILU",
-    "DOWN_PROJ_RESIDUAL", "RMS_LM_HEAD", "ARGMAX_REDUCE",
+    "DOWN_PROJ_RESIDUAL", "RMS_LM_HEAD", "ARGMAX_REDUCE", "SAMPLE_LOGITS",
 ]

@@ -157,6 +157,9 @@ class MachineState:
     positions: torch.Tensor
     counters: torch.Tensor
     epoch: int = 1
+    # (1 / temperature, seed) of a launch that samples: sample_logits draws each step's
+    # token (gumbel_noise); None: greedy.
+    sampling: tuple[float, int] | None = None
 
     def check_waits(self, instr: Instruction) -> None:
         for counter, target in instr.waits:
@@ -223,6 +226,37 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x: [..., H] float32 -> x / rms(x) * weight, in float32 (the kernel's precision)."""
     x = x.float()
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(z: torch.Tensor) -> torch.Tensor:
+    """csrc/common.cuh mix64 on int64 tensors holding uint64 bit patterns: additions and
+    multiplications wrap the same way; right shifts are made logical by a mask."""
+    def shr(x, k):
+        return (x >> k) & ((1 << (64 - k)) - 1)
+
+    def wrap(c):     # a uint64 constant as the int64 with the same bits
+        return c - (1 << 64) if c >= 1 << 63 else c
+
+    z = z + wrap(0x9E3779B97F4A7C15)
+    z = (z ^ shr(z, 30)) * wrap(0xBF58476D1CE4E5B9)
+    z = (z ^ shr(z, 27)) * wrap(0x94D049BB133111EB)
+    return z ^ shr(z, 31)
+
+
+def gumbel_noise(seed: int, position: int, rows: torch.Tensor) -> torch.Tensor:
+    """The kernel's Gumbel noise for vocabulary rows [n] at a step's position (float32):
+    -log(-log(u)) with u in (0, 1) on 24 bits from a hash of (seed, position, row), so the
+    argmax of logits / temperature + noise is a draw from softmax(logits / temperature)."""
+    seed_bits = seed & _MASK64
+    seed_int = seed_bits - (1 << 64) if seed_bits >= 1 << 63 else seed_bits
+    key = (torch.full_like(rows, position, dtype=torch.int64) << 32) | rows.to(torch.int64)
+    h = _mix64(seed_int ^ _mix64(key))
+    top24 = (h >> 40) & 0xFFFFFF
+    u = (top24.to(torch.float32) + 0.5) * (1.0 / 16777216.0)
+    return -torch.log(-torch.log(u))
 
 
 def kv_slot(state: MachineState, position: int) -> tuple[int, int]:

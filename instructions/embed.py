@@ -1,7 +1,7 @@
 """embed: hidden[t] = embed_tokens[token t] (the residual stream starts in float32).
 
 Token t is token_ids[t]; in a launch of chained decode steps, which gives fewer tokens
-than it has steps, every token past the given ones is the greedy token of the step before
+than it has steps, every token past the given ones is the token of the step before
 (next_token[t - 1], written by that step's argmax_reduce, which the embed waits on)."""
 from .base import OpSpec, register
 

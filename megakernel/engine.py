@@ -7,7 +7,9 @@ A generate() call: validate every argument (nothing changes before that), reserv
 pages for prompt + new tokens (exhaustion fails here, before any launch), prefill the
 prompt, then decode. Greedy decoding chains the backend's steps_per_launch steps in one
 launch, each step's token chosen on the device (the megakernel backend; one step per
-launch elsewhere); sampling launches one step at a time. Decode is pipelined: launch i+1
+launch elsewhere); so does plain temperature sampling where the backend draws tokens on the
+device (the megakernel and reference backends: scheduler.with_sampled_tokens); top-k and
+top-p sampling launch one step at a time. Decode is pipelined: launch i+1
 is queued with the last token of launch i still on the device, and only then are launch
 i's tokens read back for stop checks and streaming, through host memory the kernel writes
 or a pinned copy, and an event behind launch i alone (readback.TokenReadback), so the
@@ -109,8 +111,9 @@ class Engine:
         the backend. device: 'cuda'/'cpu' (default: cuda when available). backend:
         megakernel | torch | reference (default: megakernel where it can run, else torch).
         dtype: torch dtype or name (default bfloat16 on CUDA, float32 on CPU).
-        steps_per_launch: greedy decode steps chained in one launch (megakernel and
-        reference backends; default: the backend's, 8 for the megakernel)."""
+        steps_per_launch: greedy (or plain temperature-sampled) decode steps chained in one
+        launch (megakernel and reference backends; default: the backend's, 8 for the
+        megakernel)."""
         device = resolve_device(device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise BackendUnavailableError("device 'cuda' requested but CUDA is not available")
@@ -224,9 +227,18 @@ class Engine:
         self.backend.reset()
         self.readback.reset()     # a stop token may have left the step after it unread
         generator = None
+        sample_seed = self.seed if seed is None else seed
         if temperature > 0:
             generator = torch.Generator(device=self.device)
-            generator.manual_seed(self.seed if seed is None else seed)
+            generator.manual_seed(sample_seed)
+        # Plain temperature sampling is drawn on the device where the backend can, so its
+        # steps chain like greedy ones; top-k and top-p run between launches
+        # (sampling.sample), and so do temperatures whose inverse a float32 does not hold.
+        # The prompt's token is drawn by sampling.sample either way.
+        device_sampling = None
+        if (temperature > 0 and top_k == 0 and top_p == 1.0 and self.backend.chains_sampling
+                and 0 < 1.0 / temperature <= torch.finfo(torch.float32).max):
+            device_sampling = (1.0 / temperature, int(sample_seed) & ((1 << 63) - 1))
 
         def choose(out):
             """The prefill's token on the device, and the host view it lands in (or None)."""
@@ -235,13 +247,17 @@ class Engine:
             return sample(out.logits, temperature, top_k, top_p, generator), None
 
         def launch(token, position: int, budget: int):
-            """Decode steps from `token` (on the device) at `position`: greedy ones chained
-            up to the backend's steps_per_launch in one launch, at most `budget`. Returns
+            """Decode steps from `token` (on the device) at `position`: greedy ones or ones
+            drawn on the device, chained up to the backend's steps_per_launch in one launch,
+            at most `budget`; else one step sampled between launches. Returns
             (steps, the device token that feeds the next launch, its readback ticket, the
             steps' logits [steps, V] copied on the device when output_logits)."""
-            if temperature == 0:
-                out = self.backend.decode_steps(token, position,
-                                                min(self.backend.steps_per_launch, budget))
+            if temperature == 0 or device_sampling is not None:
+                steps = min(self.backend.steps_per_launch, budget)
+                out = (self.backend.decode_steps(token, position, steps)
+                       if device_sampling is None else
+                       self.backend.decode_steps(token, position, steps,
+                                                 sampling=device_sampling))
                 nxt, host, step_logits = out.last_token.reshape(()), out.tokens_host, out.logits
             else:
                 out = self.backend.decode(token, position)

@@ -1,4 +1,4 @@
-"""Several decode steps in one launch: a step's program repeated, the greedy token of each
+"""Several decode steps in one launch: a step's program repeated, the token of each
 step chosen on the device and fed to the next.
 
 Copy t of the step serves token row t of the activations (token_begin = t) and has
@@ -9,8 +9,9 @@ other in the stream, so the queue stays in topological order, and the chain of w
 orders everything copy t reads (the K/V rows the steps before it wrote) after its writes.
 
 One launch of N steps pays the kernel's start and the gap between launches once for all
-N (benchmarks/RESULTS.md, entries 35 and 36). Only greedy decoding can chain: a sampled
-token is chosen on the host.
+N (benchmarks/RESULTS.md, entries 35 and 36). A step whose argmax_reduce picks a
+temperature sample (sampling.py: with_sampled_tokens) chains the same way; top-k and top-p
+samples are chosen on the host, one step per launch.
 """
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ import torch
 import megakernel
 from megakernel.errors import (BackendUnavailableError, DeviceHungError, InvalidRequestError,
                                KVCacheExhaustedError)
+from megakernel.instructions.base import gumbel_noise
 from megakernel.kv_cache import PagedKVCache
 
 
@@ -232,6 +233,29 @@ def test_chained_greedy_steps_equal_one_step_per_launch(baseline):
     assert r.finish_reason == "stop" and r.token_ids == a.token_ids[:first + 1]
     assert three.generate("Hello", max_new_tokens=2, ignore_eos=True).token_ids == \
         a.token_ids[:2]
+
+
+def test_temperature_sampling_chains_in_the_stream():
+    """Plain temperature sampling on the reference backend runs the program that draws each
+    step's token (scheduler.with_sampled_tokens), chained like greedy steps: 3 steps per
+    launch give the tokens of 1 per launch, a seed gives the same tokens again and another
+    seed others, and each token after the prompt's is the argmax of its step's logits /
+    temperature + the stream's noise at its position."""
+    def make(steps):
+        return megakernel.Engine.from_pretrained("random:tiny", device="cpu",
+                                                 backend="reference", max_seq_len=128,
+                                                 steps_per_launch=steps)
+    one, three = make(1), make(3)
+    prompt = [5, 9, 13, 2, 7]
+    kw = dict(max_new_tokens=10, ignore_eos=True, temperature=1.7, output_logits=True)
+    a = one.generate(prompt, seed=11, **kw)
+    b = three.generate(prompt, seed=11, **kw)
+    assert b.token_ids == a.token_ids and torch.equal(b.logits, a.logits)
+    assert three.generate(prompt, seed=12, **kw).token_ids != a.token_ids
+    rows = torch.arange(a.logits.shape[1])
+    for i in range(1, len(a.token_ids)):
+        scores = a.logits[i] * (1 / 1.7) + gumbel_noise(11, len(prompt) + i - 1, rows)
+        assert int(torch.argmax(scores)) == a.token_ids[i]
 
 
 @pytest.mark.parametrize("backend,steps,message", [

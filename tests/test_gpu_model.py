@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import megakernel
+from megakernel.instructions.base import gumbel_noise
 from conftest import hf_llama_config, write_hf_checkpoint
 from tolerances import MODEL_RELATIVE_TOLERANCE, relative_error
 
@@ -335,3 +336,29 @@ def test_step_token_from_the_device_or_the_host(checkpoint):
     again = run(True)
     assert [t for t, _ in again] == [t for t, _ in from_device]
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(again, from_device))
+
+
+def test_temperature_sampling_is_drawn_on_the_device(checkpoint):
+    """Plain temperature sampling chains its steps in launches like greedy decoding (the
+    sampled program, scheduler.with_sampled_tokens): the same seed gives the same tokens,
+    at 8 steps per launch as at 1, another seed others, and each step's token is the
+    argmax of its logits / temperature + the kernel's noise at its position."""
+    path, _ = checkpoint
+    engine = make_engine(path, max_seq_len=256)
+    prompt, temperature = [5, 9, 13, 2, 7], 1.5
+    kw = dict(max_new_tokens=24, ignore_eos=True, temperature=temperature, output_logits=True)
+    launches = engine.backend.launches
+    first = engine.generate(prompt, seed=3, **kw)
+    assert engine.backend.launches - launches <= 4      # 23 steps, 8 per launch
+    assert engine.generate(prompt, seed=3, **kw).token_ids == first.token_ids
+    assert engine.generate(prompt, seed=4, **kw).token_ids != first.token_ids
+    one = make_engine(path, max_seq_len=256, steps_per_launch=1).generate(prompt, seed=3, **kw)
+    assert one.token_ids == first.token_ids
+    rows = torch.arange(first.logits.shape[1])
+    agree = 0
+    for i in range(1, len(first.token_ids)):   # token 0: the prefill's, drawn by sample()
+        position = len(prompt) + i - 1
+        scores = first.logits[i] * (1 / temperature) + gumbel_noise(3, position, rows)
+        agree += int(torch.argmax(scores)) == first.token_ids[i]
+    # The kernel's logf is the fast one: a near tie may go the other way.
+    assert agree >= 0.9 * (len(first.token_ids) - 1)

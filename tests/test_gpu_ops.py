@@ -12,7 +12,9 @@ from megakernel.config import ModelConfig
 from megakernel.errors import KernelFaultError
 from megakernel.instructions import (ARGMAX_REDUCE, ATTENTION_PARTIAL, ATTENTION_REDUCE,
                                      DOWN_PROJ_RESIDUAL, EMBED, O_PROJ_RESIDUAL,
-                                     RMS_GATE_UP_SILU, RMS_LM_HEAD, RMS_QKV_ROPE, MachineState)
+                                     RMS_GATE_UP_SILU, RMS_LM_HEAD, RMS_QKV_ROPE, SAMPLE_LOGITS,
+                                     MachineState)
+from megakernel.instructions.base import gumbel_noise
 from megakernel.kv_cache import PagedKVCache
 from megakernel.presets import random_weights
 from megakernel.scheduler import Program, allocate_buffers, build_program, run_step
@@ -126,7 +128,8 @@ class OpCase:
         self.run_program(instrs, weights=self.w_gpu, buffers=self.gpu,
                          k_cache=self.cache_gpu.k, v_cache=self.cache_gpu.v,
                          page_table=self.cache_gpu.page_table, token_ids=[self.token],
-                         positions=[self.position], num_counters=1)
+                         positions=[self.position], num_counters=1,
+                         sampling=self.cpu.sampling)
         torch.cuda.synchronize()
 
     def check(self, *names, kv: bool = False):
@@ -299,6 +302,37 @@ def test_rms_lm_head_and_argmax(cfg_name):
     case.run([make(ARGMAX_REDUCE, num_blocks=nb)])
     got = int(case.gpu["next_token"][0])
     assert got == int(torch.argmax(case.gpu["logits"][0]).item())
+
+
+@pytest.mark.parametrize("sampling", [None, (1 / 0.7, 2 ** 62 + 12345), (3.0, 7)])
+def test_sample_logits_and_argmax(sampling):
+    """After the LM head, each sample_logits block leaves in its slot the best of its rows'
+    logit * inv_temperature + the hashed noise, with its score (without sampling, the
+    greedy kernel runs none of the op: the LM head's partial argmax stays, which is what
+    the op computes then); argmax_reduce then picks the best of the vocabulary."""
+    case = OpCase("hd64-gqa4")
+    case.cpu.sampling = sampling
+    blocks = [(0, 1), (1, 500), (501, 502)]             # vocab 1003
+    nb = len(blocks)
+    case.run([make(RMS_LM_HEAD, b, row_begin=r0, row_count=n)
+              for b, (r0, n) in enumerate(blocks)])
+    case.run([make(SAMPLE_LOGITS, b, row_begin=r0, row_count=n)
+              for b, (r0, n) in enumerate(blocks)])
+    case.run([make(ARGMAX_REDUCE, num_blocks=nb)])
+    scores = case.gpu["logits"][0].cpu()
+    if sampling is not None:
+        scores = scores * sampling[0] + gumbel_noise(sampling[1], case.position,
+                                                     torch.arange(len(scores)))
+    slack = 1e-5 * scores.abs().max()      # the kernel's logf is the fast one
+    for b, (r0, n) in enumerate(blocks):
+        got = int(case.gpu["argmax_index"][0, b])
+        assert r0 <= got < r0 + n
+        assert scores[got] >= scores[r0:r0 + n].max() - slack
+        assert abs(float(case.gpu["argmax_value"][0, b]) - float(scores[got])) <= slack
+    got, want = int(case.gpu["next_token"][0]), int(case.cpu.buffers["next_token"][0])
+    assert scores[got] >= scores.max() - slack
+    # The reference's token, unless its logits (float32 on the CPU) put another near tie first.
+    assert got == want or scores[got] - scores[want] <= 2 * TOL * scores.abs().max()
 
 
 @pytest.mark.parametrize("cfg_name", list(CONFIGS))

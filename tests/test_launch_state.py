@@ -27,8 +27,8 @@ class FakeExtension:
         if self.refuse:
             raise RuntimeError("megakernel: prefetch_bytes out of range: 2147483648")
         # ..., epoch, timeout_ns, num_blocks, prefetch_bytes, token_source, token, position,
-        # steps
-        self.epochs.append(args[-8])
+        # steps, sample_inv_temperature, sample_seed
+        self.epochs.append(args[-10])
 
 
 def launch_with(ext, state):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megakernel.instructions.base import gumbel_noise
 from megakernel.sampling import sample
 
 LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
@@ -45,3 +46,21 @@ def test_masked_or_underflowing_scores_are_never_drawn():
     generator = torch.Generator().manual_seed(0)
     drawn = {int(sample(logits, 1.0, 0, 1.0, generator)) for _ in range(2000)}
     assert drawn == {0, 3}
+
+
+def test_the_kernels_gumbel_noise_draws_from_the_softmax():
+    """The LM head's sampling (instructions.base.gumbel_noise, mirrored in csrc/common.cuh):
+    the argmax of logits / temperature + noise, over many steps' positions, has the
+    softmax's frequencies, and the noise is fixed by (seed, position, row)."""
+    temperature, seed = 1.3, 987654321
+    rows = torch.arange(len(LOGITS))
+    counts = torch.zeros(len(LOGITS), dtype=torch.float64)
+    for position in range(DRAWS):
+        scores = LOGITS / temperature + gumbel_noise(seed, position, rows)
+        counts[int(torch.argmax(scores))] += 1
+    want = expected(temperature, 0, 1.0)
+    sigma = (want * (1 - want) / DRAWS).sqrt()
+    assert ((counts / DRAWS - want).abs() <= 5 * sigma).all(), (counts / DRAWS, want)
+    assert torch.equal(gumbel_noise(seed, 5, rows), gumbel_noise(seed, 5, rows))
+    assert not torch.equal(gumbel_noise(seed, 5, rows), gumbel_noise(seed + 1, 5, rows))
+    assert not torch.equal(gumbel_noise(seed, 5, rows), gumbel_noise(seed, 6, rows))

@@ -12,7 +12,7 @@ from megakernel.backends.reference_backend import ReferenceBackend
 from megakernel.instructions.rms_qkv_rope import block_rows
 from megakernel.presets import PRESETS, random_weights
 from megakernel.scheduler import (build_program, chain_prefix, chain_steps, decode_programs,
-                                  split_qkv, whole_context_limit)
+                                  split_qkv, whole_context_limit, with_sampled_tokens)
 from megakernel.scheduler.program import EARLY_GATE_UP_L2_BYTES, early_gate_up_limit
 from tolerances import RELATIVE_TOLERANCE, relative_error
 
@@ -445,7 +445,7 @@ def _chained_run(weights, prompt, steps_per_launch, launches, order_seed=None, c
     cache.reserve(len(prompt) + steps_per_launch * launches)
     backend = ReferenceBackend(weights, cache, num_sms=5, order_seed=order_seed)
     if chain is not None:
-        backend._chains[steps_per_launch] = (chain, backend._state_for(chain))
+        backend._chains[(steps_per_launch, False)] = (chain, backend._state_for(chain))
     out = backend.prefill(torch.tensor(prompt), 0)
     token, position, tokens, logits = out.greedy_token, len(prompt), [], []
     for _ in range(launches):
@@ -520,3 +520,53 @@ def test_random_order_catches_a_chained_embed_without_its_wait():
 
     assert not any(differs(program, seed) for seed in range(4))
     assert any(differs(broken, seed) for seed in range(4))
+
+
+def test_sampled_program_structure():
+    """with_sampled_tokens: one sample_logits per LM-head block (its rows and slot) after
+    the LM head, waiting on all of it, and argmax_reduce waiting on them; it chains like a
+    greedy step and refuses a chained or already sampled program."""
+    weights = random_weights(small_config(**CONFIGS["gqa2-hd64"]), seed=3)
+    one = _program(weights)
+    sampled = with_sampled_tokens(one)
+    rows = sampled.instruction_list()
+    heads = [i for i in rows if i.spec.name == "rms_lm_head"]
+    samples = [i for i in rows if i.spec.name == "sample_logits"]
+    assert sampled.num_instructions == one.num_instructions + len(heads)
+    assert [(i.args, i.block_index) for i in samples] == [(i.args, i.block_index) for i in heads]
+    assert rows[-len(samples) - 1:-1] == samples and rows[-1].spec.name == "argmax_reduce"
+    sample_counter = sampled.num_counters - 1
+    assert sampled.counter_names[-1] == "sample"
+    assert sampled.counter_targets[sample_counter] == len(samples)
+    assert {i.waits for i in samples} == {((heads[0].signal, len(heads)),)}
+    assert {i.signal for i in samples} == {sample_counter}
+    assert rows[-1].waits == ((sample_counter, len(samples)),)
+    assert rows[:-len(samples) - 1] == one.instruction_list()[:-1]
+    three = chain_steps(sampled, 3)
+    assert three.num_instructions == 3 * sampled.num_instructions
+    with pytest.raises(ValueError, match="chain it"):
+        with_sampled_tokens(chain_steps(one, 2))
+    with pytest.raises(ValueError, match="already samples"):
+        with_sampled_tokens(sampled)
+
+
+def test_random_order_catches_a_draw_before_the_lm_head():
+    """A sample_logits that does not wait on the LM head reads logits not written yet (or
+    the previous step's): some random order must give other tokens."""
+    weights = random_weights(small_config(**CONFIGS["gqa2-hd64"]), seed=3, init_std=0.1)
+    sampled = with_sampled_tokens(_program(weights))
+    victim = next(i for i, ins in enumerate(sampled.instruction_list())
+                  if ins.spec.name == "sample_logits")
+
+    def tokens(program, order_seed=None):
+        cache = PagedKVCache(weights.config, max_seq_len=32, page_size=4,
+                             dtype=torch.float32, shuffle_seed=7, poison=True)
+        cache.reserve(len(PROMPT))
+        backend = ReferenceBackend(weights, cache, num_sms=5, order_seed=order_seed)
+        backend._chains[(1, True)] = (program, backend._state_for(program))
+        return [int(backend.decode_steps(tok, pos, 1, sampling=(1 / 0.9, 5)).last_token)
+                for pos, tok in enumerate(PROMPT)]
+
+    expected = tokens(sampled)
+    assert all(tokens(sampled, seed) == expected for seed in range(3))
+    assert any(tokens(sampled.without_wait(victim), seed) != expected for seed in range(8))

@@ -5,7 +5,7 @@
 #include <math_constants.h>
 
 #include "common.cuh"
-#include "ops/row_pair_matvec.cuh"
+#include "ops/argmax_merge.cuh"
 
 namespace mk {
 
@@ -24,12 +24,7 @@ __device__ __forceinline__ bool op_argmax_reduce(const OpContext& ctx) {
     const int i = __ldcg(indices + b);
     if (argmax_better(v, i, best_v, best_i)) best_v = v, best_i = i;
   }
-#pragma unroll
-  for (int o = kWarpSize / 2; o > 0; o /= 2) {
-    const float v = __shfl_xor_sync(0xffffffffu, best_v, o);
-    const int i = __shfl_xor_sync(0xffffffffu, best_i, o);
-    if (argmax_better(v, i, best_v, best_i)) best_v = v, best_i = i;
-  }
+  warp_argmax(best_v, best_i);
   if (lane == 0) p.next_token[t] = best_i;
   return true;
 }

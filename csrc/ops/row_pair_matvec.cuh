@@ -18,13 +18,9 @@
 #include <math_constants.h>
 
 #include "common.cuh"
+#include "ops/argmax_merge.cuh"
 
 namespace mk {
-
-// (value, index) order of torch.argmax: larger value wins, then the lower index.
-__device__ __forceinline__ bool argmax_better(float v, int i, float best_v, int best_i) {
-  return v > best_v || (v == best_v && i < best_i);
-}
 
 __device__ __forceinline__ bool op_row_pair_matvec(const OpContext& ctx) {
   const KernelParams& p = ctx.p;
@@ -87,27 +83,7 @@ __device__ __forceinline__ bool op_row_pair_matvec(const OpContext& ctx) {
     return false;
   if (!lm_head) return true;
 
-  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  float* cand_v = ctx.scratch;                                    // [kComputeWarps]
-  int* cand_i = reinterpret_cast<int*>(ctx.scratch + kWarpSize);  // [kComputeWarps]
-  if (lane == 0) {
-    cand_v[warp] = g.best_v;
-    cand_i[warp] = g.best_i;
-  }
-  compute_sync();
-  if (threadIdx.x == 0) {
-    float best_v = g.best_v;
-    int best_i = g.best_i;
-    for (int k = 1; k < kComputeWarps; ++k)
-      if (argmax_better(cand_v[k], cand_i[k], best_v, best_i)) {
-        best_v = cand_v[k];
-        best_i = cand_i[k];
-      }
-    const int64_t slot = static_cast<int64_t>(t) * p.lm_head_blocks + ctx.words[word::kBlockIndex];
-    p.argmax_value[slot] = best_v;
-    p.argmax_index[slot] = best_i;
-  }
-  compute_sync();  // scratch is free again
+  write_block_argmax(ctx, t, g.best_v, g.best_i);
   return true;
 }
 

@@ -11,7 +11,9 @@ restarts at epoch 1.
 
 A launch may chain several greedy decode steps (decode_steps(); scheduler/chain.py):
 each step's token is the argmax of the step before, chosen on the device, so the kernel's
-start and the gap between launches are paid once for all of them.
+start and the gap between launches are paid once for all of them. Temperature-sampled
+steps chain the same way, through programs that draw the token on the device
+(scheduler.with_sampled_tokens), built at the first sampled request.
 
 Errors cost no extra sync. The last block of every launch writes the (last step's) greedy
 token, or -code after a fault, (a) into a ring of device result slots
@@ -229,7 +231,8 @@ def decode_error(ext, record: list[int], counter_names=None, timeout_s=None,
 def launch(ext, rows: torch.Tensor, state: KernelState, buffers: dict, weights, k_cache,
            v_cache, page_table, step_input, rms_norm_eps: float,
            timeout_s: float = DEFAULT_TIMEOUT_S, profile: torch.Tensor | None = None,
-           num_blocks: int = 0, prefetch_bytes: int | None = None, steps: int = 1) -> None:
+           num_blocks: int = 0, prefetch_bytes: int | None = None, steps: int = 1,
+           sampling: tuple[float, int] | None = None) -> None:
     """One launch of `rows` [N, 32] int32 on the current stream; advances state.epoch.
 
     buffers: the program's activations by name (scheduler.program.BUFFERS). step_input:
@@ -238,7 +241,8 @@ def launch(ext, rows: torch.Tensor, state: KernelState, buffers: dict, weights, 
     token an int or a one-element int64 tensor on the device that the kernel reads
     (nothing is written to the device before the launch). prefetch_bytes: L2 prefetch
     budget per instruction for the next instruction's weights (None: the extension's
-    default).
+    default). sampling: (1 / temperature, seed) for a program's sample_logits instructions
+    (instructions/sample_logits.py); None: they keep the greedy argmax.
     Mutates buffers, k_cache, v_cache and state. When the extension refuses the launch
     (RuntimeError from its argument checks) nothing ran and state.epoch stays: the
     counters and queue head count launches that ran, so the next launch still matches them.
@@ -258,15 +262,18 @@ def launch(ext, rows: torch.Tensor, state: KernelState, buffers: dict, weights, 
                w.final_norm, w.lm_head, w.rope_cos, w.rope_sin, k_cache, v_cache, page_table,
                float(rms_norm_eps), int(epoch), int(timeout_s * 1e9), int(num_blocks),
                int(ext.DEFAULT_PREFETCH_BYTES if prefetch_bytes is None else prefetch_bytes),
-               token_source, int(token), int(position), int(steps))
+               token_source, int(token), int(position), int(steps),
+               float(sampling[0]) if sampling else 0.0, int(sampling[1]) if sampling else 0)
     state.epoch = epoch
 
 
 def run_program(instructions, *, weights, buffers: dict, k_cache, v_cache, page_table,
                 token_ids, positions, num_counters: int, state: KernelState | None = None,
                 timeout_s: float = DEFAULT_TIMEOUT_S, counter_names=None,
-                num_blocks: int = 0, prefetch_bytes: int | None = None) -> KernelState:
-    """Run a (possibly hand-made) instruction stream once and wait for it.
+                num_blocks: int = 0, prefetch_bytes: int | None = None,
+                sampling: tuple[float, int] | None = None) -> KernelState:
+    """Run a (possibly hand-made) instruction stream once and wait for it (sampling: as
+    MachineState.sampling).
 
     instructions: a Program, an [N, 32] int32 tensor or a list of Instruction. buffers,
     k_cache, v_cache, page_table: device tensors as in MachineState (weights bf16 on the
@@ -282,7 +289,7 @@ def run_program(instructions, *, weights, buffers: dict, k_cache, v_cache, page_
                               dtype=torch.int32, device=device)
     launch(ext, rows, state, buffers, weights, k_cache, v_cache, page_table, step_input,
            weights.config.rms_norm_eps, timeout_s, num_blocks=num_blocks,
-           prefetch_bytes=prefetch_bytes)
+           prefetch_bytes=prefetch_bytes, sampling=sampling)
     record = state.error_record.tolist()
     if record[ext.ERROR_WORDS["code"]] != 0:
         err = decode_error(ext, record, counter_names, timeout_s, rows.tolist(),
@@ -323,8 +330,9 @@ class MegakernelBackend(Backend):
     prefill_mode: "torch" (default) runs the prompt through TorchBackend in chunks;
     "decode" runs it through the kernel one token at a time (slow for long prompts, but
     every K/V then comes from the same float32-activation math as the reference
-    interpreter's, which token-exact comparisons need). steps_per_launch: greedy decode
-    steps Engine.generate chains per launch (decode_steps()), 1 to MAX_STEPS_PER_LAUNCH.
+    interpreter's, which token-exact comparisons need). steps_per_launch: greedy (or
+    temperature-sampled) decode steps Engine.generate chains per launch (decode_steps()), 1
+    to MAX_STEPS_PER_LAUNCH.
     """
     name = "megakernel"
 
@@ -408,14 +416,19 @@ class MegakernelBackend(Backend):
         """runs: (position limit, ProgramRun) by rising limit; a position decodes with the
         first run whose limit is above it (the last run's at any other)."""
         self._runs = runs
-        # Chained runs by (index in runs, steps). Per index, the longest chain built holds
-        # the instruction rows and activations; a shorter one built after it (a
-        # generation's last launch) is a view of them with a kernel state of its own.
-        self._chains: dict[tuple[int, int], ProgramRun] = {}
+        # The sampling runs (scheduler.with_sampled_tokens of a run's program) by index in
+        # runs, built at their first use.
+        self._sampled: dict[int, ProgramRun] = {}
+        # Chained runs by (index in runs, sampled, steps). Per index and kind, the longest
+        # chain built holds the instruction rows and activations; a shorter one built
+        # after it (a generation's last launch) is a view of them with a kernel state of
+        # its own.
+        self._chains: dict[tuple[int, bool, int], ProgramRun] = {}
         self._use(runs[0][1])
 
     def _all_runs(self) -> list[ProgramRun]:
-        runs = [run for _, run in self._runs] + list(self._chains.values())
+        runs = ([run for _, run in self._runs] + list(self._sampled.values())
+                + list(self._chains.values()))
         return list({id(run): run for run in runs}.values())
 
     def _use(self, run: ProgramRun) -> None:
@@ -437,25 +450,39 @@ class MegakernelBackend(Backend):
         return next((i for i, (limit, _) in enumerate(self._runs) if position < limit),
                     len(self._runs) - 1)
 
-    def _run_for(self, position: int, steps: int = 1) -> ProgramRun:
-        """The run that decodes `steps` chained steps from `position`: the program of the
-        last step's position (whole-context attention serves a chain only when it serves
-        every step of it), chained."""
+    def _step_run(self, index: int, sampled: bool) -> ProgramRun:
+        """The one-step run of runs[index]: its program, or the same drawing its token."""
+        from megakernel.scheduler import with_sampled_tokens
+
+        if not sampled:
+            return self._runs[index][1]
+        if index not in self._sampled:
+            self._sampled[index] = self._program_run(
+                with_sampled_tokens(self._runs[index][1].program))
+        return self._sampled[index]
+
+    def _run_for(self, position: int, steps: int = 1, sampled: bool = False) -> ProgramRun:
+        """The run that decodes `steps` chained steps from `position` (their tokens drawn
+        when sampled): the program of the last step's position (whole-context attention
+        serves a chain only when it serves every step of it), chained."""
         from megakernel.scheduler import chain_steps
 
         index = self._run_index(position + steps - 1)
+        step = self._step_run(index, sampled)
         if steps == 1:
-            return self._runs[index][1]
-        if (index, steps) not in self._chains:
-            longest = max((n for i, n in self._chains if i == index), default=0)
+            return step
+        key = (index, sampled, steps)
+        if key not in self._chains:
+            longest = max((n for i, s, n in self._chains if (i, s) == (index, sampled)),
+                          default=0)
             if longest < steps:
                 longest = max(steps, self.steps_per_launch)
-                self._chains[(index, longest)] = self._program_run(
-                    chain_steps(self._runs[index][1].program, longest))
-            if (index, steps) not in self._chains:
-                self._chains[(index, steps)] = self._prefix_run(self._chains[(index, longest)],
-                                                                steps)
-        return self._chains[(index, steps)]
+                self._chains[(index, sampled, longest)] = self._program_run(
+                    chain_steps(step.program, longest))
+            if key not in self._chains:
+                self._chains[key] = self._prefix_run(
+                    self._chains[(index, sampled, longest)], steps)
+        return self._chains[key]
 
     def _prefix_run(self, full: ProgramRun, steps: int) -> ProgramRun:
         """The first `steps` steps of the chained run `full`: views of its rows, activations
@@ -497,18 +524,25 @@ class MegakernelBackend(Backend):
         return StepOutput(logits=self.buffers["logits"][0], greedy_token=self.state.result,
                           greedy_token_host=self.state.host_result)
 
-    def decode_steps(self, token_id, position: int, steps: int) -> StepsOutput:
+    chains_sampling = True     # scheduler.with_sampled_tokens
+
+    def decode_steps(self, token_id, position: int, steps: int,
+                     sampling: tuple[float, int] | None = None) -> StepsOutput:
         """`steps` chained greedy steps in one launch from token_id ([] int64 on the device,
-        or an int) at positions position..position + steps - 1.
+        or an int) at positions position..position + steps - 1; with sampling = (1 /
+        temperature, seed), each step's token is drawn from softmax(logits / temperature)
+        on the device instead (scheduler.with_sampled_tokens), the draw fixed by seed and
+        position.
 
         Returns views valid until the next call with as many steps: logits [steps, V], the
         last step's token on the device, and every step's token in host memory (negative
         when the kernel faulted, see check_error)."""
-        self._launch(token_id, position, steps)
+        self._launch(token_id, position, steps, sampling)
         return StepsOutput(logits=self.buffers["logits"], last_token=self.state.result,
                            tokens_host=self.state.host_tokens(steps))
 
-    def _launch(self, token_id, position: int, steps: int) -> None:
+    def _launch(self, token_id, position: int, steps: int,
+                sampling: tuple[float, int] | None = None) -> None:
         check_step_count(steps, "steps")
         limit = min(self.max_seq_len, self.weights.rope_cos.shape[0])
         if not 0 <= position <= position + steps - 1 < limit:
@@ -525,11 +559,11 @@ class MegakernelBackend(Backend):
             if not 0 <= token < self.config.vocab_size:
                 raise InvalidRequestError(
                     f"token {token} is outside the vocabulary [0, {self.config.vocab_size})")
-        self._use(self._run_for(position, steps))
+        self._use(self._run_for(position, steps, sampled=sampling is not None))
         launch(self.ext, self.rows, self.state, self.buffers, self.weights, self.kv_cache.k,
                self.kv_cache.v, self.kv_cache.page_table, (token, position),
                self.config.rms_norm_eps, self.timeout_s, self.profile,
-               prefetch_bytes=self.prefetch_bytes, steps=steps)
+               prefetch_bytes=self.prefetch_bytes, steps=steps, sampling=sampling)
         self.launches += 1
 
     def check_error(self, greedy_token: int | None = None) -> None:

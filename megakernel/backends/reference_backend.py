@@ -4,14 +4,17 @@ Slow and exact (float32): it proves the compiled program (math and dependencies)
 any GPU runs it. Prompt tokens go through the stream one decode step at a time, so every
 token this backend produces came from the instruction stream. With order_seed, each step
 runs in a seeded random order allowed by the declared dependencies. decode_steps() runs
-the chained program of several steps (scheduler/chain.py) as one stream, as the GPU does.
+the chained program of several steps (scheduler/chain.py) as one stream, as the GPU does,
+and with `sampling` the program that draws each step's token
+(scheduler.with_sampled_tokens).
 """
 from __future__ import annotations
 
 import torch
 
 from megakernel.instructions import MachineState
-from megakernel.scheduler import allocate_buffers, build_program, chain_steps, run_step
+from megakernel.scheduler import (allocate_buffers, build_program, chain_steps, run_step,
+                                  with_sampled_tokens)
 
 from .base import Backend, StepOutput, StepsOutput, check_step_count
 
@@ -22,6 +25,7 @@ DEFAULT_REFERENCE_SMS = 8
 
 class ReferenceBackend(Backend):
     name = "reference"
+    chains_sampling = True     # scheduler.with_sampled_tokens
 
     def __init__(self, weights, kv_cache, num_sms: int = DEFAULT_REFERENCE_SMS,
                  order_seed: int | None = None, program=None, steps_per_launch: int = 1):
@@ -33,7 +37,8 @@ class ReferenceBackend(Backend):
             self.config, num_sms=num_sms, page_size=kv_cache.page_size,
             max_seq_len=kv_cache.max_seq_len, dtype_bytes=weights.dtype.itemsize)
         self.state = self._state_for(self.program)
-        self._chains = {1: (self.program, self.state)}   # steps -> (program, state)
+        # (steps, sampled) -> (program, state)
+        self._chains = {(1, False): (self.program, self.state)}
 
     def _state_for(self, program) -> MachineState:
         return MachineState(
@@ -49,12 +54,17 @@ class ReferenceBackend(Backend):
             state.counters.zero_()
             state.epoch = 0
 
-    def _run(self, steps: int, token_id, position: int) -> MachineState:
-        """One launch of the `steps`-step program from token_id at position."""
-        if steps not in self._chains:
-            program = chain_steps(self.program, steps)
-            self._chains[steps] = (program, self._state_for(program))
-        program, s = self._chains[steps]
+    def _run(self, steps: int, token_id, position: int,
+             sampling: tuple[float, int] | None = None) -> MachineState:
+        """One launch of the `steps`-step program from token_id at position (sampling: as
+        MachineState.sampling)."""
+        key = (steps, sampling is not None)
+        if key not in self._chains:
+            step = with_sampled_tokens(self.program) if sampling is not None else self.program
+            program = chain_steps(step, steps)
+            self._chains[key] = (program, self._state_for(program))
+        program, s = self._chains[key]
+        s.sampling = sampling
         s.token_ids[0] = int(token_id)
         s.positions.copy_(torch.arange(position, position + steps))
         s.epoch += 1
@@ -71,9 +81,10 @@ class ReferenceBackend(Backend):
         return StepOutput(logits=s.buffers["logits"][0],
                           greedy_token=s.buffers["next_token"][0].long())
 
-    def decode_steps(self, token_id, position: int, steps: int) -> StepsOutput:
+    def decode_steps(self, token_id, position: int, steps: int,
+                     sampling: tuple[float, int] | None = None) -> StepsOutput:
         check_step_count(steps, "steps")
-        s = self._run(steps, token_id, position)
+        s = self._run(steps, token_id, position, sampling)
         tokens = s.buffers["next_token"].long()
         return StepsOutput(logits=s.buffers["logits"], last_token=tokens[-1],
                            tokens_host=tokens)

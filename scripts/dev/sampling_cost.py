@@ -1,6 +1,7 @@
-"""What sampling costs per decode step on the GPU, against greedy decoding, with the
-engine's sampler and with softmax + torch.multinomial in its place (the form it had
-before benchmarks/RESULTS.md entry 49).
+"""What sampling costs per decode step on the GPU, against greedy decoding: drawn on the
+device where the engine can (plain temperature sampling, chained like greedy steps,
+benchmarks/RESULTS.md entry 51), drawn between launches by the engine's sampler, and by
+softmax + torch.multinomial in its place (the form it had before entry 49).
 
     python3 scripts/dev/sampling_cost.py [--model random:llama-3.2-1b] [--rounds 2]
 
@@ -45,15 +46,21 @@ def main():
             engine.generate(prompt, max_new_tokens=128, ignore_eos=True, seed=1,
                             **kw).stats.ms_per_token for _ in range(3))
 
+    # (label, the sampler between launches, whether plain temperature sampling is drawn
+    # on the device, the cases): top-k and top-p are always drawn between launches.
+    modes = (("multinomial", multinomial_sample, False, CASES[1:]),
+             ("host", sample, False, CASES[1:]),
+             ("device", sample, True, CASES[:2]))
     try:
         for _ in range(args.rounds):
-            for label, sampler in (("multinomial", multinomial_sample), ("engine", sample)):
+            for label, sampler, on_device, cases in modes:
                 engine_module.sample = sampler
-                for name, kw in CASES:
-                    if name != "greedy" or label == "multinomial":
-                        print(f"{label:12s} {name:16s} ms/token {ms_per_token(**kw):.3f}")
+                engine.backend.chains_sampling = on_device
+                for name, kw in cases:
+                    print(f"{label:12s} {name:16s} ms/token {ms_per_token(**kw):.3f}")
     finally:
         engine_module.sample = sample
+        del engine.backend.chains_sampling
 
 
 if __name__ == "__main__":
