@@ -7,7 +7,7 @@ import torch
 
 import megakernel
 from megakernel.backends.prompt_graphs import MIN_BUCKET, PromptGraphs, bucket_of
-from megakernel.backends.prompt_prefill import prefill_from_start
+from megakernel.backends.prompt_prefill import prefill_chunk
 from tolerances import RELATIVE_TOLERANCE, relative_error
 
 pytestmark = pytest.mark.gpu
@@ -25,11 +25,14 @@ def prompt(n: int, seed: int) -> torch.Tensor:
     return torch.randint(3, 200, (n,), generator=torch.Generator().manual_seed(seed)).cuda()
 
 
-def prefill(engine, run, n: int, reserve: int = 256):
-    """run(ids) after a fresh page reservation: (logits, K and V of positions [0, n))."""
+def prefill(engine, run, n: int, reserve: int = 256, before: torch.Tensor | None = None):
+    """run() after a fresh page reservation (and the tokens `before` prefilled at position
+    0 without a graph): (logits, K and V of positions [0, n))."""
     kv = engine.kv_cache
     kv.release()
     kv.reserve(reserve)
+    if before is not None:
+        prefill_chunk(engine.backend, before)
     logits = run()
     pos = torch.arange(n, device="cuda")
     page, offset = kv.page_table[0, pos // kv.page_size].long(), pos % kv.page_size
@@ -46,7 +49,7 @@ def test_a_bucket_is_captured_on_its_second_prompt_and_replays_match(engine):
     graphs = PromptGraphs(engine.backend, max_tokens=512)
     for i, n in enumerate([5, 12, 16, 9, 20, 31]):     # buckets 16, 16, 16, 16, 32, 32
         ids = prompt(n, seed=i)
-        want = prefill(engine, lambda: prefill_from_start(engine.backend, ids), n)
+        want = prefill(engine, lambda: prefill_chunk(engine.backend, ids), n)
         got = prefill(engine, lambda: graphs.run(ids), n)
         first_of_bucket = i in (0, 4)
         assert (got[0] is None) == first_of_bucket
@@ -54,6 +57,27 @@ def test_a_bucket_is_captured_on_its_second_prompt_and_replays_match(engine):
         if not first_of_bucket:
             for g, w in zip(got, want):
                 assert relative_error(g, w) < BF16
+
+
+def test_later_chunks_have_graphs_of_their_own(engine):
+    """A chunk after 48 cached positions: captured on its second use of (start, bucket),
+    its replays equal the plain path; a chunk whose bucket runs past the pages gets none."""
+    graphs = PromptGraphs(engine.backend, max_tokens=512)
+    before = prompt(48, seed=11)
+    for i, n in enumerate([20, 30, 25]):                 # bucket 32 at start 48
+        ids = prompt(n, seed=20 + i)
+        want = prefill(engine, lambda: prefill_chunk(engine.backend, ids, 48), 48 + n,
+                       before=before)
+        got = prefill(engine, lambda: graphs.run(ids, 48), 48 + n, before=before)
+        assert (got[0] is None) == (i == 0) and graphs.captures == min(i, 1)
+        if i:
+            for g, w in zip(got, want):
+                assert relative_error(g, w) < BF16
+    ids, before = prompt(20, seed=30), prompt(52, seed=31)
+    for _ in range(3):                                   # pages for [0, 80), bucket [52, 84)
+        assert prefill(engine, lambda: graphs.run(ids, 52), 72, reserve=72,
+                       before=before)[0] is None
+    assert graphs.captures == 1
 
 
 def test_a_graph_is_captured_again_when_a_weight_moves(engine):
@@ -66,7 +90,7 @@ def test_a_graph_is_captured_again_when_a_weight_moves(engine):
     original = weights.down
     weights.down = original.clone()
     try:
-        want = prefill(engine, lambda: prefill_from_start(engine.backend, ids), 10)
+        want = prefill(engine, lambda: prefill_chunk(engine.backend, ids), 10)
         got = prefill(engine, lambda: graphs.run(ids), 10)
     finally:
         weights.down = original

@@ -7,7 +7,7 @@ import torch
 
 import megakernel
 from conftest import hf_llama_config, write_hf_checkpoint
-from megakernel.backends.prompt_prefill import prefill_from_start
+from megakernel.backends.prompt_prefill import prefill_chunk
 from tolerances import relative_error
 
 CONFIGS = {
@@ -55,27 +55,30 @@ def test_matches_transformers(checkpoint, backend):
     assert pages != sorted(pages)
 
 
-@pytest.mark.parametrize("prompt_len", [1, 8, 37])
-def test_prompt_prefill_equals_the_per_op_forward(checkpoint, prompt_len):
-    """The prompt's first chunk in few launches (prompt_prefill.py) gives the logits and
-    the K/V that the per-op forward() gives."""
+@pytest.mark.parametrize("start,prompt_len", [(0, 1), (0, 8), (0, 37), (13, 1), (16, 21)])
+def test_prompt_prefill_equals_the_per_op_forward(checkpoint, start, prompt_len):
+    """A prompt chunk in few launches (prompt_prefill.py), from position 0 or after
+    `start` positions in the cache, gives the logits and the K/V that the per-op forward()
+    gives."""
     path, _ = checkpoint
     engine = megakernel.Engine.from_pretrained(str(path), device="cpu", backend="torch",
                                                page_size=8)
     kv, backend = engine.kv_cache, engine.backend
-    ids = torch.randint(3, 200, (prompt_len,),
-                        generator=torch.Generator().manual_seed(prompt_len))
+    end = start + prompt_len
+    ids = torch.randint(3, 200, (end,), generator=torch.Generator().manual_seed(prompt_len))
 
     def run(prefill):
         kv.release()
-        kv.reserve(prompt_len + 1)
+        kv.reserve(end + 1)
         backend.reset()
+        if start:     # the positions before the chunk, the same way for both
+            backend.forward(ids[:start], torch.arange(start), start)
         logits = prefill()
-        pos = torch.arange(prompt_len)
+        pos = torch.arange(end)
         slots = (kv.page_table[0, pos // kv.page_size].long(), pos % kv.page_size)
         return logits, kv.k[:, slots[0], slots[1]].clone(), kv.v[:, slots[0], slots[1]].clone()
 
-    fast = run(lambda: prefill_from_start(backend, ids))
-    per_op = run(lambda: backend.forward(ids, torch.arange(prompt_len), prompt_len))
+    fast = run(lambda: prefill_chunk(backend, ids[start:], start))
+    per_op = run(lambda: backend.forward(ids[start:], torch.arange(start, end), end))
     for got, want in zip(fast, per_op):
         assert relative_error(got, want) < 1e-5

@@ -1,16 +1,16 @@
 """Prompt prefills replayed from CUDA graphs: the time to first token without the host.
 
-prefill_from_start() launches ~45 kernels per layer, and for a short prompt the host's
+prefill_chunk() launches ~45 kernels per layer, and for a short prompt the host's
 launching takes several times the GPU's work (benchmarks/RESULTS.md, entry 48). A graph
-of it per prompt-length bucket (a power of two, at least MIN_BUCKET tokens) replays all
-of them in one launch: the prompt goes into the graph's token buffer padded with token 0,
-and the logits come from the last real token. The padding's K/V lands at positions past
-the prompt, which the decode steps overwrite before any step attends to them; only a
-bucket whose positions all have pages in the cache is used.
+of it per chunk start and length bucket (a power of two, at least MIN_BUCKET tokens)
+replays all of them in one launch: the chunk goes into the graph's token buffer padded
+with token 0, and the logits come from the last real token. The padding's K/V lands at
+positions past the chunk, which later chunks or the decode steps overwrite before any
+step attends to them; only a bucket whose positions all have pages in the cache is used.
 
-A bucket is captured the second time it is needed (the first prompt runs the plain path),
-so a single generate() pays no capture. A graph holds the addresses of the weights, the
-cache and the RoPE tables: it is captured again if any of them moved. All buckets share
+A graph is captured the second time it is needed (the first chunk runs the plain path), so
+a single generate() pays no capture. A graph holds the addresses of the weights, the
+cache and the RoPE tables: it is captured again if any of them moved. All graphs share
 one memory pool (their replays never overlap).
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from collections import Counter
 
 import torch
 
-from .prompt_prefill import prefill_from_start
+from .prompt_prefill import prefill_chunk
 
 MIN_BUCKET = 16
 
@@ -37,12 +37,12 @@ class _Graph:
 
 
 class PromptGraphs:
-    """CUDA graphs of prefill_from_start(backend, ...) by bucket; see the module doc."""
+    """CUDA graphs of prefill_chunk(backend, ...) by (start, bucket); see the module doc."""
 
     def __init__(self, backend, max_tokens: int):
         self.backend = backend
         self.max_tokens = max_tokens     # longest prompt chunk (a power of two)
-        self._graphs: dict[int, _Graph] = {}
+        self._graphs: dict[tuple[int, int], _Graph] = {}
         self._needed = Counter()
         self._pool = None
         self.captures = 0                # graphs captured so far (tests read it)
@@ -52,44 +52,46 @@ class PromptGraphs:
         tensors = [getattr(w, name) for name in w.MATRIX_NAMES + ("rope_cos", "rope_sin")]
         return tuple(t.data_ptr() for t in tensors + [kv.k, kv.v, kv.page_table])
 
-    def run(self, token_ids: torch.Tensor) -> torch.Tensor | None:
-        """The logits [V] of the prompt token_ids (int64 [T] on the device) prefilled from
-        position 0 through a graph, or None where no graph serves it (the caller then
-        prefills without one). The logits live in the graph's buffer until its next
+    def run(self, token_ids: torch.Tensor, start: int = 0) -> torch.Tensor | None:
+        """The logits [V] of the chunk token_ids (int64 [T] on the device) prefilled at
+        positions start.. through a graph, or None where no graph serves it (the caller
+        then prefills without one). The logits live in the graph's buffer until its next
         replay."""
         n = token_ids.shape[0]
         bucket = bucket_of(n)
-        if bucket > self.max_tokens or bucket > self.backend.kv_cache.capacity():
+        if bucket > self.max_tokens or start + bucket > self.backend.kv_cache.capacity():
             return None
-        self._needed[bucket] += 1
-        entry = self._graphs.get(bucket)
+        key = (start, bucket)
+        self._needed[key] += 1
+        entry = self._graphs.get(key)
         addresses = self._addresses()
         if entry is None or entry.addresses != addresses:
-            if self._needed[bucket] < 2:
+            if self._needed[key] < 2:
                 return None
-            entry = self._capture(bucket, token_ids.device, addresses)
+            entry = self._capture(key, token_ids.device, addresses)
         entry.token_ids[:n].copy_(token_ids)
         entry.token_ids[n:].zero_()
         entry.last_index.fill_(n - 1)
         entry.graph.replay()
         return entry.logits
 
-    def _capture(self, bucket: int, device, addresses) -> _Graph:
+    def _capture(self, key: tuple[int, int], device, addresses) -> _Graph:
+        start, bucket = key
         token_ids = torch.zeros(bucket, dtype=torch.int64, device=device)
         last_index = torch.zeros(1, dtype=torch.int64, device=device)
         # One run outside the capture, on a side stream, so that lazily created state
         # (library handles, workspaces) is not captured. It writes the K/V of positions
-        # [0, bucket), which the replay that follows writes again.
+        # [start, start + bucket), which the replay that follows writes again.
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
-            prefill_from_start(self.backend, token_ids, last_index)
+            prefill_chunk(self.backend, token_ids, start, last_index)
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            logits = prefill_from_start(self.backend, token_ids, last_index)
+            logits = prefill_chunk(self.backend, token_ids, start, last_index)
         self._pool = graph.pool()
         self.captures += 1
         entry = _Graph(graph, token_ids, last_index, logits, addresses)
-        self._graphs[bucket] = entry
+        self._graphs[key] = entry
         return entry

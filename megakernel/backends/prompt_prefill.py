@@ -1,14 +1,15 @@
-"""The prompt's first chunk in few kernel launches: the time to first token.
+"""A prompt chunk in few kernel launches: the time to first token.
 
-A prompt prefills through per-op PyTorch (torch_backend.TorchBackend.forward). For a short
-prompt that path is bound by the host, not the GPU: on an H100 a 32-token prompt of
+A prompt prefills in chunks. Through the per-op forward() (torch_backend.TorchBackend) a
+short prompt is bound by the host, not the GPU: on an H100 a 32-token prompt of
 Llama-3.2-1B ran ~1100 kernels and copies, 3.3 ms of device time behind 16.8 ms of host time
-(scripts/dev/ttft_breakdown.py; benchmarks/RESULTS.md, entry 48). This is the same math
-for a chunk that starts at position 0, in fewer launches: F.rms_norm, RoPE for q and k
-at once, and attention over the chunk's own K/V (rounded as the cache stores them) in
-one causal scaled_dot_product_attention, with no gather of the cache. The residual
-stream, norms and softmax stay in float32, matmuls in the weight dtype, as in forward(),
-which stays the path of every other chunk and of the decode baselines.
+(scripts/dev/ttft_breakdown.py; benchmarks/RESULTS.md, entry 48). This is the same math in
+fewer launches: F.rms_norm, RoPE for q and k at once, and one scaled_dot_product_attention
+per layer. A chunk from position 0 attends over its own K/V (rounded as the cache stores
+them), causally, with no gather of the cache; a later chunk over the cache's K/V of every
+position up to its last, through a mask. The residual stream, norms and softmax stay in
+float32, matmuls in the weight dtype, as in forward(), which stays the path of the decode
+baselines.
 """
 from __future__ import annotations
 
@@ -30,25 +31,32 @@ def _per_query_head(x: torch.Tensor, group_size: int) -> torch.Tensor:
     return out.copy_(x.unsqueeze(2)).view(T, nkv * group_size, hd)
 
 
-def prefill_from_start(backend, token_ids: torch.Tensor,
-                       last_index: torch.Tensor | None = None) -> torch.Tensor:
-    """Tokens [T] (int64, on the device) at positions 0..T-1: appends their K/V to the
-    backend's cache and returns the logits [V] float32 of token last_index ([1] int64 on
-    the device; default the last token). Positions [0, T) must have pages."""
+def prefill_chunk(backend, token_ids: torch.Tensor, start: int = 0,
+                  last_index: torch.Tensor | None = None) -> torch.Tensor:
+    """Tokens [T] (int64, on the device) at positions start..start+T-1, after the K/V of
+    positions [0, start) in the backend's cache: appends their K/V and returns the logits
+    [V] float32 of token last_index ([1] int64 on the device; default the last token).
+    Positions [0, start + T) must have pages."""
     c, w, kv = backend.config, backend.weights, backend.kv_cache
     dt = w.dtype
     T, hd, nq, nkv, half = token_ids.shape[0], c.head_dim, c.num_heads, c.num_kv_heads, \
         c.head_dim // 2
     ps = kv.page_size
-    positions = torch.arange(T, device=token_ids.device)
+    positions = torch.arange(start, start + T, device=token_ids.device)
     slot_page = kv.page_table[0, positions // ps].long()
     slot_offset = positions % ps
     # Rotate-half RoPE as x * C + swap_halves(x) * S, for the q and k heads together.
-    cos, sin = w.rope_cos[:T], w.rope_sin[:T]
+    cos, sin = w.rope_cos[start:start + T], w.rope_sin[start:start + T]
     rope_c = torch.stack([cos, cos], dim=1).unsqueeze(1)          # [T, 1, 2, half]
     rope_s = torch.stack([-sin, sin], dim=1).unsqueeze(1)
     norms = {name: getattr(w, name).float() for name in ("attn_norm", "mlp_norm")}
     final_norm = w.final_norm.float()
+    if start:
+        # The cache's pages of positions [0, start + T), and which keys each query sees.
+        context = start + T
+        pages = kv.page_table[0, :-(-context // ps)].long()
+        visible = (torch.arange(context, device=token_ids.device).unsqueeze(0)
+                   <= positions.unsqueeze(1))                       # [T, context]
 
     x = w.embed[token_ids].float()                                 # [T, H]
     for layer in range(c.num_layers):
@@ -63,10 +71,14 @@ def prefill_from_start(backend, token_ids: torch.Tensor,
         kv.v[layer].index_put_((slot_page, slot_offset), v_cached)
         # The keys and values as a decode step reads them back (the cache's rounding), in
         # float32, per query head.
+        if start:
+            k_cached = kv.k[layer, pages].reshape(-1, nkv, hd)[:context]
+            v_cached = kv.v[layer, pages].reshape(-1, nkv, hd)[:context]
         keys = _per_query_head(k_cached, c.group_size)
         values = _per_query_head(v_cached, c.group_size)
-        attn = F.scaled_dot_product_attention(q.transpose(0, 1), keys.transpose(0, 1),
-                                              values.transpose(0, 1), is_causal=True)
+        attn = F.scaled_dot_product_attention(
+            q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
+            attn_mask=visible if start else None, is_causal=not start)
         attn = attn.transpose(0, 1).reshape(T, c.q_size)
         x = x + (attn.to(dt) @ w.o_proj[layer].t()).float()
         xn = _rms_norm(x, norms["mlp_norm"][layer], c.rms_norm_eps)

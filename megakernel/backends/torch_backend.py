@@ -1,4 +1,4 @@
-"""Per-op PyTorch execution of the same math: the baseline and the prefill path.
+"""Per-op PyTorch execution of the same math: the decode baseline, and the prompt's path.
 
 Runs on any device. Matmuls run in the weight dtype (what per-op inference does); the
 residual stream, norms and softmax stay in float32, like the megakernel. It writes K/V
@@ -7,7 +7,9 @@ decoded by the megakernel.
 
 `forward(token_ids, positions, context_len)` uses only device tensors and static shapes,
 so one decode step can be captured in a CUDA graph or compiled with torch.compile when
-context_len is fixed (the benchmark does this).
+context_len is fixed (the benchmark does this). Prompts prefill through a leaner form of
+the same math in chunks (prompt_prefill.py), replayed from CUDA graphs where they can be
+(prompt_graphs.py).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from megakernel.instructions.base import rms_norm
 
 from .base import Backend, StepOutput
 from .prompt_graphs import PromptGraphs
-from .prompt_prefill import prefill_from_start
+from .prompt_prefill import prefill_chunk
 
 # Prompt tokens per prefill chunk: bounds the [chunk, context] attention scores in memory.
 # A power of two: the largest prompt-graph bucket (prompt_graphs.py).
@@ -96,23 +98,22 @@ class TorchBackend(Backend):
         return out.reshape(T, c.q_size)
 
     def prefill(self, token_ids: torch.Tensor, start_position: int) -> StepOutput:
+        """Tokens [T] at positions start_position.. in chunks of PREFILL_CHUNK, each in few
+        launches (prompt_prefill.py) or, on CUDA, replayed from a graph
+        (prompt_graphs.py)."""
         device = self.kv_cache.device
         token_ids = token_ids.to(device)
         logits = None
         for begin in range(0, token_ids.shape[0], PREFILL_CHUNK):
             chunk = token_ids[begin:begin + PREFILL_CHUNK]
             first = start_position + begin
-            if first == 0:   # the common case: in few launches, or replayed from a graph
-                logits = None
-                if device.type == "cuda":
-                    if self._prompt_graphs is None:
-                        self._prompt_graphs = PromptGraphs(self, PREFILL_CHUNK)
-                    logits = self._prompt_graphs.run(chunk)
-                if logits is None:
-                    logits = prefill_from_start(self, chunk)
-                continue
-            positions = torch.arange(first, first + chunk.shape[0], device=device)
-            logits = self.forward(chunk, positions, first + chunk.shape[0])
+            logits = None
+            if device.type == "cuda":
+                if self._prompt_graphs is None:
+                    self._prompt_graphs = PromptGraphs(self, PREFILL_CHUNK)
+                logits = self._prompt_graphs.run(chunk, first)
+            if logits is None:
+                logits = prefill_chunk(self, chunk, first)
         return StepOutput(logits=logits, greedy_token=torch.argmax(logits))
 
     def decode(self, token_id: torch.Tensor, position: int) -> StepOutput:

@@ -30,7 +30,8 @@ def main():
     ap.add_argument("--runs", type=int, default=10)
     args = ap.parse_args()
 
-    engine = megakernel.Engine.from_pretrained(args.model, device="cuda", max_seq_len=1024)
+    engine = megakernel.Engine.from_pretrained(args.model, device="cuda",
+                                               max_seq_len=max(1024, args.prompt_tokens + 64))
     prompt = [10 + i % 1000 for i in range(args.prompt_tokens)]
     for new_tokens in (1, 9, 9):     # the first 9 warms up the decode programs
         engine.generate(prompt, max_new_tokens=new_tokens, ignore_eos=True)
