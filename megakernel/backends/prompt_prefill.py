@@ -76,10 +76,12 @@ def prefill_chunk(backend, token_ids: torch.Tensor, start: int = 0,
             v_cached = kv.v[layer, pages].reshape(-1, nkv, hd)[:context]
         keys = _per_query_head(k_cached, c.group_size)
         values = _per_query_head(v_cached, c.group_size)
+        # [1, heads, T, hd]: with a batch dimension the fused kernels take it (3-D inputs
+        # fall back to the math path's materialized scores).
         attn = F.scaled_dot_product_attention(
-            q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
+            q.transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
             attn_mask=visible if start else None, is_causal=not start)
-        attn = attn.transpose(0, 1).reshape(T, c.q_size)
+        attn = attn[0].transpose(0, 1).reshape(T, c.q_size)
         x = x + (attn.to(dt) @ w.o_proj[layer].t()).float()
         xn = _rms_norm(x, norms["mlp_norm"][layer], c.rms_norm_eps)
         gate_up = (xn.to(dt) @ w.gate_up[layer].t()).float()

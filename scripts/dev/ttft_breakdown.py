@@ -71,6 +71,7 @@ def main():
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     print(f"prefill: {len(kernels)} device events, "
           f"{sum(e.device_time for e in kernels) / 1e3:.2f} ms of device time")
+    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=12))
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
     print(prof.key_averages().table(sort_by="count", row_limit=25))
 
