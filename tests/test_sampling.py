@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megakernel.instructions.base import gumbel_noise
-from megakernel.sampling import sample
+from megakernel.sampling import kth_largest, sample
 
 LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
 DRAWS = 20000
@@ -64,3 +64,16 @@ def test_the_kernels_gumbel_noise_draws_from_the_softmax():
     assert torch.equal(gumbel_noise(seed, 5, rows), gumbel_noise(seed, 5, rows))
     assert not torch.equal(gumbel_noise(seed, 5, rows), gumbel_noise(seed + 1, 5, rows))
     assert not torch.equal(gumbel_noise(seed, 5, rows), gumbel_noise(seed, 6, rows))
+
+
+@pytest.mark.parametrize("n,k", [(10, 3), (4096, 7), (4097, 1), (128256, 50), (128256, 256),
+                                 (50000, 300)])
+def test_kth_largest_equals_topk(n, k):
+    """The two-stage k-th largest equals torch.topk's, with ties, -inf and NaN about."""
+    gen = torch.Generator().manual_seed(n + k)
+    x = torch.randn(n, generator=gen).round(decimals=2)     # many ties
+    x[torch.randint(0, n, (n // 10,), generator=gen)] = float("-inf")
+    assert torch.equal(kth_largest(x, k), torch.topk(x, k).values[-1])
+    x[n // 2] = float("nan")
+    got, want = kth_largest(x, k), torch.topk(x, k).values[-1]
+    assert torch.equal(got, want) or (got.isnan() and want.isnan())

@@ -6,7 +6,8 @@ softmax + torch.multinomial in its place (the form it had before entry 49).
     python3 scripts/dev/sampling_cost.py [--model random:llama-3.2-1b] [--rounds 2]
 
 Each case: 2 untimed generate() calls, then the median ms/token of 3 (32-token prompt,
-128 new tokens).
+128 new tokens). First, the top-k threshold alone: torch.topk over the vocabulary against
+sampling.kth_largest (entry 53), us per call on the device.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 
 import megakernel
 import megakernel.engine as engine_module
-from megakernel.sampling import masked_scores, sample
+from megakernel.sampling import kth_largest, masked_scores, sample
 
 
 def multinomial_sample(logits, temperature, top_k, top_p, generator):
@@ -31,6 +32,18 @@ CASES = [("greedy", dict(temperature=0.0)), ("t0.8", dict(temperature=0.8)),
          ("t0.8 top_p 0.9", dict(temperature=0.8, top_p=0.9))]
 
 
+def device_us(fn, calls: int = 200) -> float:
+    """Mean device time of fn() in microseconds, over `calls` calls after a warm-up."""
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / calls
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="random:llama-3.2-1b")
@@ -38,6 +51,11 @@ def main():
     args = ap.parse_args()
     engine = megakernel.Engine.from_pretrained(args.model, device="cuda", max_seq_len=1024)
     prompt = list(range(10, 42))
+
+    logits = torch.randn(engine.config.vocab_size, device="cuda")
+    for label, kth in (("torch.topk", lambda x, k: torch.topk(x, k).values[-1]),
+                       ("kth_largest", kth_largest)):
+        print(f"top-k 50 threshold, {label:12s} us {device_us(lambda: kth(logits, 50)):.1f}")
 
     def ms_per_token(**kw):
         for _ in range(2):
