@@ -141,10 +141,11 @@ struct KernelParams {
   int head_dim;
   float rms_norm_eps;
 
-  // Temperature sampling (programs with sample_logits; 0: their steps stay greedy). Each
-  // step's argmax is taken over logit * sample_inv_temperature + gumbel_noise(sample_seed,
-  // position, row): a draw from softmax(logits / temperature), so sampled steps chain
-  // like greedy ones. Last, so the other fields keep their offsets.
+  // Temperature sampling (programs with sample_logits). Above 0, the launch runs the
+  // kernel's sampling instance, where each step's argmax is taken over
+  // logit * sample_inv_temperature + gumbel_noise(sample_seed, position, row): a draw from
+  // softmax(logits / temperature), so sampled steps chain like greedy ones. 0: the greedy
+  // instance, whose steps stay greedy. Last, so the other fields keep their offsets.
   float sample_inv_temperature;
   uint64_t sample_seed;
 };

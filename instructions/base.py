@@ -232,8 +232,9 @@ _MASK64 = (1 << 64) - 1
 
 
 def _mix64(z: torch.Tensor) -> torch.Tensor:
-    """csrc/common.cuh mix64 on int64 tensors holding uint64 bit patterns: additions and
-    multiplications wrap the same way; right shifts are made logical by a mask."""
+    """mix64 of csrc/ops/sample_logits.cuh on int64 tensors holding uint64 bit patterns:
+    additions and multiplications wrap the same way; right shifts are made logical by a
+    mask."""
     def shr(x, k):
         return (x >> k) & ((1 << (64 - k)) - 1)
 

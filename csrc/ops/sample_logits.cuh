@@ -3,10 +3,11 @@
 // logit * inv_temperature + gumbel_noise(seed, position, row), lowest index on ties, into
 // the block's partial-argmax slot, where the LM head left its greedy one.
 //
-// An op of its own, in sampling programs only, so greedy steps run none of its code: the
-// noise inside the LM head's epilogue, which o_proj and down_proj share, made greedy
-// steps 2-5 us slower (benchmarks/RESULTS.md, entry 50). Not inlined into run_op, so its
-// code sits apart from the ops greedy steps run.
+// An op of its own, in sampling programs only, and compiled only into the kernel's
+// sampling instance (interpreter.cu: run_op<kSampling>), so greedy steps neither run nor
+// carry its code: the noise inside the LM head's epilogue, which o_proj and down_proj
+// share, made greedy steps 2-5 us slower (benchmarks/RESULTS.md, entry 50), and the op in
+// the one kernel still 2-7 us (entry 51).
 #pragma once
 
 #include <math_constants.h>
@@ -37,14 +38,15 @@ __device__ __forceinline__ bool op_sample_logits(const OpContext& ctx) {
   if (!ctx.ready<kOpSampleLogits>()) return false;
   const KernelParams& p = ctx.p;
   const int t = ctx.token;
-  const int r0 = ctx.arg(sample_logits::kRowBegin), n = ctx.arg(sample_logits::kRowCount);
+  const int r0 = max(ctx.arg(sample_logits::kRowBegin), 0);
+  const int end = min(r0 + ctx.arg(sample_logits::kRowCount), p.vocab_size);
   const float* logits = p.logits + static_cast<int64_t>(t) * p.vocab_size;
   const float inv_temperature = p.sample_inv_temperature;
   const int position = step_position(p, t);
   float best_v = -CUDART_INF_F;
   int best_i = INT_MAX;
 #pragma unroll 1
-  for (int row = r0 + threadIdx.x; row < r0 + n; row += kComputeThreads) {
+  for (int row = r0 + threadIdx.x; row < end; row += kComputeThreads) {
     float score = load_act(logits + row);
     if (inv_temperature > 0.0f)
       score = score * inv_temperature + gumbel_noise(p.sample_seed, position, row);
