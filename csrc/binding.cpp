@@ -82,7 +82,9 @@ void launch(const at::Tensor& instructions, at::Tensor counters, at::Tensor queu
             const at::Tensor& page_table, double rms_norm_eps, int64_t epoch,
             int64_t timeout_ns, int64_t num_blocks, int64_t prefetch_bytes,
             const std::optional<at::Tensor>& token_source, int64_t token, int64_t position,
-            int64_t steps, double sample_inv_temperature, int64_t sample_seed) {
+            int64_t steps, double sample_inv_temperature, int64_t sample_seed,
+            int64_t sample_top_k, const std::optional<at::Tensor>& topk_values,
+            const std::optional<at::Tensor>& topk_threshold) {
   const at::Device device = hidden.device();
   const auto f32 = at::kFloat, i32 = at::kInt, i64 = at::kLong, bf16 = at::kBFloat16;
   check_tensor(instructions, "instructions", i32, 2, device);
@@ -209,6 +211,25 @@ void launch(const at::Tensor& instructions, at::Tensor counters, at::Tensor queu
            std::to_string(sample_inv_temperature));
   p.sample_inv_temperature = static_cast<float>(sample_inv_temperature);
   p.sample_seed = static_cast<uint64_t>(sample_seed);
+  MK_CHECK(sample_top_k >= 0 && sample_top_k <= mk::kMaxSampleTopK,
+           "megakernel: sample_top_k must be in [0, ", mk::kMaxSampleTopK, "], got ",
+           sample_top_k);
+  MK_CHECK(sample_top_k == 0 || (sample_inv_temperature > 0.0 && topk_values && topk_threshold),
+           "megakernel: sample_top_k needs sample_inv_temperature > 0, topk_values and "
+           "topk_threshold");
+  p.sample_top_k = static_cast<int>(sample_top_k);
+  p.topk_values = nullptr;
+  p.topk_threshold = nullptr;
+  if (sample_top_k > 0) {
+    check_tensor(*topk_values, "topk_values", f32, 2, device);
+    check_tensor(*topk_threshold, "topk_threshold", f32, 1, device);
+    MK_CHECK(topk_values->sizes() == at::IntArrayRef({T, B * mk::kMaxSampleTopK}) &&
+                 topk_threshold->size(0) >= T,
+             "megakernel: topk_values must be [T, B * ", mk::kMaxSampleTopK,
+             "] and topk_threshold [T]");
+    p.topk_values = ptr<float>(*topk_values);
+    p.topk_threshold = ptr<float>(*topk_threshold);
+  }
   p.hidden = ptr<float>(hidden);
   p.q = ptr<float>(q);
   p.attn_partial_out = ptr<float>(attn_partial_out);
@@ -293,7 +314,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("prefetch_bytes") = static_cast<int64_t>(mk::kDefaultPrefetchBytes),
         py::arg("token_source") = py::none(), py::arg("token") = 0, py::arg("position") = 0,
         py::arg("steps") = 1, py::arg("sample_inv_temperature") = 0.0,
-        py::arg("sample_seed") = 0);
+        py::arg("sample_seed") = 0, py::arg("sample_top_k") = 0,
+        py::arg("topk_values") = py::none(), py::arg("topk_threshold") = py::none());
   m.def("alloc_host_status", &alloc_host_status,
         "Zeroed int64 CPU tensor in mapped pinned memory for launch(host_status=...).");
   m.def("sm_count", &sm_count, "Number of SMs of the current CUDA device.");

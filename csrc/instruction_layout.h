@@ -8,6 +8,8 @@ constexpr int kInstructionWords = 32;
 constexpr int kMaxWaits = 2;
 constexpr int kNoCounter = -1;
 constexpr int kHeaderWords = 10;
+// Candidate slots per LM-head block of top-k sampling (topk_partial.py: MAX_TOP_K).
+constexpr int kMaxSampleTopK = 64;
 
 enum Opcode : int {
   kOpNone = 0,
@@ -21,7 +23,9 @@ enum Opcode : int {
   kOpRmsLmHead = 8,
   kOpArgmaxReduce = 9,
   kOpSampleLogits = 10,
-  kNumOpcodes = 11,
+  kOpTopkPartial = 11,
+  kOpTopkThreshold = 12,
+  kNumOpcodes = 13,
 };
 
 // Header words, common to every opcode.
@@ -102,6 +106,17 @@ constexpr int kRowBegin = 10;
 constexpr int kRowCount = 11;
 }  // namespace sample_logits
 
+// topk_partial: argument words.
+namespace topk_partial {
+constexpr int kRowBegin = 10;
+constexpr int kRowCount = 11;
+}  // namespace topk_partial
+
+// topk_threshold: argument words.
+namespace topk_threshold {
+constexpr int kNumBlocks = 10;
+}  // namespace topk_threshold
+
 // Row-block ops (OpSpec.streams_weight_rows): their first two args are the rows
 // [row_begin, row_begin + row_count) of their weights they stream.
 // o_proj_residual, rms_gate_up_silu, down_proj_residual, rms_lm_head.
@@ -135,6 +150,8 @@ inline const char* opcode_name(int op) {
     case 8: return "rms_lm_head";
     case 9: return "argmax_reduce";
     case 10: return "sample_logits";
+    case 11: return "topk_partial";
+    case 12: return "topk_threshold";
     default: return "none";
   }
 }

@@ -46,6 +46,7 @@
 #include "ops/row_pair_matvec.cuh"
 #include "ops/rms_qkv_rope.cuh"
 #include "ops/sample_logits.cuh"
+#include "ops/topk_sampling.cuh"
 
 namespace mk {
 namespace {
@@ -289,11 +290,12 @@ __device__ void controller_fetch(const KernelParams& p, uint64_t claim_base, int
 // controller has seen its waits hold. Returns false when the block must stop.
 //
 // kSampling: the kernel's instance for launches that sample (KernelParams:
-// sample_inv_temperature > 0), the only one with sample_logits' code. Greedy launches run
-// an instance without it: code that greedy steps never run still slowed them by 2 us per
-// token at 8 steps per launch and 7 at one, by where it put theirs (benchmarks/RESULTS.md,
-// entry 51). There a sample_logits instruction does nothing, which leaves the LM head's
-// greedy partial argmax in its slot: what the op itself writes at inv_temperature 0.
+// sample_inv_temperature > 0), the only one with the sampling ops' code. Greedy launches
+// run an instance without it: code that greedy steps never run still slowed them by 2 us
+// per token at 8 steps per launch and 7 at one, by where it put theirs
+// (benchmarks/RESULTS.md, entry 51). There a sample_logits instruction does nothing, which
+// leaves the LM head's greedy partial argmax in its slot: what the op itself writes at
+// inv_temperature 0 (and the top-k stages before it then matter to nothing).
 template <bool kSampling>
 __device__ bool run_op(const OpContext& ctx) {
   switch (ctx.words[word::kOpcode]) {
@@ -308,6 +310,12 @@ __device__ bool run_op(const OpContext& ctx) {
     case kOpArgmaxReduce: return op_argmax_reduce(ctx);
     case kOpSampleLogits:
       if constexpr (kSampling) return op_sample_logits(ctx);
+      [[fallthrough]];
+    case kOpTopkPartial:
+      if constexpr (kSampling) return op_topk_partial(ctx);
+      [[fallthrough]];
+    case kOpTopkThreshold:
+      if constexpr (kSampling) return op_topk_threshold(ctx);
       [[fallthrough]];
     default: return ctx.ready<kOpNone>();  // refused by the controller: ready() is false
   }

@@ -148,6 +148,12 @@ struct KernelParams {
   // instance, whose steps stay greedy. Last, so the other fields keep their offsets.
   float sample_inv_temperature;
   uint64_t sample_seed;
+  // Top-k sampling (programs with topk_partial and topk_threshold; 0: none): the draw is
+  // among the sample_top_k largest logits (1 to kMaxSampleTopK), the k-th largest found in
+  // topk_values [T, B, kMaxSampleTopK] and written to topk_threshold [T].
+  int sample_top_k;
+  float* topk_values;
+  float* topk_threshold;
 };
 
 // Launches the persistent kernel on `stream` (a cudaStream_t) with `num_blocks` blocks

@@ -3,7 +3,7 @@ and reference semantics in plain torch (the executable specification the CUDA ke
 must match)."""
 from .base import (WORDS, HEADER_FIELDS, HEADER_WORDS, L2_PREFETCH_FIELDS, L2_PREFETCH_WORD,
                    MAX_WAITS, NO_COUNTER, OPCODES, Instruction, L2Prefetch, MachineState,
-                   OpSpec, ROW_BLOCK_ARGS, ScheduleError, row_block_specs)
+                   OpSpec, ROW_BLOCK_ARGS, Sampling, ScheduleError, row_block_specs)
 from .embed import EMBED
 from .rms_qkv_rope import RMS_QKV_ROPE
 from .attention_partial import ATTENTION_PARTIAL
@@ -14,11 +14,14 @@ from .down_proj_residual import DOWN_PROJ_RESIDUAL
 from .rms_lm_head import RMS_LM_HEAD
 from .argmax_reduce import ARGMAX_REDUCE
 from .sample_logits import SAMPLE_LOGITS
+from .topk_partial import MAX_TOP_K, TOPK_PARTIAL
+from .topk_threshold import TOPK_THRESHOLD
 
 __all__ = [
     "WORDS", "HEADER_FIELDS", "HEADER_WORDS", "L2_PREFETCH_FIELDS", "L2_PREFETCH_WORD",
     "MAX_WAITS", "NO_COUNTER", "OPCODES", "Instruction", "L2Prefetch", "MachineState",
-    "OpSpec", "ROW_BLOCK_ARGS", "ScheduleError", "row_block_specs", "EMBED", "RMS_QKV_ROPE",
-    "ATTENTION_PARTIAL", "ATTENTION_REDUCE", "O_PROJ_RESIDUAL", "RMS_GATE_UP_SILU",
-    "DOWN_PROJ_RESIDUAL", "RMS_LM_HEAD", "ARGMAX_REDUCE", "SAMPLE_LOGITS",
+    "OpSpec", "ROW_BLOCK_ARGS", "Sampling", "ScheduleError", "row_block_specs", "EMBED",
+    "RMS_QKV_ROPE", "ATTENTION_PARTIAL", "ATTENTION_REDUCE", "O_PROJ_RESIDUAL",
+    "RMS_GATE_UP_SILU", "DOWN_PROJ_RESIDUAL", "RMS_LM_HEAD", "ARGMAX_REDUCE", "SAMPLE_LOGITS",
+    "MAX_TOP_K", "TOPK_PARTIAL", "TOPK_THRESHOLD",
 ]

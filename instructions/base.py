@@ -10,7 +10,7 @@ the single definition of that layout: csrc/instruction_layout.h is generated fro
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -136,6 +136,15 @@ class Instruction:
         return text
 
 
+class Sampling(NamedTuple):
+    """How a launch draws each step's token: from softmax(logits * inv_temperature) over
+    the top_k largest logits (0: over all of them), with the Gumbel noise fixed by seed and
+    the step's position (gumbel_noise)."""
+    inv_temperature: float
+    seed: int
+    top_k: int = 0
+
+
 @dataclass
 class MachineState:
     """Everything an instruction may read or write, as plain tensors.
@@ -157,9 +166,9 @@ class MachineState:
     positions: torch.Tensor
     counters: torch.Tensor
     epoch: int = 1
-    # (1 / temperature, seed) of a launch that samples: sample_logits draws each step's
-    # token (gumbel_noise); None: greedy.
-    sampling: tuple[float, int] | None = None
+    # A launch that samples: sample_logits draws each step's token (gumbel_noise), among
+    # the top_k largest logits with top-k; None: greedy.
+    sampling: "Sampling | None" = None
 
     def check_waits(self, instr: Instruction) -> None:
         for counter, target in instr.waits:

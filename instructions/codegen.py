@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from . import (OPCODES, HEADER_FIELDS, WORDS, MAX_WAITS, NO_COUNTER, HEADER_WORDS,
+from . import (OPCODES, HEADER_FIELDS, WORDS, MAX_WAITS, MAX_TOP_K, NO_COUNTER, HEADER_WORDS,
                L2_PREFETCH_FIELDS, L2_PREFETCH_WORD, ROW_BLOCK_ARGS, row_block_specs)
 
 HEADER_PATH = Path(__file__).resolve().parent.parent / "csrc" / "instruction_layout.h"
@@ -40,6 +40,8 @@ def generate() -> str:
         f"constexpr int kMaxWaits = {MAX_WAITS};",
         f"constexpr int kNoCounter = {NO_COUNTER};",
         f"constexpr int kHeaderWords = {HEADER_WORDS};",
+        "// Candidate slots per LM-head block of top-k sampling (topk_partial.py: MAX_TOP_K).",
+        f"constexpr int kMaxSampleTopK = {MAX_TOP_K};",
         "",
         "enum Opcode : int {",
         "  kOpNone = 0,",

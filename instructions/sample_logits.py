@@ -6,7 +6,9 @@ argmax. argmax_reduce then picks a draw from softmax(logits / temperature): the 
 draw, so sampled steps chain in one launch like greedy ones.
 
 (inv_temperature, seed) are the launch's (MachineState.sampling); without them the score
-is the logit itself and the op repeats the LM head's greedy partial argmax.
+is the logit itself and the op repeats the LM head's greedy partial argmax. With top-k
+(sampling.top_k > 0), only logits at or above topk_threshold[t] take part
+(topk_threshold.py).
 """
 import torch
 
@@ -16,11 +18,13 @@ from .base import OpSpec, gumbel_noise, register
 def reference(instr, s):
     r0, n, b = instr.args["row_begin"], instr.args["row_count"], instr.block_index
     for t in range(instr.token_begin, instr.token_begin + instr.token_count):
-        scores = s.buffers["logits"][t, r0:r0 + n]
+        logits = scores = s.buffers["logits"][t, r0:r0 + n]
         if s.sampling is not None:
-            inv_temperature, seed = s.sampling
-            noise = gumbel_noise(seed, int(s.positions[t]), torch.arange(r0, r0 + n))
-            scores = scores * inv_temperature + noise
+            noise = gumbel_noise(s.sampling.seed, int(s.positions[t]), torch.arange(r0, r0 + n))
+            scores = logits * s.sampling.inv_temperature + noise
+            if s.sampling.top_k:
+                threshold = s.buffers["topk_threshold"][t]
+                scores = scores.masked_fill(~(logits >= threshold), float("-inf"))
         best = int(torch.argmax(scores))          # first maximal index
         s.buffers["argmax_value"][t, b] = scores[best]
         s.buffers["argmax_index"][t, b] = r0 + best

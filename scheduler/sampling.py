@@ -8,6 +8,11 @@ draw from softmax(logits / temperature) for the (1 / temperature, seed) the laun
 (instructions/sample_logits.py). The result chains like a greedy step (chain.py): sampled
 decoding runs several steps per launch too.
 
+With top_k, two stages come first: one topk_partial per LM-head block (its rows' k
+largest logits) and one topk_threshold (the step's k-th largest logit), and the
+sample_logits blocks draw among the logits at or above it (instructions/topk_partial.py,
+topk_threshold.py); the launch gives k.
+
 A program of its own rather than a stage in every program: greedy steps keep their
 stages and run none of the sampling code (the noise inside the LM head's shared code made
 them slower, benchmarks/RESULTS.md, entry 50).
@@ -16,16 +21,26 @@ from __future__ import annotations
 
 import torch
 
-from megakernel.instructions import (ARGMAX_REDUCE, HEADER_FIELDS, NO_COUNTER, RMS_LM_HEAD,
-                                     SAMPLE_LOGITS, Instruction)
+from megakernel.instructions import (ARGMAX_REDUCE, HEADER_FIELDS, MAX_TOP_K, NO_COUNTER,
+                                     RMS_LM_HEAD, SAMPLE_LOGITS, TOPK_PARTIAL, TOPK_THRESHOLD,
+                                     Instruction, Sampling)
 
-from .program import Program
+from .program import BufferSpec, Program
 
 _WORD = {name: i for i, name in enumerate(HEADER_FIELDS)}
 
 
-def with_sampled_tokens(program: Program) -> Program:
-    """A copy of the one-step `program` whose argmax_reduce picks a temperature sample."""
+def program_kind(sampling) -> str | None:
+    """Which program serves a launch's sampling (a Sampling, its fields, or None): None
+    (greedy), "temperature" or "top_k" (with_sampled_tokens with top_k)."""
+    if sampling is None:
+        return None
+    return "top_k" if Sampling(*sampling).top_k else "temperature"
+
+
+def with_sampled_tokens(program: Program, top_k: bool = False) -> Program:
+    """A copy of the one-step `program` whose argmax_reduce picks a temperature sample
+    (with top_k: among the launch's top-k logits)."""
     if program.steps_per_launch != 1:
         raise ValueError("sample the one-step program, then chain it")
     rows = program.instructions
@@ -43,20 +58,36 @@ def with_sampled_tokens(program: Program) -> Program:
             or int(rows[argmax, _WORD["wait1_counter"]]) != NO_COUNTER):
         raise ValueError("argmax_reduce must wait on the LM head alone")
 
-    sample_counter = program.num_counters
-    samples = []
-    for i in lm_head:
-        head = Instruction.decode(rows[i])
-        samples.append(SAMPLE_LOGITS.make(
-            layer=0, waits=(wait,), signal=sample_counter, token_begin=head.token_begin,
-            token_count=head.token_count, block_index=head.block_index,
-            **head.args).encode())
+    heads = [Instruction.decode(rows[i]) for i in lm_head]
+    names, targets, added = list(program.counter_names), list(program.counter_targets), []
+
+    def stage(spec, name: str, waits, blocks: list[dict]):
+        """One instruction per entry of blocks (its block_index, token rows and args),
+        all waiting on `waits`, signalling a new counter; returns the wait for them all."""
+        names.append(name)
+        targets.append(len(blocks))
+        for b in blocks:
+            added.append(spec.make(layer=0, waits=waits, signal=len(names) - 1, **b).encode())
+        return (len(names) - 1, len(blocks))
+
+    per_head = [dict(token_begin=h.token_begin, token_count=h.token_count,
+                     block_index=h.block_index, **h.args) for h in heads]
+    buffers = dict(program.buffers)
+    if top_k:
+        partial = stage(TOPK_PARTIAL, "topk", (wait,), per_head)
+        wait = stage(TOPK_THRESHOLD, "topk_threshold", (partial,),
+                     [dict(token_begin=heads[0].token_begin, token_count=heads[0].token_count,
+                           block_index=0, num_blocks=len(heads))])
+        T = program.num_tokens
+        buffers["topk_values"] = BufferSpec((T, program.lm_head_blocks * MAX_TOP_K),
+                                            torch.float32)
+        buffers["topk_threshold"] = BufferSpec((T,), torch.float32)
+    sample_counter, sample_target = stage(SAMPLE_LOGITS, "sample", (wait,), per_head)
     pick = rows[argmax].clone()
     pick[_WORD["wait0_counter"]] = sample_counter
-    pick[_WORD["wait0_target"]] = len(samples)
-    instructions = torch.cat([rows[:argmax], torch.tensor(samples, dtype=rows.dtype),
+    pick[_WORD["wait0_target"]] = sample_target
+    instructions = torch.cat([rows[:argmax], torch.tensor(added, dtype=rows.dtype),
                               pick[None], rows[argmax + 1:]])
     return Program(**{**program.__dict__, "instructions": instructions,
-                      "counter_names": program.counter_names + ["sample"],
-                      "counter_targets": program.counter_targets + [len(samples)],
-                      "decoded": []})
+                      "counter_names": names, "counter_targets": targets,
+                      "buffers": buffers, "decoded": []})

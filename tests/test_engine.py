@@ -258,6 +258,33 @@ def test_temperature_sampling_chains_in_the_stream():
         assert int(torch.argmax(scores)) == a.token_ids[i]
 
 
+def test_top_k_sampling_chains_in_the_stream(baseline):
+    """Top-k sampling (k <= MAX_TOP_K) on the reference backend runs the program with the
+    top-k stages, chained: 3 steps per launch give 1's tokens, each token is among its
+    step's k largest logits and is the argmax of logits / temperature + the noise there,
+    and k = 1 is greedy decoding."""
+    def make(steps):
+        return megakernel.Engine.from_pretrained("random:tiny", device="cpu",
+                                                 backend="reference", max_seq_len=128,
+                                                 steps_per_launch=steps)
+    one, three = make(1), make(3)
+    prompt = [5, 9, 13, 2, 7]
+    kw = dict(max_new_tokens=10, ignore_eos=True, temperature=1.7, top_k=5,
+              output_logits=True)
+    a = one.generate(prompt, seed=11, **kw)
+    b = three.generate(prompt, seed=11, **kw)
+    assert b.token_ids == a.token_ids and torch.equal(b.logits, a.logits)
+    rows = torch.arange(a.logits.shape[1])
+    for i in range(1, len(a.token_ids)):
+        logits = a.logits[i]
+        top = logits >= torch.topk(logits, 5).values[-1]
+        scores = logits * (1 / 1.7) + gumbel_noise(11, len(prompt) + i - 1, rows)
+        assert int(torch.argmax(scores.masked_fill(~top, float("-inf")))) == a.token_ids[i]
+    greedy = three.generate("Hello", max_new_tokens=12, ignore_eos=True, temperature=0.5,
+                            top_k=1)
+    assert greedy.token_ids == baseline.token_ids
+
+
 @pytest.mark.parametrize("backend,steps,message", [
     ("reference", 0, "steps_per_launch"), ("reference", 17, r"\[1, 16\]"),
     ("reference", 2.0, "integer"), ("torch", 4, "one step per launch")])

@@ -362,3 +362,23 @@ def test_temperature_sampling_is_drawn_on_the_device(checkpoint):
         agree += int(torch.argmax(scores)) == first.token_ids[i]
     # The kernel's logf is the fast one: a near tie may go the other way.
     assert agree >= 0.9 * (len(first.token_ids) - 1)
+
+
+def test_top_k_sampling_is_drawn_on_the_device(checkpoint):
+    """Top-k sampling (k <= MAX_TOP_K) chains too: 8 steps per launch give 1's tokens,
+    each token is among its step's k largest logits, and k = 1 gives the greedy tokens."""
+    path, _ = checkpoint
+    engine = make_engine(path, max_seq_len=256)
+    prompt = [5, 9, 13, 2, 7]
+    kw = dict(max_new_tokens=24, ignore_eos=True, temperature=1.5, top_k=20,
+              output_logits=True)
+    launches = engine.backend.launches
+    first = engine.generate(prompt, seed=3, **kw)
+    assert engine.backend.launches - launches <= 4      # 23 steps, 8 per launch
+    one = make_engine(path, max_seq_len=256, steps_per_launch=1).generate(prompt, seed=3, **kw)
+    assert one.token_ids == first.token_ids
+    for i, token in enumerate(first.token_ids):
+        assert first.logits[i, token] >= torch.topk(first.logits[i], 20).values[-1]
+    greedy = engine.generate(prompt, max_new_tokens=24, ignore_eos=True)
+    assert engine.generate(prompt, max_new_tokens=24, ignore_eos=True, temperature=1.5,
+                           top_k=1).token_ids == greedy.token_ids

@@ -13,7 +13,8 @@ from megakernel.errors import KernelFaultError
 from megakernel.instructions import (ARGMAX_REDUCE, ATTENTION_PARTIAL, ATTENTION_REDUCE,
                                      DOWN_PROJ_RESIDUAL, EMBED, O_PROJ_RESIDUAL,
                                      RMS_GATE_UP_SILU, RMS_LM_HEAD, RMS_QKV_ROPE, SAMPLE_LOGITS,
-                                     MachineState)
+                                     MAX_TOP_K, TOPK_PARTIAL, TOPK_THRESHOLD, MachineState,
+                                     Sampling)
 from megakernel.instructions.base import gumbel_noise
 from megakernel.kv_cache import PagedKVCache
 from megakernel.presets import random_weights
@@ -304,7 +305,8 @@ def test_rms_lm_head_and_argmax(cfg_name):
     assert got == int(torch.argmax(case.gpu["logits"][0]).item())
 
 
-@pytest.mark.parametrize("sampling", [None, (1 / 0.7, 2 ** 62 + 12345), (3.0, 7)])
+@pytest.mark.parametrize("sampling", [None, Sampling(1 / 0.7, 2 ** 62 + 12345),
+                                      Sampling(3.0, 7)])
 def test_sample_logits_and_argmax(sampling):
     """After the LM head, each sample_logits block leaves in its slot the best of its rows'
     logit * inv_temperature + the hashed noise, with its score (without sampling, the
@@ -321,8 +323,8 @@ def test_sample_logits_and_argmax(sampling):
     case.run([make(ARGMAX_REDUCE, num_blocks=nb)])
     scores = case.gpu["logits"][0].cpu()
     if sampling is not None:
-        scores = scores * sampling[0] + gumbel_noise(sampling[1], case.position,
-                                                     torch.arange(len(scores)))
+        scores = scores * sampling.inv_temperature + gumbel_noise(
+            sampling.seed, case.position, torch.arange(len(scores)))
     slack = 1e-5 * scores.abs().max()      # the kernel's logf is the fast one
     for b, (r0, n) in enumerate(blocks):
         got = int(case.gpu["argmax_index"][0, b])
@@ -333,6 +335,42 @@ def test_sample_logits_and_argmax(sampling):
     assert scores[got] >= scores.max() - slack
     # The reference's token, unless its logits (float32 on the CPU) put another near tie first.
     assert got == want or scores[got] - scores[want] <= 2 * TOL * scores.abs().max()
+
+
+@pytest.mark.parametrize("top_k", [1, 7, 64])
+def test_top_k_stages_and_the_draw(top_k):
+    """topk_partial leaves each block's k largest logits (ties repeated, -inf past a short
+    block's rows), topk_threshold the k-th largest of the vocabulary, and the draw that
+    follows is among the logits at or above it. The logits hold ties at the threshold."""
+    case = OpCase("hd64-gqa4")
+    case.cpu.sampling = Sampling(1 / 0.8, 99, top_k)
+    V = case.cfg.vocab_size
+    gen = torch.Generator().manual_seed(top_k)
+    logits = (4 * torch.randn(1, V, generator=gen)).round(decimals=1)   # many ties
+    case.cpu.buffers["logits"].copy_(logits)
+    blocks = [(0, 3), (3, 500), (503, 500)]             # vocab 1003; the first block short
+    case.cpu.buffers["topk_values"] = torch.full((1, case.program.lm_head_blocks * MAX_TOP_K),
+                                                 float("nan"))
+    case.cpu.buffers["topk_threshold"] = torch.full((1,), float("nan"))
+    case.sync_inputs()
+    case.run([make(TOPK_PARTIAL, b, row_begin=r0, row_count=n)
+              for b, (r0, n) in enumerate(blocks)])
+    for b in range(len(blocks)):
+        got = case.gpu["topk_values"][0, b * MAX_TOP_K:b * MAX_TOP_K + top_k].cpu()
+        want = case.cpu.buffers["topk_values"][0, b * MAX_TOP_K:b * MAX_TOP_K + top_k]
+        assert torch.equal(got.sort().values, want.sort().values), b
+    case.run([make(TOPK_THRESHOLD, num_blocks=len(blocks))])
+    threshold = float(case.gpu["topk_threshold"][0])
+    assert threshold == float(torch.topk(logits[0], top_k).values[-1])
+    assert threshold == float(case.cpu.buffers["topk_threshold"][0])
+    case.run([make(SAMPLE_LOGITS, b, row_begin=r0, row_count=n)
+              for b, (r0, n) in enumerate(blocks)])
+    case.run([make(ARGMAX_REDUCE, num_blocks=len(blocks))])
+    got, want = int(case.gpu["next_token"][0]), int(case.cpu.buffers["next_token"][0])
+    assert logits[0, got] >= threshold
+    scores = logits[0] * (1 / 0.8) + gumbel_noise(99, case.position, torch.arange(V))
+    scores = scores.masked_fill(logits[0] < threshold, float("-inf"))
+    assert got == want or scores[got] >= scores.max() - 1e-5 * scores.abs().max()
 
 
 @pytest.mark.parametrize("cfg_name", list(CONFIGS))

@@ -27,8 +27,9 @@ class FakeExtension:
         if self.refuse:
             raise RuntimeError("megakernel: prefetch_bytes out of range: 2147483648")
         # ..., epoch, timeout_ns, num_blocks, prefetch_bytes, token_source, token, position,
-        # steps, sample_inv_temperature, sample_seed
-        self.epochs.append(args[-10])
+        # steps, sample_inv_temperature, sample_seed, sample_top_k, topk_values,
+        # topk_threshold
+        self.epochs.append(args[-13])
 
 
 def launch_with(ext, state):

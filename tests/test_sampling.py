@@ -77,3 +77,43 @@ def test_kth_largest_equals_topk(n, k):
     x[n // 2] = float("nan")
     got, want = kth_largest(x, k), torch.topk(x, k).values[-1]
     assert torch.equal(got, want) or (got.isnan() and want.isnan())
+
+
+@pytest.mark.parametrize("temperature, top_k", [(1.3, 0), (0.7, 3), (2.0, 1)])
+def test_the_device_draw_has_the_distributions_frequencies(temperature, top_k):
+    """The draw a sampled program makes (instructions topk_partial, topk_threshold,
+    sample_logits and argmax_reduce, in their reference semantics, over two blocks of
+    rows), across DRAWS steps' positions: the frequencies of softmax(logits / temperature)
+    over the top-k tokens."""
+    from types import SimpleNamespace
+
+    from megakernel.instructions import (ARGMAX_REDUCE, MAX_TOP_K, SAMPLE_LOGITS,
+                                         TOPK_PARTIAL, TOPK_THRESHOLD, Sampling)
+
+    blocks = [(0, 2), (2, 4)]
+    buffers = {"logits": LOGITS[None].clone(),
+               "topk_values": torch.zeros(1, len(blocks) * MAX_TOP_K),
+               "topk_threshold": torch.zeros(1), "argmax_value": torch.zeros(1, len(blocks)),
+               "argmax_index": torch.zeros(1, len(blocks), dtype=torch.int32),
+               "next_token": torch.zeros(1, dtype=torch.int32)}
+    state = SimpleNamespace(buffers=buffers, sampling=Sampling(1 / temperature, 987, top_k),
+                            positions=torch.zeros(1, dtype=torch.int64))
+    ops = [spec.make(block_index=b, row_begin=r0, row_count=n) for b, (r0, n) in
+           enumerate(blocks) for spec in ((TOPK_PARTIAL,) if top_k else ())]
+    if top_k:
+        ops.append(TOPK_THRESHOLD.make(num_blocks=len(blocks)))
+    ops += [SAMPLE_LOGITS.make(block_index=b, row_begin=r0, row_count=n)
+            for b, (r0, n) in enumerate(blocks)]
+    ops.append(ARGMAX_REDUCE.make(num_blocks=len(blocks)))
+    counts = torch.zeros(len(LOGITS), dtype=torch.float64)
+    draws = DRAWS // 4
+    for position in range(draws):
+        state.positions[0] = position
+        for op in ops:
+            op.spec.reference(op, state)
+        counts[int(buffers["next_token"][0])] += 1
+    want = expected(temperature, top_k, 1.0)
+    freq = counts / draws
+    assert torch.equal(freq == 0, want == 0)
+    sigma = (want * (1 - want) / draws).sqrt()
+    assert ((freq - want).abs() <= 5 * sigma + 1e-9).all(), (freq.tolist(), want.tolist())

@@ -445,7 +445,7 @@ def _chained_run(weights, prompt, steps_per_launch, launches, order_seed=None, c
     cache.reserve(len(prompt) + steps_per_launch * launches)
     backend = ReferenceBackend(weights, cache, num_sms=5, order_seed=order_seed)
     if chain is not None:
-        backend._chains[(steps_per_launch, False)] = (chain, backend._state_for(chain))
+        backend._chains[(steps_per_launch, None)] = (chain, backend._state_for(chain))
     out = backend.prefill(torch.tensor(prompt), 0)
     token, position, tokens, logits = out.greedy_token, len(prompt), [], []
     for _ in range(launches):
@@ -563,10 +563,48 @@ def test_random_order_catches_a_draw_before_the_lm_head():
                              dtype=torch.float32, shuffle_seed=7, poison=True)
         cache.reserve(len(PROMPT))
         backend = ReferenceBackend(weights, cache, num_sms=5, order_seed=order_seed)
-        backend._chains[(1, True)] = (program, backend._state_for(program))
+        backend._chains[(1, "temperature")] = (program, backend._state_for(program))
         return [int(backend.decode_steps(tok, pos, 1, sampling=(1 / 0.9, 5)).last_token)
                 for pos, tok in enumerate(PROMPT)]
 
     expected = tokens(sampled)
     assert all(tokens(sampled, seed) == expected for seed in range(3))
+    assert any(tokens(sampled.without_wait(victim), seed) != expected for seed in range(8))
+
+
+def test_top_k_program_structure():
+    """with_sampled_tokens(top_k=True): topk_partial per LM-head block after the LM head,
+    one topk_threshold after them, the sample_logits blocks after it, and the candidate
+    buffers; a random order without the threshold's wait is caught."""
+    weights = random_weights(small_config(**CONFIGS["gqa2-hd64"]), seed=3, init_std=0.1)
+    one = _program(weights)
+    sampled = with_sampled_tokens(one, top_k=True)
+    rows = sampled.instruction_list()
+    heads = [i for i in rows if i.spec.name == "rms_lm_head"]
+    tail = rows[len(one.instruction_list()) - 1:]
+    assert [i.spec.name for i in tail] == (["topk_partial"] * len(heads) + ["topk_threshold"]
+                                           + ["sample_logits"] * len(heads) + ["argmax_reduce"])
+    partial, threshold = tail[:len(heads)], tail[len(heads)]
+    samples = tail[len(heads) + 1:-1]
+    assert [(i.args, i.block_index) for i in partial] == [(i.args, i.block_index) for i in heads]
+    assert {i.waits for i in partial} == {((heads[0].signal, len(heads)),)}
+    assert threshold.waits == ((partial[0].signal, len(heads)),)
+    assert threshold.args == {"num_blocks": len(heads)}
+    assert {i.waits for i in samples} == {((threshold.signal, 1),)}
+    assert sampled.counter_names[-3:] == ["topk", "topk_threshold", "sample"]
+    assert sampled.buffers["topk_values"].shape == (1, one.lm_head_blocks * 64)
+    assert chain_steps(sampled, 2).buffers["topk_threshold"].shape == (2,)
+
+    def tokens(program, order_seed=None):
+        cache = PagedKVCache(weights.config, max_seq_len=32, page_size=4,
+                             dtype=torch.float32, shuffle_seed=7, poison=True)
+        cache.reserve(len(PROMPT))
+        backend = ReferenceBackend(weights, cache, num_sms=5, order_seed=order_seed)
+        backend._chains[(1, "top_k")] = (program, backend._state_for(program))
+        return [int(backend.decode_steps(tok, pos, 1, sampling=(1 / 0.9, 5, 3)).last_token)
+                for pos, tok in enumerate(PROMPT)]
+
+    expected = tokens(sampled)
+    assert all(tokens(sampled, seed) == expected for seed in range(3))
+    victim = rows.index(samples[0])
     assert any(tokens(sampled.without_wait(victim), seed) != expected for seed in range(8))

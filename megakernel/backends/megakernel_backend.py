@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from megakernel.errors import BackendUnavailableError, InvalidRequestError, KernelFaultError
-from megakernel.instructions import OPCODES
+from megakernel.instructions import OPCODES, Sampling
 from megakernel.readback import DEFAULT_TIMEOUT_S as HOST_WAIT_TIMEOUT_S
 from megakernel.readback import synchronize_or_raise
 
@@ -232,7 +232,7 @@ def launch(ext, rows: torch.Tensor, state: KernelState, buffers: dict, weights, 
            v_cache, page_table, step_input, rms_norm_eps: float,
            timeout_s: float = DEFAULT_TIMEOUT_S, profile: torch.Tensor | None = None,
            num_blocks: int = 0, prefetch_bytes: int | None = None, steps: int = 1,
-           sampling: tuple[float, int] | None = None) -> None:
+           sampling: Sampling | None = None) -> None:
     """One launch of `rows` [N, 32] int32 on the current stream; advances state.epoch.
 
     buffers: the program's activations by name (scheduler.program.BUFFERS). step_input:
@@ -241,8 +241,8 @@ def launch(ext, rows: torch.Tensor, state: KernelState, buffers: dict, weights, 
     token an int or a one-element int64 tensor on the device that the kernel reads
     (nothing is written to the device before the launch). prefetch_bytes: L2 prefetch
     budget per instruction for the next instruction's weights (None: the extension's
-    default). sampling: (1 / temperature, seed) for a program's sample_logits instructions
-    (instructions/sample_logits.py); None: they keep the greedy argmax.
+    default). sampling: a Sampling (or its fields) for a program's sample_logits and top-k
+    instructions (scheduler.with_sampled_tokens); None: they keep the greedy argmax.
     Mutates buffers, k_cache, v_cache and state. When the extension refuses the launch
     (RuntimeError from its argument checks) nothing ran and state.epoch stays: the
     counters and queue head count launches that ran, so the next launch still matches them.
@@ -263,7 +263,8 @@ def launch(ext, rows: torch.Tensor, state: KernelState, buffers: dict, weights, 
                float(rms_norm_eps), int(epoch), int(timeout_s * 1e9), int(num_blocks),
                int(ext.DEFAULT_PREFETCH_BYTES if prefetch_bytes is None else prefetch_bytes),
                token_source, int(token), int(position), int(steps),
-               float(sampling[0]) if sampling else 0.0, int(sampling[1]) if sampling else 0)
+               *((0.0, 0, 0) if sampling is None else Sampling(*sampling)),
+               buffers.get("topk_values"), buffers.get("topk_threshold"))
     state.epoch = epoch
 
 
@@ -271,7 +272,7 @@ def run_program(instructions, *, weights, buffers: dict, k_cache, v_cache, page_
                 token_ids, positions, num_counters: int, state: KernelState | None = None,
                 timeout_s: float = DEFAULT_TIMEOUT_S, counter_names=None,
                 num_blocks: int = 0, prefetch_bytes: int | None = None,
-                sampling: tuple[float, int] | None = None) -> KernelState:
+                sampling: Sampling | None = None) -> KernelState:
     """Run a (possibly hand-made) instruction stream once and wait for it (sampling: as
     MachineState.sampling).
 
@@ -416,14 +417,14 @@ class MegakernelBackend(Backend):
         """runs: (position limit, ProgramRun) by rising limit; a position decodes with the
         first run whose limit is above it (the last run's at any other)."""
         self._runs = runs
-        # The sampling runs (scheduler.with_sampled_tokens of a run's program) by index in
-        # runs, built at their first use.
-        self._sampled: dict[int, ProgramRun] = {}
-        # Chained runs by (index in runs, sampled, steps). Per index and kind, the longest
-        # chain built holds the instruction rows and activations; a shorter one built
-        # after it (a generation's last launch) is a view of them with a kernel state of
-        # its own.
-        self._chains: dict[tuple[int, bool, int], ProgramRun] = {}
+        # The sampling runs (scheduler.with_sampled_tokens of a run's program, "temperature"
+        # or "top_k") by (index in runs, kind), built at their first use.
+        self._sampled: dict[tuple[int, str], ProgramRun] = {}
+        # Chained runs by (index in runs, kind, steps), kind None for greedy. Per index and
+        # kind, the longest chain built holds the instruction rows and activations; a
+        # shorter one built after it (a generation's last launch) is a view of them with a
+        # kernel state of its own.
+        self._chains: dict[tuple[int, str | None, int], ProgramRun] = {}
         self._use(runs[0][1])
 
     def _all_runs(self) -> list[ProgramRun]:
@@ -450,38 +451,40 @@ class MegakernelBackend(Backend):
         return next((i for i, (limit, _) in enumerate(self._runs) if position < limit),
                     len(self._runs) - 1)
 
-    def _step_run(self, index: int, sampled: bool) -> ProgramRun:
-        """The one-step run of runs[index]: its program, or the same drawing its token."""
+    def _step_run(self, index: int, kind: str | None) -> ProgramRun:
+        """The one-step run of runs[index]: its program (kind None), or the same drawing
+        its token ("temperature", "top_k": scheduler.with_sampled_tokens)."""
         from megakernel.scheduler import with_sampled_tokens
 
-        if not sampled:
+        if kind is None:
             return self._runs[index][1]
-        if index not in self._sampled:
-            self._sampled[index] = self._program_run(
-                with_sampled_tokens(self._runs[index][1].program))
-        return self._sampled[index]
+        if (index, kind) not in self._sampled:
+            self._sampled[(index, kind)] = self._program_run(
+                with_sampled_tokens(self._runs[index][1].program, top_k=kind == "top_k"))
+        return self._sampled[(index, kind)]
 
-    def _run_for(self, position: int, steps: int = 1, sampled: bool = False) -> ProgramRun:
-        """The run that decodes `steps` chained steps from `position` (their tokens drawn
-        when sampled): the program of the last step's position (whole-context attention
-        serves a chain only when it serves every step of it), chained."""
+    def _run_for(self, position: int, steps: int = 1, kind: str | None = None) -> ProgramRun:
+        """The run that decodes `steps` chained steps from `position` (their tokens drawn,
+        unless kind is None: see _step_run): the program of the last step's position
+        (whole-context attention serves a chain only when it serves every step of it),
+        chained."""
         from megakernel.scheduler import chain_steps
 
         index = self._run_index(position + steps - 1)
-        step = self._step_run(index, sampled)
+        step = self._step_run(index, kind)
         if steps == 1:
             return step
-        key = (index, sampled, steps)
+        key = (index, kind, steps)
         if key not in self._chains:
-            longest = max((n for i, s, n in self._chains if (i, s) == (index, sampled)),
+            longest = max((n for i, k, n in self._chains if (i, k) == (index, kind)),
                           default=0)
             if longest < steps:
                 longest = max(steps, self.steps_per_launch)
-                self._chains[(index, sampled, longest)] = self._program_run(
+                self._chains[(index, kind, longest)] = self._program_run(
                     chain_steps(step.program, longest))
             if key not in self._chains:
-                self._chains[key] = self._prefix_run(
-                    self._chains[(index, sampled, longest)], steps)
+                self._chains[key] = self._prefix_run(self._chains[(index, kind, longest)],
+                                                     steps)
         return self._chains[key]
 
     def _prefix_run(self, full: ProgramRun, steps: int) -> ProgramRun:
@@ -524,15 +527,15 @@ class MegakernelBackend(Backend):
         return StepOutput(logits=self.buffers["logits"][0], greedy_token=self.state.result,
                           greedy_token_host=self.state.host_result)
 
-    chains_sampling = True     # scheduler.with_sampled_tokens
+    chains_sampling = True     # scheduler.with_sampled_tokens, top-k too
 
     def decode_steps(self, token_id, position: int, steps: int,
-                     sampling: tuple[float, int] | None = None) -> StepsOutput:
+                     sampling: Sampling | None = None) -> StepsOutput:
         """`steps` chained greedy steps in one launch from token_id ([] int64 on the device,
-        or an int) at positions position..position + steps - 1; with sampling = (1 /
-        temperature, seed), each step's token is drawn from softmax(logits / temperature)
-        on the device instead (scheduler.with_sampled_tokens), the draw fixed by seed and
-        position.
+        or an int) at positions position..position + steps - 1; with a Sampling
+        (inv_temperature, seed, top_k), each step's token is drawn on the device instead
+        from softmax(logits * inv_temperature) over the top_k largest logits (0: all)
+        (scheduler.with_sampled_tokens), the draw fixed by seed and position.
 
         Returns views valid until the next call with as many steps: logits [steps, V], the
         last step's token on the device, and every step's token in host memory (negative
@@ -542,7 +545,7 @@ class MegakernelBackend(Backend):
                            tokens_host=self.state.host_tokens(steps))
 
     def _launch(self, token_id, position: int, steps: int,
-                sampling: tuple[float, int] | None = None) -> None:
+                sampling: Sampling | None = None) -> None:
         check_step_count(steps, "steps")
         limit = min(self.max_seq_len, self.weights.rope_cos.shape[0])
         if not 0 <= position <= position + steps - 1 < limit:
@@ -559,7 +562,9 @@ class MegakernelBackend(Backend):
             if not 0 <= token < self.config.vocab_size:
                 raise InvalidRequestError(
                     f"token {token} is outside the vocabulary [0, {self.config.vocab_size})")
-        self._use(self._run_for(position, steps, sampled=sampling is not None))
+        from megakernel.scheduler import program_kind
+
+        self._use(self._run_for(position, steps, program_kind(sampling)))
         launch(self.ext, self.rows, self.state, self.buffers, self.weights, self.kv_cache.k,
                self.kv_cache.v, self.kv_cache.page_table, (token, position),
                self.config.rms_norm_eps, self.timeout_s, self.profile,

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from megakernel.instructions import MachineState
-from megakernel.scheduler import (allocate_buffers, build_program, chain_steps, run_step,
-                                  with_sampled_tokens)
+from megakernel.instructions import MachineState, Sampling
+from megakernel.scheduler import (allocate_buffers, build_program, chain_steps, program_kind,
+                                  run_step, with_sampled_tokens)
 
 from .base import Backend, StepOutput, StepsOutput, check_step_count
 
@@ -25,7 +25,7 @@ DEFAULT_REFERENCE_SMS = 8
 
 class ReferenceBackend(Backend):
     name = "reference"
-    chains_sampling = True     # scheduler.with_sampled_tokens
+    chains_sampling = True     # scheduler.with_sampled_tokens, top-k too
 
     def __init__(self, weights, kv_cache, num_sms: int = DEFAULT_REFERENCE_SMS,
                  order_seed: int | None = None, program=None, steps_per_launch: int = 1):
@@ -37,8 +37,8 @@ class ReferenceBackend(Backend):
             self.config, num_sms=num_sms, page_size=kv_cache.page_size,
             max_seq_len=kv_cache.max_seq_len, dtype_bytes=weights.dtype.itemsize)
         self.state = self._state_for(self.program)
-        # (steps, sampled) -> (program, state)
-        self._chains = {(1, False): (self.program, self.state)}
+        # (steps, None / "temperature" / "top_k") -> (program, state)
+        self._chains = {(1, None): (self.program, self.state)}
 
     def _state_for(self, program) -> MachineState:
         return MachineState(
@@ -55,12 +55,15 @@ class ReferenceBackend(Backend):
             state.epoch = 0
 
     def _run(self, steps: int, token_id, position: int,
-             sampling: tuple[float, int] | None = None) -> MachineState:
-        """One launch of the `steps`-step program from token_id at position (sampling: as
-        MachineState.sampling)."""
-        key = (steps, sampling is not None)
+             sampling: Sampling | None = None) -> MachineState:
+        """One launch of the `steps`-step program from token_id at position (sampling: a
+        Sampling or its fields, as MachineState.sampling)."""
+        kind = program_kind(sampling)
+        sampling = None if sampling is None else Sampling(*sampling)
+        key = (steps, kind)
         if key not in self._chains:
-            step = with_sampled_tokens(self.program) if sampling is not None else self.program
+            step = self.program if kind is None else \
+                with_sampled_tokens(self.program, top_k=kind == "top_k")
             program = chain_steps(step, steps)
             self._chains[key] = (program, self._state_for(program))
         program, s = self._chains[key]
@@ -82,7 +85,7 @@ class ReferenceBackend(Backend):
                           greedy_token=s.buffers["next_token"][0].long())
 
     def decode_steps(self, token_id, position: int, steps: int,
-                     sampling: tuple[float, int] | None = None) -> StepsOutput:
+                     sampling: Sampling | None = None) -> StepsOutput:
         check_step_count(steps, "steps")
         s = self._run(steps, token_id, position, sampling)
         tokens = s.buffers["next_token"].long()

@@ -1,7 +1,7 @@
 """What sampling costs per decode step on the GPU, against greedy decoding: drawn on the
-device where the engine can (plain temperature sampling, chained like greedy steps,
-benchmarks/RESULTS.md entry 51), drawn between launches by the engine's sampler, and by
-softmax + torch.multinomial in its place (the form it had before entry 49).
+device where the engine can (temperature alone or with top-k, chained like greedy steps,
+benchmarks/RESULTS.md entries 51 and 54), drawn between launches by the engine's sampler,
+and by softmax + torch.multinomial in its place (the form it had before entry 49).
 
     python3 scripts/dev/sampling_cost.py [--model random:llama-3.2-1b] [--rounds 2]
 
@@ -64,11 +64,11 @@ def main():
             engine.generate(prompt, max_new_tokens=128, ignore_eos=True, seed=1,
                             **kw).stats.ms_per_token for _ in range(3))
 
-    # (label, the sampler between launches, whether plain temperature sampling is drawn
-    # on the device, the cases): top-k and top-p are always drawn between launches.
+    # (label, the sampler between launches, whether the engine may draw on the device, the
+    # cases): top-p is always drawn between launches.
     modes = (("multinomial", multinomial_sample, False, CASES[1:]),
              ("host", sample, False, CASES[1:]),
-             ("device", sample, True, CASES[:2]))
+             ("device", sample, True, CASES[:3]))
     try:
         for _ in range(args.rounds):
             for label, sampler, on_device, cases in modes:
