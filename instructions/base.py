@@ -168,7 +168,7 @@ class MachineState:
     epoch: int = 1
     # A launch that samples: sample_logits draws each step's token (gumbel_noise), among
     # the top_k largest logits with top-k; None: greedy.
-    sampling: "Sampling | None" = None
+    sampling: Sampling | None = None
 
     def check_waits(self, instr: Instruction) -> None:
         for counter, target in instr.waits:

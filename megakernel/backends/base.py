@@ -65,8 +65,9 @@ class Backend:
     name = "base"
     # Greedy decode steps one decode_steps() call chains by default (Engine.generate).
     steps_per_launch = 1
-    # decode_steps(..., sampling=(1 / temperature, seed)) draws each step's token from
-    # softmax(logits / temperature) and chains such steps too.
+    # decode_steps(..., sampling=Sampling(inv_temperature, seed, top_k)) draws each step's
+    # token from softmax(logits * inv_temperature) over the top_k largest logits (0: all;
+    # at most instructions.MAX_TOP_K) and chains such steps too.
     chains_sampling = False
 
     def __init__(self, weights, kv_cache):
