@@ -211,15 +211,18 @@ def test_backends_agree(baseline):
     assert r.token_ids == baseline.token_ids
 
 
+def reference_engine(steps_per_launch: int):
+    """The tiny random model on the reference backend (the instruction stream on the CPU),
+    chaining steps_per_launch steps per launch."""
+    return megakernel.Engine.from_pretrained("random:tiny", device="cpu", backend="reference",
+                                             max_seq_len=128, steps_per_launch=steps_per_launch)
+
+
 def test_chained_greedy_steps_equal_one_step_per_launch(baseline):
     """Greedy steps chained 3 per launch (the reference backend runs the chained program)
     give the same tokens, logits and stream as one step per launch: the last launch is cut
     to the tokens left, and the tokens a launch decoded past a stop token are dropped."""
-    def make(steps):
-        return megakernel.Engine.from_pretrained("random:tiny", device="cpu",
-                                                 backend="reference", max_seq_len=128,
-                                                 steps_per_launch=steps)
-    one, three = make(1), make(3)
+    one, three = reference_engine(1), reference_engine(3)
     assert three.backend.steps_per_launch == 3
     a = one.generate("Hello", max_new_tokens=12, ignore_eos=True, output_logits=True)
     seen = []
@@ -241,11 +244,7 @@ def test_temperature_sampling_chains_in_the_stream():
     launch give the tokens of 1 per launch, a seed gives the same tokens again and another
     seed others, and each token after the prompt's is the argmax of its step's logits /
     temperature + the stream's noise at its position."""
-    def make(steps):
-        return megakernel.Engine.from_pretrained("random:tiny", device="cpu",
-                                                 backend="reference", max_seq_len=128,
-                                                 steps_per_launch=steps)
-    one, three = make(1), make(3)
+    one, three = reference_engine(1), reference_engine(3)
     prompt = [5, 9, 13, 2, 7]
     kw = dict(max_new_tokens=10, ignore_eos=True, temperature=1.7, output_logits=True)
     a = one.generate(prompt, seed=11, **kw)
@@ -263,11 +262,7 @@ def test_top_k_sampling_chains_in_the_stream(baseline):
     top-k stages, chained: 3 steps per launch give 1's tokens, each token is among its
     step's k largest logits and is the argmax of logits / temperature + the noise there,
     and k = 1 is greedy decoding."""
-    def make(steps):
-        return megakernel.Engine.from_pretrained("random:tiny", device="cpu",
-                                                 backend="reference", max_seq_len=128,
-                                                 steps_per_launch=steps)
-    one, three = make(1), make(3)
+    one, three = reference_engine(1), reference_engine(3)
     prompt = [5, 9, 13, 2, 7]
     kw = dict(max_new_tokens=10, ignore_eos=True, temperature=1.7, top_k=5,
               output_logits=True)

@@ -6,13 +6,14 @@ import pytest
 import torch
 
 from megakernel.config import ModelConfig
-from megakernel.instructions import O_PROJ_RESIDUAL, RMS_GATE_UP_SILU, ScheduleError
+from megakernel.instructions import O_PROJ_RESIDUAL, RMS_GATE_UP_SILU, Sampling, ScheduleError
 from megakernel.kv_cache import PagedKVCache
 from megakernel.backends.reference_backend import ReferenceBackend
 from megakernel.instructions.rms_qkv_rope import block_rows
 from megakernel.presets import PRESETS, random_weights
 from megakernel.scheduler import (build_program, chain_prefix, chain_steps, decode_programs,
-                                  split_qkv, whole_context_limit, with_sampled_tokens)
+                                  program_kind, split_qkv, whole_context_limit,
+                                  with_sampled_tokens)
 from megakernel.scheduler.program import EARLY_GATE_UP_L2_BYTES, early_gate_up_limit
 from tolerances import RELATIVE_TOLERANCE, relative_error
 
@@ -550,6 +551,18 @@ def test_sampled_program_structure():
         with_sampled_tokens(sampled)
 
 
+def _sampled_tokens(weights, program, sampling, order_seed=None) -> list[int]:
+    """PROMPT fed one step per launch through the sampled one-step `program` on the
+    reference backend (in a random order with order_seed): each step's drawn token."""
+    cache = PagedKVCache(weights.config, max_seq_len=32, page_size=4, dtype=torch.float32,
+                         shuffle_seed=7, poison=True)
+    cache.reserve(len(PROMPT))
+    backend = ReferenceBackend(weights, cache, num_sms=5, order_seed=order_seed)
+    backend._chains[(1, program_kind(sampling))] = (program, backend._state_for(program))
+    return [int(backend.decode_steps(tok, pos, 1, sampling=sampling).last_token)
+            for pos, tok in enumerate(PROMPT)]
+
+
 def test_random_order_catches_a_draw_before_the_lm_head():
     """A sample_logits that does not wait on the LM head reads logits not written yet (or
     the previous step's): some random order must give other tokens."""
@@ -559,13 +572,7 @@ def test_random_order_catches_a_draw_before_the_lm_head():
                   if ins.spec.name == "sample_logits")
 
     def tokens(program, order_seed=None):
-        cache = PagedKVCache(weights.config, max_seq_len=32, page_size=4,
-                             dtype=torch.float32, shuffle_seed=7, poison=True)
-        cache.reserve(len(PROMPT))
-        backend = ReferenceBackend(weights, cache, num_sms=5, order_seed=order_seed)
-        backend._chains[(1, "temperature")] = (program, backend._state_for(program))
-        return [int(backend.decode_steps(tok, pos, 1, sampling=(1 / 0.9, 5)).last_token)
-                for pos, tok in enumerate(PROMPT)]
+        return _sampled_tokens(weights, program, Sampling(1 / 0.9, 5), order_seed)
 
     expected = tokens(sampled)
     assert all(tokens(sampled, seed) == expected for seed in range(3))
@@ -596,13 +603,7 @@ def test_top_k_program_structure():
     assert chain_steps(sampled, 2).buffers["topk_threshold"].shape == (2,)
 
     def tokens(program, order_seed=None):
-        cache = PagedKVCache(weights.config, max_seq_len=32, page_size=4,
-                             dtype=torch.float32, shuffle_seed=7, poison=True)
-        cache.reserve(len(PROMPT))
-        backend = ReferenceBackend(weights, cache, num_sms=5, order_seed=order_seed)
-        backend._chains[(1, "top_k")] = (program, backend._state_for(program))
-        return [int(backend.decode_steps(tok, pos, 1, sampling=(1 / 0.9, 5, 3)).last_token)
-                for pos, tok in enumerate(PROMPT)]
+        return _sampled_tokens(weights, program, Sampling(1 / 0.9, 5, 3), order_seed)
 
     expected = tokens(sampled)
     assert all(tokens(sampled, seed) == expected for seed in range(3))
