@@ -4,6 +4,7 @@ benchmarks/RESULTS.md entries 51 and 54), drawn between launches by the engine's
 and by softmax + torch.multinomial in its place (the form it had before entry 49).
 
     python3 scripts/dev/sampling_cost.py [--model random:llama-3.2-1b] [--rounds 2]
+                                         [--modes multinomial,host,device]
 
 Each case: 2 untimed generate() calls, then the median ms/token of 3 (32-token prompt,
 128 new tokens). First, the top-k threshold alone: torch.topk over the vocabulary against
@@ -48,6 +49,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="random:llama-3.2-1b")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--modes", default="multinomial,host,device",
+                    help="comma-separated: multinomial, host, device")
     args = ap.parse_args()
     engine = megakernel.Engine.from_pretrained(args.model, device="cuda", max_seq_len=1024)
     prompt = list(range(10, 42))
@@ -72,6 +75,8 @@ def main():
     try:
         for _ in range(args.rounds):
             for label, sampler, on_device, cases in modes:
+                if label not in args.modes.split(","):
+                    continue
                 engine_module.sample = sampler
                 engine.backend.chains_sampling = on_device
                 for name, kw in cases:
