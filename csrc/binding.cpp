@@ -83,8 +83,12 @@ void launch(const at::Tensor& instructions, at::Tensor counters, at::Tensor queu
             int64_t timeout_ns, int64_t num_blocks, int64_t prefetch_bytes,
             const std::optional<at::Tensor>& token_source, int64_t token, int64_t position,
             int64_t steps, double sample_inv_temperature, int64_t sample_seed,
-            int64_t sample_top_k, const std::optional<at::Tensor>& topk_values,
-            const std::optional<at::Tensor>& topk_threshold) {
+            int64_t sample_top_k, double sample_top_p,
+            const std::optional<at::Tensor>& topk_values,
+            const std::optional<at::Tensor>& topp_block_max,
+            const std::optional<at::Tensor>& topp_hist,
+            const std::optional<at::Tensor>& topp_state,
+            const std::optional<at::Tensor>& sample_threshold) {
   const at::Device device = hidden.device();
   const auto f32 = at::kFloat, i32 = at::kInt, i64 = at::kLong, bf16 = at::kBFloat16;
   check_tensor(instructions, "instructions", i32, 2, device);
@@ -214,21 +218,46 @@ void launch(const at::Tensor& instructions, at::Tensor counters, at::Tensor queu
   MK_CHECK(sample_top_k >= 0 && sample_top_k <= mk::kMaxSampleTopK,
            "megakernel: sample_top_k must be in [0, ", mk::kMaxSampleTopK, "], got ",
            sample_top_k);
-  MK_CHECK(sample_top_k == 0 || (sample_inv_temperature > 0.0 && topk_values && topk_threshold),
-           "megakernel: sample_top_k needs sample_inv_temperature > 0, topk_values and "
-           "topk_threshold");
+  MK_CHECK(sample_top_p > 0.0 && sample_top_p <= 1.0,
+           "megakernel: sample_top_p must be in (0, 1], got ", std::to_string(sample_top_p));
+  const bool top_k = sample_top_k > 0, top_p = sample_top_p < 1.0;
+  MK_CHECK(!(top_k && top_p), "megakernel: sample_top_k and sample_top_p exclude each other");
+  MK_CHECK(!(top_k || top_p) || (sample_inv_temperature > 0.0 && sample_threshold),
+           "megakernel: top-k or top-p sampling needs sample_inv_temperature > 0 and "
+           "sample_threshold");
   p.sample_top_k = static_cast<int>(sample_top_k);
+  p.sample_top_p = static_cast<float>(sample_top_p);
   p.topk_values = nullptr;
-  p.topk_threshold = nullptr;
-  if (sample_top_k > 0) {
+  p.topp_block_max = nullptr;
+  p.topp_hist = nullptr;
+  p.topp_state = nullptr;
+  p.sample_threshold = nullptr;
+  if (top_k || top_p) {
+    check_tensor(*sample_threshold, "sample_threshold", f32, 1, device);
+    MK_CHECK(sample_threshold->size(0) >= T, "megakernel: sample_threshold must be [T]");
+    p.sample_threshold = ptr<float>(*sample_threshold);
+  }
+  if (top_k) {
+    MK_CHECK(topk_values.has_value(), "megakernel: top-k sampling needs topk_values");
     check_tensor(*topk_values, "topk_values", f32, 2, device);
-    check_tensor(*topk_threshold, "topk_threshold", f32, 1, device);
-    MK_CHECK(topk_values->sizes() == at::IntArrayRef({T, B * mk::kMaxSampleTopK}) &&
-                 topk_threshold->size(0) >= T,
-             "megakernel: topk_values must be [T, B * ", mk::kMaxSampleTopK,
-             "] and topk_threshold [T]");
+    MK_CHECK(topk_values->sizes() == at::IntArrayRef({T, B * mk::kMaxSampleTopK}),
+             "megakernel: topk_values must be [T, B * ", mk::kMaxSampleTopK, "]");
     p.topk_values = ptr<float>(*topk_values);
-    p.topk_threshold = ptr<float>(*topk_threshold);
+  }
+  if (top_p) {
+    MK_CHECK(topp_block_max && topp_hist && topp_state,
+             "megakernel: top-p sampling needs topp_block_max, topp_hist and topp_state");
+    check_tensor(*topp_block_max, "topp_block_max", f32, 2, device);
+    check_tensor(*topp_hist, "topp_hist", i64, 2, device);
+    check_tensor(*topp_state, "topp_state", at::kDouble, 2, device);
+    MK_CHECK(topp_block_max->sizes() == at::IntArrayRef({T, B}) &&
+                 topp_hist->sizes() == at::IntArrayRef({T, B * 256}) &&
+                 topp_state->sizes() == at::IntArrayRef({T, 4}),
+             "megakernel: topp_block_max must be [T, B], topp_hist [T, B * 256] and "
+             "topp_state [T, 4]");
+    p.topp_block_max = ptr<float>(*topp_block_max);
+    p.topp_hist = reinterpret_cast<unsigned long long*>(ptr<int64_t>(*topp_hist));
+    p.topp_state = ptr<double>(*topp_state);
   }
   p.hidden = ptr<float>(hidden);
   p.q = ptr<float>(q);
@@ -314,8 +343,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("prefetch_bytes") = static_cast<int64_t>(mk::kDefaultPrefetchBytes),
         py::arg("token_source") = py::none(), py::arg("token") = 0, py::arg("position") = 0,
         py::arg("steps") = 1, py::arg("sample_inv_temperature") = 0.0,
-        py::arg("sample_seed") = 0, py::arg("sample_top_k") = 0,
-        py::arg("topk_values") = py::none(), py::arg("topk_threshold") = py::none());
+        py::arg("sample_seed") = 0, py::arg("sample_top_k") = 0, py::arg("sample_top_p") = 1.0,
+        py::arg("topk_values") = py::none(), py::arg("topp_block_max") = py::none(),
+        py::arg("topp_hist") = py::none(), py::arg("topp_state") = py::none(),
+        py::arg("sample_threshold") = py::none());
   m.def("alloc_host_status", &alloc_host_status,
         "Zeroed int64 CPU tensor in mapped pinned memory for launch(host_status=...).");
   m.def("sm_count", &sm_count, "Number of SMs of the current CUDA device.");

@@ -25,7 +25,9 @@ enum Opcode : int {
   kOpSampleLogits = 10,
   kOpTopkPartial = 11,
   kOpTopkThreshold = 12,
-  kNumOpcodes = 13,
+  kOpToppHistogram = 13,
+  kOpToppSelect = 14,
+  kNumOpcodes = 15,
 };
 
 // Header words, common to every opcode.
@@ -117,6 +119,19 @@ namespace topk_threshold {
 constexpr int kNumBlocks = 10;
 }  // namespace topk_threshold
 
+// topp_histogram: argument words.
+namespace topp_histogram {
+constexpr int kRowBegin = 10;
+constexpr int kRowCount = 11;
+constexpr int kPassIndex = 12;
+}  // namespace topp_histogram
+
+// topp_select: argument words.
+namespace topp_select {
+constexpr int kNumBlocks = 10;
+constexpr int kPassIndex = 11;
+}  // namespace topp_select
+
 // Row-block ops (OpSpec.streams_weight_rows): their first two args are the rows
 // [row_begin, row_begin + row_count) of their weights they stream.
 // o_proj_residual, rms_gate_up_silu, down_proj_residual, rms_lm_head.
@@ -152,6 +167,8 @@ inline const char* opcode_name(int op) {
     case 10: return "sample_logits";
     case 11: return "topk_partial";
     case 12: return "topk_threshold";
+    case 13: return "topp_histogram";
+    case 14: return "topp_select";
     default: return "none";
   }
 }

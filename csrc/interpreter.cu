@@ -47,6 +47,7 @@
 #include "ops/rms_qkv_rope.cuh"
 #include "ops/sample_logits.cuh"
 #include "ops/topk_sampling.cuh"
+#include "ops/topp_sampling.cuh"
 
 namespace mk {
 namespace {
@@ -316,6 +317,12 @@ __device__ bool run_op(const OpContext& ctx) {
       [[fallthrough]];
     case kOpTopkThreshold:
       if constexpr (kSampling) return op_topk_threshold(ctx);
+      [[fallthrough]];
+    case kOpToppHistogram:
+      if constexpr (kSampling) return op_topp_histogram(ctx);
+      [[fallthrough]];
+    case kOpToppSelect:
+      if constexpr (kSampling) return op_topp_select(ctx);
       [[fallthrough]];
     default: return ctx.ready<kOpNone>();  // refused by the controller: ready() is false
   }

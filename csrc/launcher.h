@@ -150,10 +150,20 @@ struct KernelParams {
   uint64_t sample_seed;
   // Top-k sampling (programs with topk_partial and topk_threshold; 0: none): the draw is
   // among the sample_top_k largest logits (1 to kMaxSampleTopK), the k-th largest found in
-  // topk_values [T, B, kMaxSampleTopK] and written to topk_threshold [T].
+  // topk_values [T, B, kMaxSampleTopK] and written to sample_threshold [T].
   int sample_top_k;
   float* topk_values;
-  float* topk_threshold;
+  // Top-p sampling (programs with topp_histogram and topp_select; 1: none): the draw is
+  // among the logits at or above the nucleus threshold, the largest logit whose tokens and
+  // those above it hold sample_top_p of the probability, found by a mass-weighted radix
+  // selection through topp_block_max [T, B], topp_hist [T, B, 256] and topp_state [T, 4],
+  // and written to sample_threshold [T].
+  float sample_top_p;
+  float* topp_block_max;
+  unsigned long long* topp_hist;
+  double* topp_state;
+  // The threshold sample_logits draws at or above (top-k or top-p), or null: none.
+  float* sample_threshold;
 };
 
 // Launches the persistent kernel on `stream` (a cudaStream_t) with `num_blocks` blocks

@@ -16,6 +16,8 @@ from .argmax_reduce import ARGMAX_REDUCE
 from .sample_logits import SAMPLE_LOGITS
 from .topk_partial import MAX_TOP_K, TOPK_PARTIAL
 from .topk_threshold import TOPK_THRESHOLD
+from .topp_histogram import TOPP_HISTOGRAM
+from .topp_select import TOPP_SELECT
 
 __all__ = [
     "WORDS", "HEADER_FIELDS", "HEADER_WORDS", "L2_PREFETCH_FIELDS", "L2_PREFETCH_WORD",
@@ -23,5 +25,5 @@ __all__ = [
     "OpSpec", "ROW_BLOCK_ARGS", "Sampling", "ScheduleError", "row_block_specs", "EMBED",
     "RMS_QKV_ROPE", "ATTENTION_PARTIAL", "ATTENTION_REDUCE", "O_PROJ_RESIDUAL",
     "RMS_GATE_UP_SILU", "DOWN_PROJ_RESIDUAL", "RMS_LM_HEAD", "ARGMAX_REDUCE", "SAMPLE_LOGITS",
-    "MAX_TOP_K", "TOPK_PARTIAL", "TOPK_THRESHOLD",
+    "MAX_TOP_K", "TOPK_PARTIAL", "TOPK_THRESHOLD", "TOPP_HISTOGRAM", "TOPP_SELECT",
 ]

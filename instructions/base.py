@@ -138,11 +138,12 @@ class Instruction:
 
 class Sampling(NamedTuple):
     """How a launch draws each step's token: from softmax(logits * inv_temperature) over
-    the top_k largest logits (0: over all of them), with the Gumbel noise fixed by seed and
-    the step's position (gumbel_noise)."""
+    the top_k largest logits (0: over all of them) or over the top_p nucleus (1.0: all; not
+    both), with the Gumbel noise fixed by seed and the step's position (gumbel_noise)."""
     inv_temperature: float
     seed: int
     top_k: int = 0
+    top_p: float = 1.0
 
 
 @dataclass
@@ -167,7 +168,7 @@ class MachineState:
     counters: torch.Tensor
     epoch: int = 1
     # A launch that samples: sample_logits draws each step's token (gumbel_noise), among
-    # the top_k largest logits with top-k; None: greedy.
+    # the logits at or above sample_threshold with top-k or top-p; None: greedy.
     sampling: Sampling | None = None
 
     def check_waits(self, instr: Instruction) -> None:

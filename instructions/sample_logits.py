@@ -7,8 +7,8 @@ draw, so sampled steps chain in one launch like greedy ones.
 
 (inv_temperature, seed) are the launch's (MachineState.sampling); without them the score
 is the logit itself and the op repeats the LM head's greedy partial argmax. With top-k
-(sampling.top_k > 0), only logits at or above topk_threshold[t] take part
-(topk_threshold.py).
+(sampling.top_k > 0) or top-p (sampling.top_p < 1), only logits at or above
+sample_threshold[t] take part (topk_threshold.py, topp_select.py).
 """
 import torch
 
@@ -22,8 +22,8 @@ def reference(instr, s):
         if s.sampling is not None:
             noise = gumbel_noise(s.sampling.seed, int(s.positions[t]), torch.arange(r0, r0 + n))
             scores = logits * s.sampling.inv_temperature + noise
-            if s.sampling.top_k:
-                threshold = s.buffers["topk_threshold"][t]
+            if s.sampling.top_k or s.sampling.top_p < 1.0:
+                threshold = s.buffers["sample_threshold"][t]
                 scores = scores.masked_fill(~(logits >= threshold), float("-inf"))
         best = int(torch.argmax(scores))          # first maximal index
         s.buffers["argmax_value"][t, b] = scores[best]

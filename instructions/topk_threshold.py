@@ -1,4 +1,4 @@
-"""topk_threshold: topk_threshold[t] = the sampling.top_k-th largest of the candidates the
+"""topk_threshold: sample_threshold[t] = the sampling.top_k-th largest of the candidates the
 num_blocks topk_partial blocks left in topk_values[t]: the k-th largest logit of the step,
 at or above which sample_logits draws. One block."""
 import torch
@@ -11,7 +11,7 @@ def reference(instr, s):
     n, k = instr.args["num_blocks"], s.sampling.top_k
     for t in range(instr.token_begin, instr.token_begin + instr.token_count):
         candidates = s.buffers["topk_values"][t].view(-1, MAX_TOP_K)[:n, :k]
-        s.buffers["topk_threshold"][t] = torch.topk(candidates.flatten(), k).values[-1]
+        s.buffers["sample_threshold"][t] = torch.topk(candidates.flatten(), k).values[-1]
 
 
 def cost(instr, cfg, dtype_bytes):

@@ -7,9 +7,9 @@ A generate() call: validate every argument (nothing changes before that), reserv
 pages for prompt + new tokens (exhaustion fails here, before any launch), prefill the
 prompt, then decode. Greedy decoding chains the backend's steps_per_launch steps in one
 launch, each step's token chosen on the device (the megakernel backend; one step per
-launch elsewhere); so does temperature sampling, alone or with top-k up to MAX_TOP_K, where
-the backend draws tokens on the device (the megakernel and reference backends:
-scheduler.with_sampled_tokens); top-p and larger top-k sampling launch one step at a
+launch elsewhere); so does temperature sampling, alone, with top-k up to MAX_TOP_K or with
+top-p, where the backend draws tokens on the device (the megakernel and reference backends:
+scheduler.with_sampled_tokens); top-k with top-p and larger top-k launch one step at a
 time. Decode is pipelined: launch i+1 is queued with the last token of launch i still on
 the device, and only then are launch i's tokens read back for stop checks and streaming,
 through host memory the kernel writes or a pinned copy, and an event behind launch i alone
@@ -232,17 +232,18 @@ class Engine:
         if temperature > 0:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(sample_seed)
-        # Temperature sampling, alone or with top-k up to MAX_TOP_K, is drawn on the device
-        # where the backend can, so its steps chain like greedy ones; top-p and larger k
-        # run between launches (sampling.sample), and so do temperatures whose inverse a
-        # float32 does not hold. The prompt's token is drawn by sampling.sample either way.
+        # Temperature sampling, alone, with top-k up to MAX_TOP_K or with top-p, is drawn on
+        # the device where the backend can, so its steps chain like greedy ones; top-k and
+        # top-p together and larger k run between launches (sampling.sample), and so do
+        # temperatures whose inverse a float32 does not hold. The prompt's token is drawn by
+        # sampling.sample either way.
         device_sampling = None
         device_top_k = 0 if top_k >= self.config.vocab_size else top_k
-        if (temperature > 0 and top_p == 1.0 and device_top_k <= MAX_TOP_K
-                and self.backend.chains_sampling
+        if (temperature > 0 and device_top_k <= MAX_TOP_K
+                and not (device_top_k and top_p < 1.0) and self.backend.chains_sampling
                 and 0 < 1.0 / temperature <= torch.finfo(torch.float32).max):
             device_sampling = Sampling(1.0 / temperature, int(sample_seed) & ((1 << 63) - 1),
-                                       device_top_k)
+                                       device_top_k, float(top_p))
 
         def choose(out):
             """The prefill's token on the device, and the host view it lands in (or None)."""

@@ -8,10 +8,12 @@ draw from softmax(logits / temperature) for the (1 / temperature, seed) the laun
 (instructions/sample_logits.py). The result chains like a greedy step (chain.py): sampled
 decoding runs several steps per launch too.
 
-With top_k, two stages come first: one topk_partial per LM-head block (its rows' k
-largest logits) and one topk_threshold (the step's k-th largest logit), and the
-sample_logits blocks draw among the logits at or above it (instructions/topk_partial.py,
-topk_threshold.py); the launch gives k.
+With kind "top_k", two stages come first: one topk_partial per LM-head block (its rows'
+k largest logits) and one topk_threshold (the step's k-th largest logit). With "top_p",
+four pairs of stages: topp_histogram per LM-head block and one topp_select, each pair a
+pass of the nucleus threshold's radix selection. The sample_logits blocks then draw among
+the logits at or above the threshold (instructions/topk_partial.py, topk_threshold.py,
+topp_histogram.py, topp_select.py); the launch gives k or p.
 
 A program of its own rather than a stage in every program: greedy steps keep their
 stages and run none of the sampling code (the noise inside the LM head's shared code made
@@ -23,24 +25,34 @@ import torch
 
 from megakernel.instructions import (ARGMAX_REDUCE, HEADER_FIELDS, MAX_TOP_K, NO_COUNTER,
                                      RMS_LM_HEAD, SAMPLE_LOGITS, TOPK_PARTIAL, TOPK_THRESHOLD,
-                                     Instruction, Sampling)
+                                     TOPP_HISTOGRAM, TOPP_SELECT, Instruction, Sampling)
+from megakernel.instructions.topp_histogram import RADIX_BINS
 
 from .program import BufferSpec, Program
 
 _WORD = {name: i for i, name in enumerate(HEADER_FIELDS)}
 
 
+KINDS = ("temperature", "top_k", "top_p")
+TOP_P_PASSES = 4     # 8 bits of the 32-bit order keys per pass
+
+
 def program_kind(sampling) -> str | None:
     """Which program serves a launch's sampling (a Sampling, its fields, or None): None
-    (greedy), "temperature" or "top_k" (with_sampled_tokens with top_k)."""
+    (greedy), or the kind of with_sampled_tokens."""
     if sampling is None:
         return None
-    return "top_k" if Sampling(*sampling).top_k else "temperature"
+    sampling = Sampling(*sampling)
+    if sampling.top_k and sampling.top_p < 1.0:
+        raise ValueError("a sampled program draws with top-k or top-p, not both")
+    return "top_k" if sampling.top_k else "top_p" if sampling.top_p < 1.0 else "temperature"
 
 
-def with_sampled_tokens(program: Program, top_k: bool = False) -> Program:
+def with_sampled_tokens(program: Program, kind: str = "temperature") -> Program:
     """A copy of the one-step `program` whose argmax_reduce picks a temperature sample
-    (with top_k: among the launch's top-k logits)."""
+    (kind "top_k": among the launch's top-k logits; "top_p": among its nucleus)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if program.steps_per_launch != 1:
         raise ValueError("sample the one-step program, then chain it")
     rows = program.instructions
@@ -72,16 +84,25 @@ def with_sampled_tokens(program: Program, top_k: bool = False) -> Program:
 
     per_head = [dict(token_begin=h.token_begin, token_count=h.token_count,
                      block_index=h.block_index, **h.args) for h in heads]
+    one_block = dict(token_begin=heads[0].token_begin, token_count=heads[0].token_count,
+                     block_index=0, num_blocks=len(heads))
     buffers = dict(program.buffers)
-    if top_k:
+    T, B = program.num_tokens, program.lm_head_blocks
+    if kind == "top_k":
         partial = stage(TOPK_PARTIAL, "topk", (wait,), per_head)
-        wait = stage(TOPK_THRESHOLD, "topk_threshold", (partial,),
-                     [dict(token_begin=heads[0].token_begin, token_count=heads[0].token_count,
-                           block_index=0, num_blocks=len(heads))])
-        T = program.num_tokens
-        buffers["topk_values"] = BufferSpec((T, program.lm_head_blocks * MAX_TOP_K),
-                                            torch.float32)
-        buffers["topk_threshold"] = BufferSpec((T,), torch.float32)
+        wait = stage(TOPK_THRESHOLD, "topk_threshold", (partial,), [one_block])
+        buffers["topk_values"] = BufferSpec((T, B * MAX_TOP_K), torch.float32)
+    if kind == "top_p":
+        for pass_index in range(TOP_P_PASSES):
+            histograms = stage(TOPP_HISTOGRAM, f"topp_histogram{pass_index}", (wait,),
+                               [{**b, "pass_index": pass_index} for b in per_head])
+            wait = stage(TOPP_SELECT, f"topp_select{pass_index}", (histograms,),
+                         [{**one_block, "pass_index": pass_index}])
+        buffers["topp_block_max"] = BufferSpec((T, B), torch.float32)
+        buffers["topp_hist"] = BufferSpec((T, B * RADIX_BINS), torch.int64)
+        buffers["topp_state"] = BufferSpec((T, 4), torch.float64)
+    if kind != "temperature":
+        buffers["sample_threshold"] = BufferSpec((T,), torch.float32)
     sample_counter, sample_target = stage(SAMPLE_LOGITS, "sample", (wait,), per_head)
     pick = rows[argmax].clone()
     pick[_WORD["wait0_counter"]] = sample_counter

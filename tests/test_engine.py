@@ -280,6 +280,30 @@ def test_top_k_sampling_chains_in_the_stream(baseline):
     assert greedy.token_ids == baseline.token_ids
 
 
+def test_top_p_sampling_chains_in_the_stream(baseline):
+    """Top-p sampling on the reference backend runs the program with the nucleus stages,
+    chained: 3 steps per launch give 1's tokens, each token is the argmax of its step's
+    logits / temperature + the noise over the nucleus sampling.masked_scores keeps, and a
+    nucleus of one token is greedy decoding."""
+    from megakernel.sampling import masked_scores
+
+    one, three = reference_engine(1), reference_engine(3)
+    prompt = [5, 9, 13, 2, 7]
+    kw = dict(max_new_tokens=10, ignore_eos=True, temperature=1.7, top_p=0.6,
+              output_logits=True)
+    a = one.generate(prompt, seed=11, **kw)
+    b = three.generate(prompt, seed=11, **kw)
+    assert b.token_ids == a.token_ids and torch.equal(b.logits, a.logits)
+    rows = torch.arange(a.logits.shape[1])
+    for i in range(1, len(a.token_ids)):
+        nucleus = masked_scores(a.logits[i], 1.7, 0, 0.6) > float("-inf")
+        scores = a.logits[i] * (1 / 1.7) + gumbel_noise(11, len(prompt) + i - 1, rows)
+        assert int(torch.argmax(scores.masked_fill(~nucleus, float("-inf")))) == a.token_ids[i]
+    greedy = three.generate("Hello", max_new_tokens=12, ignore_eos=True, temperature=0.5,
+                            top_p=1e-6)
+    assert greedy.token_ids == baseline.token_ids
+
+
 @pytest.mark.parametrize("backend,steps,message", [
     ("reference", 0, "steps_per_launch"), ("reference", 17, r"\[1, 16\]"),
     ("reference", 2.0, "integer"), ("torch", 4, "one step per launch")])

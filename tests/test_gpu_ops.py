@@ -13,8 +13,8 @@ from megakernel.errors import KernelFaultError
 from megakernel.instructions import (ARGMAX_REDUCE, ATTENTION_PARTIAL, ATTENTION_REDUCE,
                                      DOWN_PROJ_RESIDUAL, EMBED, O_PROJ_RESIDUAL,
                                      RMS_GATE_UP_SILU, RMS_LM_HEAD, RMS_QKV_ROPE, SAMPLE_LOGITS,
-                                     MAX_TOP_K, TOPK_PARTIAL, TOPK_THRESHOLD, MachineState,
-                                     Sampling)
+                                     MAX_TOP_K, TOPK_PARTIAL, TOPK_THRESHOLD, TOPP_HISTOGRAM,
+                                     TOPP_SELECT, MachineState, Sampling)
 from megakernel.instructions.base import gumbel_noise
 from megakernel.kv_cache import PagedKVCache
 from megakernel.presets import random_weights
@@ -351,7 +351,7 @@ def test_top_k_stages_and_the_draw(top_k):
     blocks = [(0, 3), (3, 500), (503, 500)]             # vocab 1003; the first block short
     case.cpu.buffers["topk_values"] = torch.full((1, case.program.lm_head_blocks * MAX_TOP_K),
                                                  float("nan"))
-    case.cpu.buffers["topk_threshold"] = torch.full((1,), float("nan"))
+    case.cpu.buffers["sample_threshold"] = torch.full((1,), float("nan"))
     case.sync_inputs()
     case.run([make(TOPK_PARTIAL, b, row_begin=r0, row_count=n)
               for b, (r0, n) in enumerate(blocks)])
@@ -360,9 +360,9 @@ def test_top_k_stages_and_the_draw(top_k):
         want = case.cpu.buffers["topk_values"][0, b * MAX_TOP_K:b * MAX_TOP_K + top_k]
         assert torch.equal(got.sort().values, want.sort().values), b
     case.run([make(TOPK_THRESHOLD, num_blocks=len(blocks))])
-    threshold = float(case.gpu["topk_threshold"][0])
+    threshold = float(case.gpu["sample_threshold"][0])
     assert threshold == float(torch.topk(logits[0], top_k).values[-1])
-    assert threshold == float(case.cpu.buffers["topk_threshold"][0])
+    assert threshold == float(case.cpu.buffers["sample_threshold"][0])
     case.run([make(SAMPLE_LOGITS, b, row_begin=r0, row_count=n)
               for b, (r0, n) in enumerate(blocks)])
     case.run([make(ARGMAX_REDUCE, num_blocks=len(blocks))])
@@ -371,6 +371,43 @@ def test_top_k_stages_and_the_draw(top_k):
     scores = logits[0] * (1 / 0.8) + gumbel_noise(99, case.position, torch.arange(V))
     scores = scores.masked_fill(logits[0] < threshold, float("-inf"))
     assert got == want or scores[got] >= scores.max() - 1e-5 * scores.abs().max()
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 0.9), (0.6, 0.5), (1.5, 0.99)])
+def test_top_p_stages_and_the_draw(temperature, top_p):
+    """The four passes of topp_histogram and topp_select leave the nucleus threshold of
+    the reference semantics (which keeps the tokens sampling.masked_scores keeps), block
+    by block the same histograms up to the fast exponential's rounding, and the draw that
+    follows is in the nucleus."""
+    from megakernel.sampling import masked_scores
+
+    case = OpCase("hd64-gqa4")
+    case.cpu.sampling = Sampling(1 / temperature, 5, 0, top_p)
+    V, B = case.cfg.vocab_size, case.program.lm_head_blocks
+    logits = 3 * torch.randn(1, V, generator=torch.Generator().manual_seed(int(top_p * 100)))
+    case.cpu.buffers["logits"].copy_(logits)
+    for name, shape, dtype in (("topp_block_max", (1, B), torch.float32),
+                               ("topp_hist", (1, B * 256), torch.int64),
+                               ("topp_state", (1, 4), torch.float64),
+                               ("sample_threshold", (1,), torch.float32)):
+        case.cpu.buffers[name] = torch.zeros(shape, dtype=dtype)
+    case.sync_inputs()
+    blocks = [(0, 3), (3, 500), (503, 500)]             # vocab 1003
+    for pass_index in range(4):
+        case.run([make(TOPP_HISTOGRAM, b, row_begin=r0, row_count=n, pass_index=pass_index)
+                  for b, (r0, n) in enumerate(blocks)])
+        got = case.gpu["topp_hist"][0, :len(blocks) * 256].cpu().double()
+        want = case.cpu.buffers["topp_hist"][0, :len(blocks) * 256].double()
+        assert (got - want).abs().max() <= 1e-5 * 2 ** 32, pass_index
+        case.run([make(TOPP_SELECT, num_blocks=len(blocks), pass_index=pass_index)])
+    threshold = float(case.gpu["sample_threshold"][0])
+    assert threshold == float(case.cpu.buffers["sample_threshold"][0])
+    nucleus = masked_scores(logits[0], temperature, 0, top_p) > float("-inf")
+    assert torch.equal(logits[0] >= threshold, nucleus)
+    case.run([make(SAMPLE_LOGITS, b, row_begin=r0, row_count=n)
+              for b, (r0, n) in enumerate(blocks)])
+    case.run([make(ARGMAX_REDUCE, num_blocks=len(blocks))])
+    assert nucleus[int(case.gpu["next_token"][0])]
 
 
 @pytest.mark.parametrize("cfg_name", list(CONFIGS))

@@ -79,41 +79,85 @@ def test_kth_largest_equals_topk(n, k):
     assert torch.equal(got, want) or (got.isnan() and want.isnan())
 
 
-@pytest.mark.parametrize("temperature, top_k", [(1.3, 0), (0.7, 3), (2.0, 1)])
-def test_the_device_draw_has_the_distributions_frequencies(temperature, top_k):
-    """The draw a sampled program makes (instructions topk_partial, topk_threshold,
-    sample_logits and argmax_reduce, in their reference semantics, over two blocks of
-    rows), across DRAWS steps' positions: the frequencies of softmax(logits / temperature)
-    over the top-k tokens."""
-    from types import SimpleNamespace
+def device_draw_ops(blocks, top_k: int, top_p: float):
+    """The instructions a sampled program runs after the LM head (scheduler.sampling), for
+    blocks [(row_begin, row_count)] of one token's logits, in order."""
+    from megakernel.instructions import (ARGMAX_REDUCE, SAMPLE_LOGITS, TOPK_PARTIAL,
+                                         TOPK_THRESHOLD, TOPP_HISTOGRAM, TOPP_SELECT)
 
-    from megakernel.instructions import (ARGMAX_REDUCE, MAX_TOP_K, SAMPLE_LOGITS,
-                                         TOPK_PARTIAL, TOPK_THRESHOLD, Sampling)
-
-    blocks = [(0, 2), (2, 4)]
-    buffers = {"logits": LOGITS[None].clone(),
-               "topk_values": torch.zeros(1, len(blocks) * MAX_TOP_K),
-               "topk_threshold": torch.zeros(1), "argmax_value": torch.zeros(1, len(blocks)),
-               "argmax_index": torch.zeros(1, len(blocks), dtype=torch.int32),
-               "next_token": torch.zeros(1, dtype=torch.int32)}
-    state = SimpleNamespace(buffers=buffers, sampling=Sampling(1 / temperature, 987, top_k),
-                            positions=torch.zeros(1, dtype=torch.int64))
-    ops = [spec.make(block_index=b, row_begin=r0, row_count=n) for b, (r0, n) in
-           enumerate(blocks) for spec in ((TOPK_PARTIAL,) if top_k else ())]
+    ops = []
     if top_k:
+        ops += [TOPK_PARTIAL.make(block_index=b, row_begin=r0, row_count=n)
+                for b, (r0, n) in enumerate(blocks)]
         ops.append(TOPK_THRESHOLD.make(num_blocks=len(blocks)))
+    if top_p < 1.0:
+        for pass_index in range(4):
+            ops += [TOPP_HISTOGRAM.make(block_index=b, row_begin=r0, row_count=n,
+                                        pass_index=pass_index)
+                    for b, (r0, n) in enumerate(blocks)]
+            ops.append(TOPP_SELECT.make(num_blocks=len(blocks), pass_index=pass_index))
     ops += [SAMPLE_LOGITS.make(block_index=b, row_begin=r0, row_count=n)
             for b, (r0, n) in enumerate(blocks)]
     ops.append(ARGMAX_REDUCE.make(num_blocks=len(blocks)))
+    return ops
+
+
+def device_draw_state(logits: torch.Tensor, blocks, sampling):
+    """A MachineState stand-in with the buffers device_draw_ops use, for logits [V]."""
+    from types import SimpleNamespace
+
+    from megakernel.instructions import MAX_TOP_K
+
+    B = len(blocks)
+    buffers = {"logits": logits[None].clone(), "topk_values": torch.zeros(1, B * MAX_TOP_K),
+               "topp_block_max": torch.zeros(1, B),
+               "topp_hist": torch.zeros(1, B * 256, dtype=torch.int64),
+               "topp_state": torch.zeros(1, 4, dtype=torch.float64),
+               "sample_threshold": torch.zeros(1), "argmax_value": torch.zeros(1, B),
+               "argmax_index": torch.zeros(1, B, dtype=torch.int32),
+               "next_token": torch.zeros(1, dtype=torch.int32)}
+    return SimpleNamespace(buffers=buffers, sampling=sampling,
+                           positions=torch.zeros(1, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [
+    (1.3, 0, 1.0), (0.7, 3, 1.0), (2.0, 1, 1.0), (1.3, 0, 0.8), (2.0, 0, 0.5)])
+def test_the_device_draw_has_the_distributions_frequencies(temperature, top_k, top_p):
+    """The draw a sampled program makes (its ops after the LM head, in their reference
+    semantics, over two blocks of rows), across many steps' positions: the frequencies of
+    softmax(logits / temperature) over the top-k tokens or the top-p nucleus."""
+    from megakernel.instructions import Sampling
+
+    blocks = [(0, 2), (2, 4)]
+    state = device_draw_state(LOGITS, blocks, Sampling(1 / temperature, 987, top_k, top_p))
+    ops = device_draw_ops(blocks, top_k, top_p)
     counts = torch.zeros(len(LOGITS), dtype=torch.float64)
     draws = DRAWS // 4
     for position in range(draws):
         state.positions[0] = position
         for op in ops:
             op.spec.reference(op, state)
-        counts[int(buffers["next_token"][0])] += 1
-    want = expected(temperature, top_k, 1.0)
+        counts[int(state.buffers["next_token"][0])] += 1
+    want = expected(temperature, top_k, top_p)
     freq = counts / draws
     assert torch.equal(freq == 0, want == 0)
     sigma = (want * (1 - want) / draws).sqrt()
     assert ((freq - want).abs() <= 5 * sigma + 1e-9).all(), (freq.tolist(), want.tolist())
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 0.9), (0.6, 0.95), (1.5, 0.3),
+                                                (0.8, 0.999)])
+def test_the_device_nucleus_is_the_samplers(temperature, top_p):
+    """The threshold the top-p ops find (reference semantics, 1000 random logits in three
+    blocks) keeps exactly the tokens sampling.masked_scores keeps."""
+    from megakernel.instructions import Sampling
+    from megakernel.sampling import masked_scores
+
+    logits = 3 * torch.randn(1000, generator=torch.Generator().manual_seed(int(top_p * 1e3)))
+    blocks = [(0, 300), (300, 300), (600, 400)]
+    state = device_draw_state(logits, blocks, Sampling(1 / temperature, 1, 0, top_p))
+    for op in device_draw_ops(blocks, 0, top_p)[:-len(blocks) - 1]:
+        op.spec.reference(op, state)
+    kept = logits >= state.buffers["sample_threshold"][0]
+    want = masked_scores(logits, temperature, 0, top_p) > float("-inf")
+    assert torch.equal(kept, want), (int(kept.sum()), int(want.sum()))

@@ -580,12 +580,12 @@ def test_random_order_catches_a_draw_before_the_lm_head():
 
 
 def test_top_k_program_structure():
-    """with_sampled_tokens(top_k=True): topk_partial per LM-head block after the LM head,
+    """with_sampled_tokens(kind="top_k"): topk_partial per LM-head block after the LM head,
     one topk_threshold after them, the sample_logits blocks after it, and the candidate
     buffers; a random order without the threshold's wait is caught."""
     weights = random_weights(small_config(**CONFIGS["gqa2-hd64"]), seed=3, init_std=0.1)
     one = _program(weights)
-    sampled = with_sampled_tokens(one, top_k=True)
+    sampled = with_sampled_tokens(one, "top_k")
     rows = sampled.instruction_list()
     heads = [i for i in rows if i.spec.name == "rms_lm_head"]
     tail = rows[len(one.instruction_list()) - 1:]
@@ -600,7 +600,7 @@ def test_top_k_program_structure():
     assert {i.waits for i in samples} == {((threshold.signal, 1),)}
     assert sampled.counter_names[-3:] == ["topk", "topk_threshold", "sample"]
     assert sampled.buffers["topk_values"].shape == (1, one.lm_head_blocks * 64)
-    assert chain_steps(sampled, 2).buffers["topk_threshold"].shape == (2,)
+    assert chain_steps(sampled, 2).buffers["sample_threshold"].shape == (2,)
 
     def tokens(program, order_seed=None):
         return _sampled_tokens(weights, program, Sampling(1 / 0.9, 5, 3), order_seed)
@@ -609,3 +609,48 @@ def test_top_k_program_structure():
     assert all(tokens(sampled, seed) == expected for seed in range(3))
     victim = rows.index(samples[0])
     assert any(tokens(sampled.without_wait(victim), seed) != expected for seed in range(8))
+
+
+def test_top_p_program_structure():
+    """with_sampled_tokens(kind="top_p"): four passes of topp_histogram per LM-head block
+    and one topp_select, each waiting on the stage before, then the sample_logits blocks;
+    a random order without a pass's wait is caught."""
+    weights = random_weights(small_config(**CONFIGS["gqa2-hd64"]), seed=3, init_std=0.1)
+    one = _program(weights)
+    sampled = with_sampled_tokens(one, "top_p")
+    rows = sampled.instruction_list()
+    heads = [i for i in rows if i.spec.name == "rms_lm_head"]
+    tail = rows[len(one.instruction_list()) - 1:]
+    one_pass = ["topp_histogram"] * len(heads) + ["topp_select"]
+    assert [i.spec.name for i in tail] == (one_pass * 4 + ["sample_logits"] * len(heads)
+                                           + ["argmax_reduce"])
+    stride = len(heads) + 1
+    wait = (heads[0].signal, len(heads))
+    for p in range(4):
+        histograms, select = tail[p * stride:p * stride + len(heads)], tail[(p + 1) * stride - 1]
+        assert {(i.waits, i.args["pass_index"]) for i in histograms} == {((wait,), p)}
+        assert [(i.args["row_begin"], i.block_index) for i in histograms] == \
+            [(i.args["row_begin"], i.block_index) for i in heads]
+        assert select.waits == ((histograms[0].signal, len(heads)),)
+        assert select.args == {"num_blocks": len(heads), "pass_index": p}
+        wait = (select.signal, 1)
+    assert {i.waits for i in tail[4 * stride:-1]} == {(wait,)}
+    assert set(sampled.buffers) - set(one.buffers) == {
+        "topp_block_max", "topp_hist", "topp_state", "sample_threshold"}
+    with pytest.raises(ValueError, match="not both"):
+        program_kind(Sampling(1.0, 0, 5, 0.9))
+
+    def tokens(program, order_seed=None):
+        return _sampled_tokens(weights, program, Sampling(1 / 0.9, 5, 0, 0.7), order_seed)
+
+    expected = tokens(sampled)
+    assert all(tokens(sampled, seed) == expected for seed in range(3))
+    broken = sampled.without_wait(rows.index(tail[stride]))  # pass 1's first histogram
+
+    def differs(seed):
+        try:
+            return tokens(broken, seed) != expected
+        except ValueError:      # it read the pass's state before any was written (NaN)
+            return True
+
+    assert any(differs(seed) for seed in range(8))

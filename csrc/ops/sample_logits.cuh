@@ -1,9 +1,9 @@
 // sample_logits: the block's partial draw for temperature sampling
 // (instructions/sample_logits.py): over its rows of logits[t], the largest
 // logit * inv_temperature + gumbel_noise(seed, position, row), lowest index on ties, into
-// the block's partial-argmax slot, where the LM head left its greedy one. With top-k
-// (KernelParams: sample_top_k > 0), only logits at or above topk_threshold[t] take part
-// (ops/topk_sampling.cuh).
+// the block's partial-argmax slot, where the LM head left its greedy one. With top-k or
+// top-p (KernelParams: sample_threshold set), only logits at or above sample_threshold[t]
+// take part (ops/topk_sampling.cuh, ops/topp_sampling.cuh).
 //
 // An op of its own, in sampling programs only, and compiled only into the kernel's
 // sampling instance (interpreter.cu: run_op<kSampling>), so greedy steps neither run nor
@@ -45,7 +45,8 @@ __device__ __forceinline__ bool op_sample_logits(const OpContext& ctx) {
   const float* logits = p.logits + static_cast<int64_t>(t) * p.vocab_size;
   const float inv_temperature = p.sample_inv_temperature;
   const int position = step_position(p, t);
-  const float threshold = p.sample_top_k > 0 ? load_act(p.topk_threshold + t) : -CUDART_INF_F;
+  const float threshold =
+      p.sample_threshold != nullptr ? load_act(p.sample_threshold + t) : -CUDART_INF_F;
   float best_v = -CUDART_INF_F;
   int best_i = INT_MAX;
 #pragma unroll 1

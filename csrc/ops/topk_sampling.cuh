@@ -4,7 +4,7 @@
 //   topk_partial:   each LM-head block's rows: their k largest logits (a multiset, ties
 //                   repeated) into the block's kMaxSampleTopK slots of topk_values[t]
 //   topk_threshold: one block: the k-th largest of all blocks' candidates, which is the
-//                   k-th largest logit of the step, into topk_threshold[t]
+//                   k-th largest logit of the step, into sample_threshold[t]
 //
 // sample_logits then draws among the logits at or above the threshold. Both find a k-th
 // largest by radix selection over order-preserving 32-bit keys: four passes of an 8-bit
@@ -123,7 +123,7 @@ __device__ __forceinline__ bool op_topk_threshold(const OpContext& ctx) {
   const uint32_t kth = block_kth_largest_key(
       [&](int i) { return load_act(values + (i / k) * kMaxSampleTopK + i % k); }, blocks * k, k,
       reinterpret_cast<int*>(ctx.smem));
-  if (threadIdx.x == 0) p.topk_threshold[t] = float_of_order_key(kth);
+  if (threadIdx.x == 0) p.sample_threshold[t] = float_of_order_key(kth);
   return true;
 }
 

@@ -65,9 +65,10 @@ class Backend:
     name = "base"
     # Greedy decode steps one decode_steps() call chains by default (Engine.generate).
     steps_per_launch = 1
-    # decode_steps(..., sampling=Sampling(inv_temperature, seed, top_k)) draws each step's
-    # token from softmax(logits * inv_temperature) over the top_k largest logits (0: all;
-    # at most instructions.MAX_TOP_K) and chains such steps too.
+    # decode_steps(..., sampling=Sampling(inv_temperature, seed, top_k, top_p)) draws each
+    # step's token from softmax(logits * inv_temperature) over the top_k largest logits (at
+    # most instructions.MAX_TOP_K) or the top_p nucleus (or all of them) and chains such
+    # steps too.
     chains_sampling = False
 
     def __init__(self, weights, kv_cache):

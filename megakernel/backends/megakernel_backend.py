@@ -50,6 +50,9 @@ DEFAULT_STEPS_PER_LAUNCH = 8
 # Buffers the kernel reads and writes, in the binding's argument order.
 BUFFER_NAMES = ("hidden", "q", "attn_partial_out", "attn_partial_lse", "attn_out", "mlp_act",
                 "logits", "argmax_value", "argmax_index", "next_token")
+# The sampled programs' own buffers (scheduler.with_sampled_tokens), where they have them.
+SAMPLING_BUFFER_NAMES = ("topk_values", "topp_block_max", "topp_hist", "topp_state",
+                         "sample_threshold")
 
 
 def load_extension():
@@ -263,8 +266,8 @@ def launch(ext, rows: torch.Tensor, state: KernelState, buffers: dict, weights, 
                float(rms_norm_eps), int(epoch), int(timeout_s * 1e9), int(num_blocks),
                int(ext.DEFAULT_PREFETCH_BYTES if prefetch_bytes is None else prefetch_bytes),
                token_source, int(token), int(position), int(steps),
-               *((0.0, 0, 0) if sampling is None else Sampling(*sampling)),
-               buffers.get("topk_values"), buffers.get("topk_threshold"))
+               *((0.0, 0, 0, 1.0) if sampling is None else Sampling(*sampling)),
+               *(buffers.get(name) for name in SAMPLING_BUFFER_NAMES))
     state.epoch = epoch
 
 
@@ -460,7 +463,7 @@ class MegakernelBackend(Backend):
             return self._runs[index][1]
         if (index, kind) not in self._sampled:
             self._sampled[(index, kind)] = self._program_run(
-                with_sampled_tokens(self._runs[index][1].program, top_k=kind == "top_k"))
+                with_sampled_tokens(self._runs[index][1].program, kind))
         return self._sampled[(index, kind)]
 
     def _run_for(self, position: int, steps: int = 1, kind: str | None = None) -> ProgramRun:
@@ -527,15 +530,16 @@ class MegakernelBackend(Backend):
         return StepOutput(logits=self.buffers["logits"][0], greedy_token=self.state.result,
                           greedy_token_host=self.state.host_result)
 
-    chains_sampling = True     # scheduler.with_sampled_tokens, top-k too
+    chains_sampling = True     # scheduler.with_sampled_tokens: top-k and top-p too
 
     def decode_steps(self, token_id, position: int, steps: int,
                      sampling: Sampling | None = None) -> StepsOutput:
         """`steps` chained greedy steps in one launch from token_id ([] int64 on the device,
         or an int) at positions position..position + steps - 1; with a Sampling
-        (inv_temperature, seed, top_k), each step's token is drawn on the device instead
-        from softmax(logits * inv_temperature) over the top_k largest logits (0: all)
-        (scheduler.with_sampled_tokens), the draw fixed by seed and position.
+        (inv_temperature, seed, top_k, top_p), each step's token is drawn on the device
+        instead from softmax(logits * inv_temperature) over the top_k largest logits or the
+        top_p nucleus (or all of them) (scheduler.with_sampled_tokens), the draw fixed by
+        seed and position.
 
         Returns views valid until the next call with as many steps: logits [steps, V], the
         last step's token on the device, and every step's token in host memory (negative

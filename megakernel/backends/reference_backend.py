@@ -25,7 +25,7 @@ DEFAULT_REFERENCE_SMS = 8
 
 class ReferenceBackend(Backend):
     name = "reference"
-    chains_sampling = True     # scheduler.with_sampled_tokens, top-k too
+    chains_sampling = True     # scheduler.with_sampled_tokens: top-k and top-p too
 
     def __init__(self, weights, kv_cache, num_sms: int = DEFAULT_REFERENCE_SMS,
                  order_seed: int | None = None, program=None, steps_per_launch: int = 1):
@@ -37,7 +37,7 @@ class ReferenceBackend(Backend):
             self.config, num_sms=num_sms, page_size=kv_cache.page_size,
             max_seq_len=kv_cache.max_seq_len, dtype_bytes=weights.dtype.itemsize)
         self.state = self._state_for(self.program)
-        # (steps, None / "temperature" / "top_k") -> (program, state)
+        # (steps, None or a with_sampled_tokens kind) -> (program, state)
         self._chains = {(1, None): (self.program, self.state)}
 
     def _state_for(self, program) -> MachineState:
@@ -63,7 +63,7 @@ class ReferenceBackend(Backend):
         key = (steps, kind)
         if key not in self._chains:
             step = self.program if kind is None else \
-                with_sampled_tokens(self.program, top_k=kind == "top_k")
+                with_sampled_tokens(self.program, kind)
             program = chain_steps(step, steps)
             self._chains[key] = (program, self._state_for(program))
         program, s = self._chains[key]

@@ -1,7 +1,8 @@
 """What sampling costs per decode step on the GPU, against greedy decoding: drawn on the
-device where the engine can (temperature alone or with top-k, chained like greedy steps,
-benchmarks/RESULTS.md entries 51 and 54), drawn between launches by the engine's sampler,
-and by softmax + torch.multinomial in its place (the form it had before entry 49).
+device where the engine can (temperature alone, with top-k or with top-p, chained like
+greedy steps, benchmarks/RESULTS.md entries 51, 54 and 55), drawn between launches by the
+engine's sampler, and by softmax + torch.multinomial in its place (the form it had before
+entry 49).
 
     python3 scripts/dev/sampling_cost.py [--model random:llama-3.2-1b] [--rounds 2]
                                          [--modes multinomial,host,device]
@@ -68,10 +69,10 @@ def main():
                             **kw).stats.ms_per_token for _ in range(3))
 
     # (label, the sampler between launches, whether the engine may draw on the device, the
-    # cases): top-p is always drawn between launches.
+    # cases).
     modes = (("multinomial", multinomial_sample, False, CASES[1:]),
              ("host", sample, False, CASES[1:]),
-             ("device", sample, True, CASES[:3]))
+             ("device", sample, True, CASES))
     try:
         for _ in range(args.rounds):
             for label, sampler, on_device, cases in modes:

@@ -1,0 +1,57 @@
+"""topp_histogram: one pass of the nucleus threshold's radix selection over the block's
+rows [row_begin, row_begin + row_count) of logits[t] (csrc/ops/topp_sampling.cuh).
+
+Pass 0 first stores the rows' largest logit m in topp_block_max[t, block]. Each pass then
+adds, for every row whose order key (order_keys) matches the digits chosen so far
+(topp_state[t, 0], the top 8 * pass bits), the row's mass exp((logit - m) *
+inv_temperature) (float32) in 32.32 fixed point, rounded, to bin (key >> (24 - 8 * pass))
+& 255, and writes the 256 bins to topp_hist[t, block]. Integer sums do not depend on the
+order they are added in.
+"""
+import torch
+
+from .base import OpSpec, register
+
+RADIX_BINS = 256
+
+
+def order_keys(x: torch.Tensor) -> torch.Tensor:
+    """The float32 values' uint32 order keys (larger float, larger key) as int64."""
+    u = x.float().contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    return torch.where(u & 0x80000000 != 0, ~u & 0xFFFFFFFF, u | 0x80000000)
+
+
+def float_of_key(key: int) -> float:
+    """order_keys' inverse for one key."""
+    u = key & 0x7FFFFFFF if key & 0x80000000 else ~key & 0xFFFFFFFF
+    return float(torch.tensor([u - (1 << 32) if u >= 1 << 31 else u],
+                              dtype=torch.int32).view(torch.float32))
+
+
+def reference(instr, s):
+    r0, n, b = instr.args["row_begin"], instr.args["row_count"], instr.block_index
+    pass_ = instr.args["pass_index"]
+    inv_temperature = torch.tensor(s.sampling.inv_temperature, dtype=torch.float32)
+    shift = 24 - 8 * pass_
+    for t in range(instr.token_begin, instr.token_begin + instr.token_count):
+        logits = s.buffers["logits"][t, r0:r0 + n]
+        if pass_ == 0:
+            s.buffers["topp_block_max"][t, b] = logits.max()
+        m = s.buffers["topp_block_max"][t, b]
+        keys = order_keys(logits)
+        prefix = int(s.buffers["topp_state"][t, 0]) if pass_ else 0
+        high = 0 if pass_ == 0 else (0xFFFFFFFF << (shift + 8)) & 0xFFFFFFFF
+        chosen = (keys & high) == prefix
+        mass = torch.exp((logits - m) * inv_temperature)
+        fixed = (mass * 4294967296.0 + 0.5).to(torch.int64)
+        hist = torch.zeros(RADIX_BINS, dtype=torch.int64)
+        hist.index_add_(0, ((keys >> shift) & (RADIX_BINS - 1))[chosen], fixed[chosen])
+        s.buffers["topp_hist"][t, b * RADIX_BINS:(b + 1) * RADIX_BINS] = hist
+
+
+def cost(instr, cfg, dtype_bytes):
+    return instr.token_count * (instr.args["row_count"] * 4 + RADIX_BINS * 8)
+
+
+TOPP_HISTOGRAM = register(OpSpec("topp_histogram", 13, ("row_begin", "row_count", "pass_index"),
+                                 reference, cost, __doc__))
