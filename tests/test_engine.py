@@ -257,50 +257,29 @@ def test_temperature_sampling_chains_in_the_stream():
         assert int(torch.argmax(scores)) == a.token_ids[i]
 
 
-def test_top_k_sampling_chains_in_the_stream(baseline):
-    """Top-k sampling (k <= MAX_TOP_K) on the reference backend runs the program with the
-    top-k stages, chained: 3 steps per launch give 1's tokens, each token is among its
-    step's k largest logits and is the argmax of logits / temperature + the noise there,
-    and k = 1 is greedy decoding."""
-    one, three = reference_engine(1), reference_engine(3)
-    prompt = [5, 9, 13, 2, 7]
-    kw = dict(max_new_tokens=10, ignore_eos=True, temperature=1.7, top_k=5,
-              output_logits=True)
-    a = one.generate(prompt, seed=11, **kw)
-    b = three.generate(prompt, seed=11, **kw)
-    assert b.token_ids == a.token_ids and torch.equal(b.logits, a.logits)
-    rows = torch.arange(a.logits.shape[1])
-    for i in range(1, len(a.token_ids)):
-        logits = a.logits[i]
-        top = logits >= torch.topk(logits, 5).values[-1]
-        scores = logits * (1 / 1.7) + gumbel_noise(11, len(prompt) + i - 1, rows)
-        assert int(torch.argmax(scores.masked_fill(~top, float("-inf")))) == a.token_ids[i]
-    greedy = three.generate("Hello", max_new_tokens=12, ignore_eos=True, temperature=0.5,
-                            top_k=1)
-    assert greedy.token_ids == baseline.token_ids
-
-
-def test_top_p_sampling_chains_in_the_stream(baseline):
-    """Top-p sampling on the reference backend runs the program with the nucleus stages,
-    chained: 3 steps per launch give 1's tokens, each token is the argmax of its step's
-    logits / temperature + the noise over the nucleus sampling.masked_scores keeps, and a
-    nucleus of one token is greedy decoding."""
+@pytest.mark.parametrize("restrict, one_token", [
+    (dict(top_k=5), dict(top_k=1)), (dict(top_p=0.6), dict(top_p=1e-6))])
+def test_top_k_and_top_p_sampling_chain_in_the_stream(baseline, restrict, one_token):
+    """Top-k (k <= MAX_TOP_K) or top-p sampling on the reference backend runs the program
+    with the top-k or nucleus stages, chained: 3 steps per launch give 1's tokens, each
+    token is the argmax of its step's logits / temperature + the noise over the tokens
+    sampling.masked_scores keeps, and keeping one token is greedy decoding."""
     from megakernel.sampling import masked_scores
 
     one, three = reference_engine(1), reference_engine(3)
     prompt = [5, 9, 13, 2, 7]
-    kw = dict(max_new_tokens=10, ignore_eos=True, temperature=1.7, top_p=0.6,
-              output_logits=True)
-    a = one.generate(prompt, seed=11, **kw)
-    b = three.generate(prompt, seed=11, **kw)
+    kw = dict(max_new_tokens=10, ignore_eos=True, temperature=1.7, output_logits=True)
+    a = one.generate(prompt, seed=11, **kw, **restrict)
+    b = three.generate(prompt, seed=11, **kw, **restrict)
     assert b.token_ids == a.token_ids and torch.equal(b.logits, a.logits)
     rows = torch.arange(a.logits.shape[1])
+    top_k, top_p = restrict.get("top_k", 0), restrict.get("top_p", 1.0)
     for i in range(1, len(a.token_ids)):
-        nucleus = masked_scores(a.logits[i], 1.7, 0, 0.6) > float("-inf")
+        kept = masked_scores(a.logits[i], 1.7, top_k, top_p) > float("-inf")
         scores = a.logits[i] * (1 / 1.7) + gumbel_noise(11, len(prompt) + i - 1, rows)
-        assert int(torch.argmax(scores.masked_fill(~nucleus, float("-inf")))) == a.token_ids[i]
+        assert int(torch.argmax(scores.masked_fill(~kept, float("-inf")))) == a.token_ids[i]
     greedy = three.generate("Hello", max_new_tokens=12, ignore_eos=True, temperature=0.5,
-                            top_p=1e-6)
+                            **one_token)
     assert greedy.token_ids == baseline.token_ids
 
 

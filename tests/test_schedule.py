@@ -563,6 +563,23 @@ def _sampled_tokens(weights, program, sampling, order_seed=None) -> list[int]:
             for pos, tok in enumerate(PROMPT)]
 
 
+def _check_sampled_orders(weights, program, sampling, victim: int) -> None:
+    """Random orders of the sampled `program` give the in-order tokens, and without
+    instruction victim's wait some order gives others (or reads a state not written yet)."""
+    expected = _sampled_tokens(weights, program, sampling)
+    assert all(_sampled_tokens(weights, program, sampling, seed) == expected
+               for seed in range(3))
+    broken = program.without_wait(victim)
+
+    def differs(seed):
+        try:
+            return _sampled_tokens(weights, broken, sampling, seed) != expected
+        except ValueError:      # a top-p pass read its state before any was written (NaN)
+            return True
+
+    assert any(differs(seed) for seed in range(8))
+
+
 def test_random_order_catches_a_draw_before_the_lm_head():
     """A sample_logits that does not wait on the LM head reads logits not written yet (or
     the previous step's): some random order must give other tokens."""
@@ -571,24 +588,25 @@ def test_random_order_catches_a_draw_before_the_lm_head():
     victim = next(i for i, ins in enumerate(sampled.instruction_list())
                   if ins.spec.name == "sample_logits")
 
-    def tokens(program, order_seed=None):
-        return _sampled_tokens(weights, program, Sampling(1 / 0.9, 5), order_seed)
+    _check_sampled_orders(weights, sampled, Sampling(1 / 0.9, 5), victim)
 
-    expected = tokens(sampled)
-    assert all(tokens(sampled, seed) == expected for seed in range(3))
-    assert any(tokens(sampled.without_wait(victim), seed) != expected for seed in range(8))
+
+def _sampled_program(kind: str):
+    """A small model's weights, its one-step program, the program sampled with `kind`, its
+    instructions, the LM-head ones, and the ones the sampling added, then argmax_reduce."""
+    weights = random_weights(small_config(**CONFIGS["gqa2-hd64"]), seed=3, init_std=0.1)
+    one = _program(weights)
+    sampled = with_sampled_tokens(one, kind)
+    rows = sampled.instruction_list()
+    heads = [i for i in rows if i.spec.name == "rms_lm_head"]
+    return weights, one, sampled, rows, heads, rows[len(one.instruction_list()) - 1:]
 
 
 def test_top_k_program_structure():
     """with_sampled_tokens(kind="top_k"): topk_partial per LM-head block after the LM head,
     one topk_threshold after them, the sample_logits blocks after it, and the candidate
     buffers; a random order without the threshold's wait is caught."""
-    weights = random_weights(small_config(**CONFIGS["gqa2-hd64"]), seed=3, init_std=0.1)
-    one = _program(weights)
-    sampled = with_sampled_tokens(one, "top_k")
-    rows = sampled.instruction_list()
-    heads = [i for i in rows if i.spec.name == "rms_lm_head"]
-    tail = rows[len(one.instruction_list()) - 1:]
+    weights, one, sampled, rows, heads, tail = _sampled_program("top_k")
     assert [i.spec.name for i in tail] == (["topk_partial"] * len(heads) + ["topk_threshold"]
                                            + ["sample_logits"] * len(heads) + ["argmax_reduce"])
     partial, threshold = tail[:len(heads)], tail[len(heads)]
@@ -602,25 +620,14 @@ def test_top_k_program_structure():
     assert sampled.buffers["topk_values"].shape == (1, one.lm_head_blocks * 64)
     assert chain_steps(sampled, 2).buffers["sample_threshold"].shape == (2,)
 
-    def tokens(program, order_seed=None):
-        return _sampled_tokens(weights, program, Sampling(1 / 0.9, 5, 3), order_seed)
-
-    expected = tokens(sampled)
-    assert all(tokens(sampled, seed) == expected for seed in range(3))
-    victim = rows.index(samples[0])
-    assert any(tokens(sampled.without_wait(victim), seed) != expected for seed in range(8))
+    _check_sampled_orders(weights, sampled, Sampling(1 / 0.9, 5, 3), rows.index(samples[0]))
 
 
 def test_top_p_program_structure():
     """with_sampled_tokens(kind="top_p"): four passes of topp_histogram per LM-head block
     and one topp_select, each waiting on the stage before, then the sample_logits blocks;
     a random order without a pass's wait is caught."""
-    weights = random_weights(small_config(**CONFIGS["gqa2-hd64"]), seed=3, init_std=0.1)
-    one = _program(weights)
-    sampled = with_sampled_tokens(one, "top_p")
-    rows = sampled.instruction_list()
-    heads = [i for i in rows if i.spec.name == "rms_lm_head"]
-    tail = rows[len(one.instruction_list()) - 1:]
+    weights, one, sampled, rows, heads, tail = _sampled_program("top_p")
     one_pass = ["topp_histogram"] * len(heads) + ["topp_select"]
     assert [i.spec.name for i in tail] == (one_pass * 4 + ["sample_logits"] * len(heads)
                                            + ["argmax_reduce"])
@@ -640,17 +647,6 @@ def test_top_p_program_structure():
     with pytest.raises(ValueError, match="not both"):
         program_kind(Sampling(1.0, 0, 5, 0.9))
 
-    def tokens(program, order_seed=None):
-        return _sampled_tokens(weights, program, Sampling(1 / 0.9, 5, 0, 0.7), order_seed)
-
-    expected = tokens(sampled)
-    assert all(tokens(sampled, seed) == expected for seed in range(3))
-    broken = sampled.without_wait(rows.index(tail[stride]))  # pass 1's first histogram
-
-    def differs(seed):
-        try:
-            return tokens(broken, seed) != expected
-        except ValueError:      # it read the pass's state before any was written (NaN)
-            return True
-
-    assert any(differs(seed) for seed in range(8))
+    # Without the wait of pass 1's first histogram block.
+    _check_sampled_orders(weights, sampled, Sampling(1 / 0.9, 5, 0, 0.7),
+                          rows.index(tail[stride]))
