@@ -296,7 +296,7 @@ __device__ void controller_fetch(const KernelParams& p, uint64_t claim_base, int
 // per token at 8 steps per launch and 7 at one, by where it put theirs
 // (benchmarks/RESULTS.md, entry 51). There a sample_logits instruction does nothing, which
 // leaves the LM head's greedy partial argmax in its slot: what the op itself writes at
-// inv_temperature 0 (and the top-k stages before it then matter to nothing).
+// inv_temperature 0 (and the top-k or top-p stages before it then matter to nothing).
 template <bool kSampling>
 __device__ bool run_op(const OpContext& ctx) {
   switch (ctx.words[word::kOpcode]) {

@@ -13,8 +13,8 @@ scheduler.with_sampled_tokens); top-k with top-p and larger top-k launch one ste
 time. Decode is pipelined: launch i+1 is queued with the last token of launch i still on
 the device, and only then are launch i's tokens read back for stop checks and streaming,
 through host memory the kernel writes or a pinned copy, and an event behind launch i alone
-(readback.TokenReadback), so the host never leaves the GPU idle between launches. Tokens a launch decoded past a stop
-token are dropped.
+(readback.TokenReadback), so the host never leaves the GPU idle between launches. Tokens
+a launch decoded past a stop token are dropped.
 
 Every wait for the device is bounded. A launch that does not finish within the readback's
 timeout (one that no kernel watchdog ended) raises DeviceHungError; the engine then marks
@@ -32,8 +32,8 @@ import torch
 
 from .backends.base import Backend, check_step_count
 from .detokenize import IncrementalDecoder
-from .instructions import MAX_TOP_K, Sampling
 from .errors import BackendUnavailableError, DeviceHungError, InvalidRequestError
+from .instructions import MAX_TOP_K, Sampling
 from .kv_cache import PagedKVCache
 from .loading import load_model, resolve_device, resolve_dtype
 from .readback import TokenReadback, synchronize_or_raise, synchronize_within
@@ -112,8 +112,8 @@ class Engine:
         the backend. device: 'cuda'/'cpu' (default: cuda when available). backend:
         megakernel | torch | reference (default: megakernel where it can run, else torch).
         dtype: torch dtype or name (default bfloat16 on CUDA, float32 on CPU).
-        steps_per_launch: greedy (or plain temperature-sampled) decode steps chained in one
-        launch (megakernel and reference backends; default: the backend's, 8 for the
+        steps_per_launch: greedy (or device-sampled: see generate) decode steps chained in
+        one launch (megakernel and reference backends; default: the backend's, 8 for the
         megakernel)."""
         device = resolve_device(device)
         if device.type == "cuda" and not torch.cuda.is_available():
@@ -258,11 +258,9 @@ class Engine:
             (steps, the device token that feeds the next launch, its readback ticket, the
             steps' logits [steps, V] copied on the device when output_logits)."""
             if temperature == 0 or device_sampling is not None:
-                steps = min(self.backend.steps_per_launch, budget)
-                out = (self.backend.decode_steps(token, position, steps)
-                       if device_sampling is None else
-                       self.backend.decode_steps(token, position, steps,
-                                                 sampling=device_sampling))
+                out = self.backend.decode_steps(token, position,
+                                                min(self.backend.steps_per_launch, budget),
+                                                sampling=device_sampling)
                 nxt, host, step_logits = out.last_token.reshape(()), out.tokens_host, out.logits
             else:
                 out = self.backend.decode(token, position)

@@ -283,6 +283,16 @@ def test_top_k_and_top_p_sampling_chain_in_the_stream(baseline, restrict, one_to
     assert greedy.token_ids == baseline.token_ids
 
 
+def test_a_backend_that_samples_between_launches_refuses_a_device_draw(engine):
+    """The torch backend draws no token on the device: decode_steps with a Sampling is a
+    clear error, and the engine samples between launches there instead."""
+    from megakernel.instructions import Sampling
+
+    assert not engine.backend.chains_sampling
+    with pytest.raises(InvalidRequestError, match="does not draw tokens on the device"):
+        engine.backend.decode_steps(torch.tensor(5), 0, 1, sampling=Sampling(1.0, 0))
+
+
 @pytest.mark.parametrize("backend,steps,message", [
     ("reference", 0, "steps_per_launch"), ("reference", 17, r"\[1, 16\]"),
     ("reference", 2.0, "integer"), ("torch", 4, "one step per launch")])

@@ -84,10 +84,15 @@ class Backend:
         """Run one token ([] int64 on the device) at `position`, appending its K/V."""
         raise NotImplementedError
 
-    def decode_steps(self, token_id: torch.Tensor, position: int, steps: int) -> StepsOutput:
+    def decode_steps(self, token_id: torch.Tensor, position: int, steps: int,
+                     sampling=None) -> StepsOutput:
         """Greedy decode steps at positions position.., the first from token_id, each later
-        one from the greedy token of the step before. Backends that chain steps on the
-        device override this; here one step only."""
+        one from the greedy token of the step before (or drawn with `sampling`, where
+        chains_sampling). Backends that chain steps on the device override this; here one
+        greedy step only."""
+        if sampling is not None:
+            raise InvalidRequestError(f"backend '{self.name}' does not draw tokens on the "
+                                      "device")
         if steps != 1:
             raise InvalidRequestError(f"backend '{self.name}' decodes one step per call, "
                                       f"not {steps}")

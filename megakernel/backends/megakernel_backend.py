@@ -244,8 +244,8 @@ def launch(ext, rows: torch.Tensor, state: KernelState, buffers: dict, weights, 
     token an int or a one-element int64 tensor on the device that the kernel reads
     (nothing is written to the device before the launch). prefetch_bytes: L2 prefetch
     budget per instruction for the next instruction's weights (None: the extension's
-    default). sampling: a Sampling (or its fields) for a program's sample_logits and top-k
-    instructions (scheduler.with_sampled_tokens); None: they keep the greedy argmax.
+    default). sampling: a Sampling (or its fields) for a program's sample_logits, top-k and
+    top-p instructions (scheduler.with_sampled_tokens); None: they keep the greedy argmax.
     Mutates buffers, k_cache, v_cache and state. When the extension refuses the launch
     (RuntimeError from its argument checks) nothing ran and state.epoch stays: the
     counters and queue head count launches that ran, so the next launch still matches them.
@@ -420,8 +420,8 @@ class MegakernelBackend(Backend):
         """runs: (position limit, ProgramRun) by rising limit; a position decodes with the
         first run whose limit is above it (the last run's at any other)."""
         self._runs = runs
-        # The sampling runs (scheduler.with_sampled_tokens of a run's program, "temperature"
-        # or "top_k") by (index in runs, kind), built at their first use.
+        # The sampling runs (scheduler.with_sampled_tokens of a run's program, of a kind in
+        # scheduler.sampling.KINDS) by (index in runs, kind), built at their first use.
         self._sampled: dict[tuple[int, str], ProgramRun] = {}
         # Chained runs by (index in runs, kind, steps), kind None for greedy. Per index and
         # kind, the longest chain built holds the instruction rows and activations; a
@@ -456,7 +456,7 @@ class MegakernelBackend(Backend):
 
     def _step_run(self, index: int, kind: str | None) -> ProgramRun:
         """The one-step run of runs[index]: its program (kind None), or the same drawing
-        its token ("temperature", "top_k": scheduler.with_sampled_tokens)."""
+        its token (a scheduler.with_sampled_tokens kind)."""
         from megakernel.scheduler import with_sampled_tokens
 
         if kind is None:
