@@ -85,7 +85,6 @@ void launch(const at::Tensor& instructions, at::Tensor counters, at::Tensor queu
             int64_t steps, double sample_inv_temperature, int64_t sample_seed,
             int64_t sample_top_k, double sample_top_p,
             const std::optional<at::Tensor>& topk_values,
-            const std::optional<at::Tensor>& topp_block_max,
             const std::optional<at::Tensor>& topp_hist,
             const std::optional<at::Tensor>& topp_state,
             const std::optional<at::Tensor>& sample_threshold) {
@@ -228,7 +227,6 @@ void launch(const at::Tensor& instructions, at::Tensor counters, at::Tensor queu
   p.sample_top_k = static_cast<int>(sample_top_k);
   p.sample_top_p = static_cast<float>(sample_top_p);
   p.topk_values = nullptr;
-  p.topp_block_max = nullptr;
   p.topp_hist = nullptr;
   p.topp_state = nullptr;
   p.sample_threshold = nullptr;
@@ -245,17 +243,12 @@ void launch(const at::Tensor& instructions, at::Tensor counters, at::Tensor queu
     p.topk_values = ptr<float>(*topk_values);
   }
   if (top_p) {
-    MK_CHECK(topp_block_max && topp_hist && topp_state,
-             "megakernel: top-p sampling needs topp_block_max, topp_hist and topp_state");
-    check_tensor(*topp_block_max, "topp_block_max", f32, 2, device);
+    MK_CHECK(topp_hist && topp_state, "megakernel: top-p sampling needs topp_hist and topp_state");
     check_tensor(*topp_hist, "topp_hist", i64, 2, device);
     check_tensor(*topp_state, "topp_state", at::kDouble, 2, device);
-    MK_CHECK(topp_block_max->sizes() == at::IntArrayRef({T, B}) &&
-                 topp_hist->sizes() == at::IntArrayRef({T, B * 256}) &&
+    MK_CHECK(topp_hist->sizes() == at::IntArrayRef({T, 4 * 256}) &&
                  topp_state->sizes() == at::IntArrayRef({T, 4}),
-             "megakernel: topp_block_max must be [T, B], topp_hist [T, B * 256] and "
-             "topp_state [T, 4]");
-    p.topp_block_max = ptr<float>(*topp_block_max);
+             "megakernel: topp_hist must be [T, 4 * 256] and topp_state [T, 4]");
     p.topp_hist = reinterpret_cast<unsigned long long*>(ptr<int64_t>(*topp_hist));
     p.topp_state = ptr<double>(*topp_state);
   }
@@ -344,8 +337,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("token_source") = py::none(), py::arg("token") = 0, py::arg("position") = 0,
         py::arg("steps") = 1, py::arg("sample_inv_temperature") = 0.0,
         py::arg("sample_seed") = 0, py::arg("sample_top_k") = 0, py::arg("sample_top_p") = 1.0,
-        py::arg("topk_values") = py::none(), py::arg("topp_block_max") = py::none(),
-        py::arg("topp_hist") = py::none(), py::arg("topp_state") = py::none(),
+        py::arg("topk_values") = py::none(), py::arg("topp_hist") = py::none(),
+        py::arg("topp_state") = py::none(),
         py::arg("sample_threshold") = py::none());
   m.def("alloc_host_status", &alloc_host_status,
         "Zeroed int64 CPU tensor in mapped pinned memory for launch(host_status=...).");

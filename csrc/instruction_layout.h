@@ -128,8 +128,7 @@ constexpr int kPassIndex = 12;
 
 // topp_select: argument words.
 namespace topp_select {
-constexpr int kNumBlocks = 10;
-constexpr int kPassIndex = 11;
+constexpr int kPassIndex = 10;
 }  // namespace topp_select
 
 // Row-block ops (OpSpec.streams_weight_rows): their first two args are the rows

@@ -156,10 +156,9 @@ struct KernelParams {
   // Top-p sampling (programs with topp_histogram and topp_select; 1: none): the draw is
   // among the logits at or above the nucleus threshold, the largest logit whose tokens and
   // those above it hold sample_top_p of the probability, found by a mass-weighted radix
-  // selection through topp_block_max [T, B], topp_hist [T, B, 256] and topp_state [T, 4],
-  // and written to sample_threshold [T].
+  // selection through topp_hist [T, 4 passes, 256] (zero between steps) and topp_state
+  // [T, 4], and written to sample_threshold [T].
   float sample_top_p;
-  float* topp_block_max;
   unsigned long long* topp_hist;
   double* topp_state;
   // The threshold sample_logits draws at or above (top-k or top-p), or null: none.

@@ -1,12 +1,12 @@
 """topp_histogram: one pass of the nucleus threshold's radix selection over the block's
 rows [row_begin, row_begin + row_count) of logits[t] (csrc/ops/topp_sampling.cuh).
 
-Pass 0 first stores the rows' largest logit m in topp_block_max[t, block]. Each pass then
-adds, for every row whose order key (order_keys) matches the digits chosen so far
-(topp_state[t, 0], the top 8 * pass bits), the row's mass exp((logit - m) *
-inv_temperature) (float32) in 32.32 fixed point, rounded, to bin (key >> (24 - 8 * pass))
-& 255, and writes the 256 bins to topp_hist[t, block]. Integer sums do not depend on the
-order they are added in.
+For every row whose order key (order_keys) matches the digits chosen so far
+(topp_state[t, 0], the top 8 * pass bits), the row's mass exp((logit - M) *
+inv_temperature) (float32), M the step's largest logit (the largest of the LM head's
+partial maxima, argmax_value[t]), in 32.32 fixed point, rounded, is added to bin (key >>
+(24 - 8 * pass)) & 255 of the step's histogram topp_hist[t, pass]. Integer sums do not
+depend on the order the blocks add them in; topp_select clears the bins it reads.
 """
 import torch
 
@@ -29,24 +29,21 @@ def float_of_key(key: int) -> float:
 
 
 def reference(instr, s):
-    r0, n, b = instr.args["row_begin"], instr.args["row_count"], instr.block_index
+    r0, n = instr.args["row_begin"], instr.args["row_count"]
     pass_ = instr.args["pass_index"]
     inv_temperature = torch.tensor(s.sampling.inv_temperature, dtype=torch.float32)
     shift = 24 - 8 * pass_
     for t in range(instr.token_begin, instr.token_begin + instr.token_count):
         logits = s.buffers["logits"][t, r0:r0 + n]
-        if pass_ == 0:
-            s.buffers["topp_block_max"][t, b] = logits.max()
-        m = s.buffers["topp_block_max"][t, b]
+        top = s.buffers["argmax_value"][t].max()
         keys = order_keys(logits)
         prefix = int(s.buffers["topp_state"][t, 0]) if pass_ else 0
         high = 0 if pass_ == 0 else (0xFFFFFFFF << (shift + 8)) & 0xFFFFFFFF
         chosen = (keys & high) == prefix
-        mass = torch.exp((logits - m) * inv_temperature)
+        mass = torch.exp((logits - top) * inv_temperature)
         fixed = (mass * 4294967296.0 + 0.5).to(torch.int64)
-        hist = torch.zeros(RADIX_BINS, dtype=torch.int64)
-        hist.index_add_(0, ((keys >> shift) & (RADIX_BINS - 1))[chosen], fixed[chosen])
-        s.buffers["topp_hist"][t, b * RADIX_BINS:(b + 1) * RADIX_BINS] = hist
+        bins = s.buffers["topp_hist"][t, pass_ * RADIX_BINS:(pass_ + 1) * RADIX_BINS]
+        bins.index_add_(0, ((keys >> shift) & (RADIX_BINS - 1))[chosen], fixed[chosen])
 
 
 def cost(instr, cfg, dtype_bytes):

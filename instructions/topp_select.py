@@ -1,12 +1,12 @@
 """topp_select: one pass of the nucleus threshold's radix selection, one block
-(csrc/ops/topp_sampling.cuh). The num_blocks topp_histogram blocks' bins, each scaled by
-exp((its block's largest logit - the step's largest) * inv_temperature) / 2^32, summed per
-bin in float64 in block order. Pass 0 sets the target: top_p (float32) times the total
-mass. From the highest bin down, the bin where the mass above the chosen digits plus the
-bins so far reaches the target (or the lowest bin with mass) is the next digit; the
-digits, the mass above them and the target go to topp_state[t]. After pass 3 the digits
-are the key of the threshold: sample_threshold[t], the largest logit whose tokens and
-those above it hold top_p of the probability.
+(csrc/ops/topp_sampling.cuh). The step's histogram of this pass, topp_hist[t, pass]
+(topp_histogram), in units of the largest logit's mass, as float64; then it is cleared
+for the next step. Pass 0 sets the target: top_p (float32) times the total mass. From the
+highest bin down, the bin where the mass above the chosen digits plus the bins so far
+reaches the target (or the lowest bin with mass) is the next digit; the digits, the mass
+above them and the target go to topp_state[t]. After pass 3 the digits are the key of the
+threshold: sample_threshold[t], the largest logit whose tokens and those above it hold
+top_p of the probability.
 """
 import torch
 
@@ -15,13 +15,11 @@ from .topp_histogram import RADIX_BINS, float_of_key
 
 
 def reference(instr, s):
-    n, pass_ = instr.args["num_blocks"], instr.args["pass_index"]
-    inv_temperature = torch.tensor(s.sampling.inv_temperature, dtype=torch.float32)
+    pass_ = instr.args["pass_index"]
     for t in range(instr.token_begin, instr.token_begin + instr.token_count):
-        block_max = s.buffers["topp_block_max"][t, :n]
-        scales = torch.exp((block_max - block_max.max()) * inv_temperature).double() / 2 ** 32
-        hists = s.buffers["topp_hist"][t].view(-1, RADIX_BINS)[:n].double()
-        bins = (hists * scales[:, None]).sum(0).tolist()
+        hist = s.buffers["topp_hist"][t, pass_ * RADIX_BINS:(pass_ + 1) * RADIX_BINS]
+        bins = (hist.double() / 2 ** 32).tolist()
+        hist.zero_()
         state = s.buffers["topp_state"][t]
         if pass_ == 0:
             prefix, above = 0, 0.0
@@ -46,8 +44,7 @@ def reference(instr, s):
 
 
 def cost(instr, cfg, dtype_bytes):
-    return instr.token_count * instr.args["num_blocks"] * (RADIX_BINS * 8 + 4)
+    return instr.token_count * RADIX_BINS * 8 * 2
 
 
-TOPP_SELECT = register(OpSpec("topp_select", 14, ("num_blocks", "pass_index"), reference,
-                              cost, __doc__))
+TOPP_SELECT = register(OpSpec("topp_select", 14, ("pass_index",), reference, cost, __doc__))

@@ -97,9 +97,10 @@ def with_sampled_tokens(program: Program, kind: str = "temperature") -> Program:
             histograms = stage(TOPP_HISTOGRAM, f"topp_histogram{pass_index}", (wait,),
                                [{**b, "pass_index": pass_index} for b in per_head])
             wait = stage(TOPP_SELECT, f"topp_select{pass_index}", (histograms,),
-                         [{**one_block, "pass_index": pass_index}])
-        buffers["topp_block_max"] = BufferSpec((T, B), torch.float32)
-        buffers["topp_hist"] = BufferSpec((T, B * RADIX_BINS), torch.int64)
+                         [dict(token_begin=heads[0].token_begin,
+                               token_count=heads[0].token_count, block_index=0,
+                               pass_index=pass_index)])
+        buffers["topp_hist"] = BufferSpec((T, TOP_P_PASSES * RADIX_BINS), torch.int64)
         buffers["topp_state"] = BufferSpec((T, 4), torch.float64)
     if kind != "temperature":
         buffers["sample_threshold"] = BufferSpec((T,), torch.float32)

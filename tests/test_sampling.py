@@ -95,7 +95,7 @@ def device_draw_ops(blocks, top_k: int, top_p: float):
             ops += [TOPP_HISTOGRAM.make(block_index=b, row_begin=r0, row_count=n,
                                         pass_index=pass_index)
                     for b, (r0, n) in enumerate(blocks)]
-            ops.append(TOPP_SELECT.make(num_blocks=len(blocks), pass_index=pass_index))
+            ops.append(TOPP_SELECT.make(pass_index=pass_index))
     ops += [SAMPLE_LOGITS.make(block_index=b, row_begin=r0, row_count=n)
             for b, (r0, n) in enumerate(blocks)]
     ops.append(ARGMAX_REDUCE.make(num_blocks=len(blocks)))
@@ -110,10 +110,11 @@ def device_draw_state(logits: torch.Tensor, blocks, sampling):
 
     B = len(blocks)
     buffers = {"logits": logits[None].clone(), "topk_values": torch.zeros(1, B * MAX_TOP_K),
-               "topp_block_max": torch.zeros(1, B),
-               "topp_hist": torch.zeros(1, B * 256, dtype=torch.int64),
+               "topp_hist": torch.zeros(1, 4 * 256, dtype=torch.int64),
                "topp_state": torch.zeros(1, 4, dtype=torch.float64),
-               "sample_threshold": torch.zeros(1), "argmax_value": torch.zeros(1, B),
+               "sample_threshold": torch.zeros(1),
+               # The LM head's partial maxima, which the top-p ops read.
+               "argmax_value": torch.stack([logits[r0:r0 + n].max() for r0, n in blocks])[None],
                "argmax_index": torch.zeros(1, B, dtype=torch.int32),
                "next_token": torch.zeros(1, dtype=torch.int32)}
     return SimpleNamespace(buffers=buffers, sampling=sampling,
@@ -133,8 +134,10 @@ def test_the_device_draw_has_the_distributions_frequencies(temperature, top_k, t
     ops = device_draw_ops(blocks, top_k, top_p)
     counts = torch.zeros(len(LOGITS), dtype=torch.float64)
     draws = DRAWS // 4
+    partial_max = state.buffers["argmax_value"].clone()
     for position in range(draws):
         state.positions[0] = position
+        state.buffers["argmax_value"].copy_(partial_max)   # as the LM head leaves them
         for op in ops:
             op.spec.reference(op, state)
         counts[int(state.buffers["next_token"][0])] += 1

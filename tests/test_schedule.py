@@ -639,11 +639,11 @@ def test_top_p_program_structure():
         assert [(i.args["row_begin"], i.block_index) for i in histograms] == \
             [(i.args["row_begin"], i.block_index) for i in heads]
         assert select.waits == ((histograms[0].signal, len(heads)),)
-        assert select.args == {"num_blocks": len(heads), "pass_index": p}
+        assert select.args == {"pass_index": p}
         wait = (select.signal, 1)
     assert {i.waits for i in tail[4 * stride:-1]} == {(wait,)}
     assert set(sampled.buffers) - set(one.buffers) == {
-        "topp_block_max", "topp_hist", "topp_state", "sample_threshold"}
+        "topp_hist", "topp_state", "sample_threshold"}
     with pytest.raises(ValueError, match="not both"):
         program_kind(Sampling(1.0, 0, 5, 0.9))
 

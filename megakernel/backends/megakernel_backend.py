@@ -51,8 +51,7 @@ DEFAULT_STEPS_PER_LAUNCH = 8
 BUFFER_NAMES = ("hidden", "q", "attn_partial_out", "attn_partial_lse", "attn_out", "mlp_act",
                 "logits", "argmax_value", "argmax_index", "next_token")
 # The sampled programs' own buffers (scheduler.with_sampled_tokens), where they have them.
-SAMPLING_BUFFER_NAMES = ("topk_values", "topp_block_max", "topp_hist", "topp_state",
-                         "sample_threshold")
+SAMPLING_BUFFER_NAMES = ("topk_values", "topp_hist", "topp_state", "sample_threshold")
 
 
 def load_extension():
@@ -608,6 +607,8 @@ class MegakernelBackend(Backend):
         1)."""
         for run in self._all_runs():
             run.state.reset()
+            if "topp_hist" in run.buffers:   # zero between steps; a fault can leave counts
+                run.buffers["topp_hist"].zero_()
         if self._prefill_backend is not None:
             self._prefill_backend.reset()
 

@@ -53,6 +53,8 @@ class ReferenceBackend(Backend):
         for _, state in self._chains.values():
             state.counters.zero_()
             state.epoch = 0
+            if "topp_hist" in state.buffers:   # zero between steps; an error can leave counts
+                state.buffers["topp_hist"].zero_()
 
     def _run(self, steps: int, token_id, position: int,
              sampling: Sampling | None = None) -> MachineState:
