@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <cuda_bf16.h>
+#include <math_constants.h>
 
 #include "instruction_layout.h"
 #include "launcher.h"
@@ -99,6 +100,18 @@ __device__ __forceinline__ float compute_sum(float v, float* scratch) {
   total = warp_sum(total);
   compute_sync();  // scratch is free again
   return total;
+}
+
+// Largest over the compute threads; every compute thread gets the result.
+__device__ __forceinline__ float compute_max(float v, float* scratch) {
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  v = warp_max(v);
+  if (lane == 0) scratch[warp] = v;
+  compute_sync();
+  float top = lane < kComputeWarps ? scratch[lane] : -CUDART_INF_F;
+  top = warp_max(top);
+  compute_sync();  // scratch is free again
+  return top;
 }
 
 // ---------------------------------------------------------------------------------------

@@ -297,6 +297,18 @@ __device__ void controller_fetch(const KernelParams& p, uint64_t claim_base, int
 // (benchmarks/RESULTS.md, entry 51). There a sample_logits instruction does nothing, which
 // leaves the LM head's greedy partial argmax in its slot: what the op itself writes at
 // inv_temperature 0 (and the top-k or top-p stages before it then matter to nothing).
+// The sampling ops, compiled only into the sampling instance.
+__device__ __forceinline__ bool run_sampling_op(const OpContext& ctx) {
+  switch (ctx.words[word::kOpcode]) {
+    case kOpSampleLogits: return op_sample_logits(ctx);
+    case kOpTopkPartial: return op_topk_partial(ctx);
+    case kOpTopkThreshold: return op_topk_threshold(ctx);
+    case kOpToppHistogram: return op_topp_histogram(ctx);
+    case kOpToppSelect: return op_topp_select(ctx);
+    default: return ctx.ready<kOpNone>();
+  }
+}
+
 template <bool kSampling>
 __device__ bool run_op(const OpContext& ctx) {
   switch (ctx.words[word::kOpcode]) {
@@ -310,19 +322,11 @@ __device__ bool run_op(const OpContext& ctx) {
     case kOpRmsLmHead: return op_row_pair_matvec(ctx);  // one instance of code for three
     case kOpArgmaxReduce: return op_argmax_reduce(ctx);
     case kOpSampleLogits:
-      if constexpr (kSampling) return op_sample_logits(ctx);
-      [[fallthrough]];
     case kOpTopkPartial:
-      if constexpr (kSampling) return op_topk_partial(ctx);
-      [[fallthrough]];
     case kOpTopkThreshold:
-      if constexpr (kSampling) return op_topk_threshold(ctx);
-      [[fallthrough]];
     case kOpToppHistogram:
-      if constexpr (kSampling) return op_topp_histogram(ctx);
-      [[fallthrough]];
     case kOpToppSelect:
-      if constexpr (kSampling) return op_topp_select(ctx);
+      if constexpr (kSampling) return run_sampling_op(ctx);
       [[fallthrough]];
     default: return ctx.ready<kOpNone>();  // refused by the controller: ready() is false
   }
@@ -451,7 +455,11 @@ size_t dynamic_smem_bytes(const KernelParams& p) {
   // attention_partial: q, the warps' softmax states, then their K/V rings.
   const size_t attn = attention_smem_floats_before_rings(p.head_dim) +
                       static_cast<size_t>(kComputeWarps) * kAttnRingBytes / sizeof(float);
-  return std::max({vec, norm, attn}) * sizeof(float);
+  // The sampling ops' radix selections: their histograms (ops/topk_sampling.cuh,
+  // ops/topp_sampling.cuh); smaller than the above for every model, counted all the same.
+  const size_t radix = std::max(kRadixSmemInts * sizeof(int), static_cast<size_t>(kToppSmemBytes)) /
+                       sizeof(float);
+  return std::max({vec, norm, attn, radix}) * sizeof(float);
 }
 
 void check(cudaError_t err, const char* what) {

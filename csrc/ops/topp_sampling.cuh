@@ -26,6 +26,8 @@ namespace mk {
 // topp_state[t]: the digits chosen so far, the mass above them, the target mass.
 constexpr int kToppStateWords = 4;
 constexpr double kFixedOne = 4294967296.0;  // 2^32: the step's largest logit's mass
+// Shared memory of either op: 256 bins of 8 bytes (fixed-point masses, then doubles).
+constexpr int kToppSmemBytes = kRadixBins * 8;
 
 __device__ __forceinline__ bool op_topp_histogram(const OpContext& ctx) {
   if (!ctx.ready<kOpToppHistogram>()) return false;
@@ -41,11 +43,7 @@ __device__ __forceinline__ bool op_topp_histogram(const OpContext& ctx) {
   float local = -CUDART_INF_F;
   for (int b = threadIdx.x; b < p.lm_head_blocks; b += kComputeThreads)
     local = fmaxf(local, load_act(partial_max + b));
-  local = warp_max(local);
-  if (threadIdx.x % kWarpSize == 0) ctx.scratch[threadIdx.x / kWarpSize] = local;
-  compute_sync();  // also: hist zeroed
-  float top = -CUDART_INF_F;
-  for (int w = 0; w < kComputeWarps; ++w) top = fmaxf(top, ctx.scratch[w]);
+  const float top = compute_max(local, ctx.scratch);  // its barriers: hist zeroed too
   const int shift = 24 - 8 * pass;
   const uint32_t high = pass == 0 ? 0u : ~0u << (shift + 8);
   const uint32_t prefix =
