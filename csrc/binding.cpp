@@ -85,6 +85,7 @@ void launch(const at::Tensor& instructions, at::Tensor counters, at::Tensor queu
             int64_t steps, double sample_inv_temperature, int64_t sample_seed,
             int64_t sample_top_k, double sample_top_p,
             const std::optional<at::Tensor>& topk_values,
+            const std::optional<at::Tensor>& topk_ties,
             const std::optional<at::Tensor>& topp_hist,
             const std::optional<at::Tensor>& topp_state,
             const std::optional<at::Tensor>& sample_threshold) {
@@ -220,13 +221,13 @@ void launch(const at::Tensor& instructions, at::Tensor counters, at::Tensor queu
   MK_CHECK(sample_top_p > 0.0 && sample_top_p <= 1.0,
            "megakernel: sample_top_p must be in (0, 1], got ", std::to_string(sample_top_p));
   const bool top_k = sample_top_k > 0, top_p = sample_top_p < 1.0;
-  MK_CHECK(!(top_k && top_p), "megakernel: sample_top_k and sample_top_p exclude each other");
   MK_CHECK(!(top_k || top_p) || (sample_inv_temperature > 0.0 && sample_threshold),
            "megakernel: top-k or top-p sampling needs sample_inv_temperature > 0 and "
            "sample_threshold");
   p.sample_top_k = static_cast<int>(sample_top_k);
   p.sample_top_p = static_cast<float>(sample_top_p);
   p.topk_values = nullptr;
+  p.topk_ties = nullptr;
   p.topp_hist = nullptr;
   p.topp_state = nullptr;
   p.sample_threshold = nullptr;
@@ -236,13 +237,16 @@ void launch(const at::Tensor& instructions, at::Tensor counters, at::Tensor queu
     p.sample_threshold = ptr<float>(*sample_threshold);
   }
   if (top_k) {
-    MK_CHECK(topk_values.has_value(), "megakernel: top-k sampling needs topk_values");
+    MK_CHECK(topk_values && topk_ties, "megakernel: top-k sampling needs topk_values and topk_ties");
     check_tensor(*topk_values, "topk_values", f32, 2, device);
-    MK_CHECK(topk_values->sizes() == at::IntArrayRef({T, B * mk::kMaxSampleTopK}),
-             "megakernel: topk_values must be [T, B * ", mk::kMaxSampleTopK, "]");
+    check_tensor(*topk_ties, "topk_ties", i32, 2, device);
+    MK_CHECK(topk_values->sizes() == at::IntArrayRef({T, B * mk::kMaxSampleTopK}) &&
+                 topk_ties->sizes() == at::IntArrayRef({T, B}),
+             "megakernel: topk_values must be [T, B * ", mk::kMaxSampleTopK,
+             "] and topk_ties [T, B]");
     p.topk_values = ptr<float>(*topk_values);
-  }
-  if (top_p) {
+    p.topk_ties = ptr<int32_t>(*topk_ties);
+  } else if (top_p) {  // with top-k, topk_threshold takes the nucleus among the top k
     MK_CHECK(topp_hist && topp_state, "megakernel: top-p sampling needs topp_hist and topp_state");
     check_tensor(*topp_hist, "topp_hist", i64, 2, device);
     check_tensor(*topp_state, "topp_state", at::kDouble, 2, device);
@@ -337,7 +341,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("token_source") = py::none(), py::arg("token") = 0, py::arg("position") = 0,
         py::arg("steps") = 1, py::arg("sample_inv_temperature") = 0.0,
         py::arg("sample_seed") = 0, py::arg("sample_top_k") = 0, py::arg("sample_top_p") = 1.0,
-        py::arg("topk_values") = py::none(), py::arg("topp_hist") = py::none(),
+        py::arg("topk_values") = py::none(), py::arg("topk_ties") = py::none(),
+        py::arg("topp_hist") = py::none(),
         py::arg("topp_state") = py::none(),
         py::arg("sample_threshold") = py::none());
   m.def("alloc_host_status", &alloc_host_status,

@@ -457,8 +457,7 @@ size_t dynamic_smem_bytes(const KernelParams& p) {
                       static_cast<size_t>(kComputeWarps) * kAttnRingBytes / sizeof(float);
   // The sampling ops' radix selections: their histograms (ops/topk_sampling.cuh,
   // ops/topp_sampling.cuh); smaller than the above for every model, counted all the same.
-  const size_t radix = std::max(kRadixSmemInts * sizeof(int), static_cast<size_t>(kToppSmemBytes)) /
-                       sizeof(float);
+  const size_t radix = static_cast<size_t>(std::max(kTopkSmemBytes, kToppSmemBytes)) / sizeof(float);
   return std::max({vec, norm, attn, radix}) * sizeof(float);
 }
 

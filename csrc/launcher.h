@@ -150,14 +150,16 @@ struct KernelParams {
   uint64_t sample_seed;
   // Top-k sampling (programs with topk_partial and topk_threshold; 0: none): the draw is
   // among the sample_top_k largest logits (1 to kMaxSampleTopK), the k-th largest found in
-  // topk_values [T, B, kMaxSampleTopK] and written to sample_threshold [T].
+  // topk_values [T, B, kMaxSampleTopK] and topk_ties [T, B] and written to
+  // sample_threshold [T]; with sample_top_p < 1 too, the nucleus among those instead.
   int sample_top_k;
   float* topk_values;
-  // Top-p sampling (programs with topp_histogram and topp_select; 1: none): the draw is
-  // among the logits at or above the nucleus threshold, the largest logit whose tokens and
-  // those above it hold sample_top_p of the probability, found by a mass-weighted radix
-  // selection through topp_hist [T, 4 passes, 256] (zero between steps) and topp_state
-  // [T, 4], and written to sample_threshold [T].
+  int* topk_ties;
+  // Top-p sampling (without top-k: programs with topp_histogram and topp_select; 1: none):
+  // the draw is among the logits at or above the nucleus threshold, the largest logit
+  // whose tokens and those above it hold sample_top_p of the probability, found by a
+  // mass-weighted radix selection through topp_hist [T, 4 passes, 256] (zero between
+  // steps) and topp_state [T, 4], and written to sample_threshold [T].
   float sample_top_p;
   unsigned long long* topp_hist;
   double* topp_state;

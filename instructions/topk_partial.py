@@ -2,7 +2,9 @@
 row_begin + row_count) of logits[t], the sampling.top_k largest logits (ties repeated;
 -inf for slots past the rows) into slots [0, top_k) of the block's MAX_TOP_K slots of
 topk_values[t], in any order: topk_threshold needs only the multiset. The k-th largest
-logit of the step is the k-th largest of all blocks' candidates.
+logit of the step is the k-th largest of all blocks' candidates. topk_ties[t, block]: how
+many of the rows equal to the block's k-th largest the slots leave out (0 where the block
+has at most top_k rows), which top-p among the top k counts.
 """
 import torch
 
@@ -22,10 +24,12 @@ def reference(instr, s):
         slots = s.buffers["topk_values"][t, b * MAX_TOP_K:b * MAX_TOP_K + k]
         slots.fill_(float("-inf"))
         slots[:len(top)] = top
+        omitted = int((logits == top[-1]).sum() - (top == top[-1]).sum()) if n > k else 0
+        s.buffers["topk_ties"][t, b] = omitted
 
 
 def cost(instr, cfg, dtype_bytes):
-    return instr.token_count * (instr.args["row_count"] + MAX_TOP_K) * 4
+    return instr.token_count * (instr.args["row_count"] + MAX_TOP_K + 1) * 4
 
 
 TOPK_PARTIAL = register(OpSpec("topk_partial", 11, ("row_begin", "row_count"), reference,

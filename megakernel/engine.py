@@ -232,15 +232,14 @@ class Engine:
         if temperature > 0:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(sample_seed)
-        # Temperature sampling, alone, with top-k up to MAX_TOP_K or with top-p, is drawn on
-        # the device where the backend can, so its steps chain like greedy ones; top-k and
-        # top-p together and larger k run between launches (sampling.sample), and so do
-        # temperatures whose inverse a float32 does not hold. The prompt's token is drawn by
+        # Temperature sampling, alone, with top-k up to MAX_TOP_K, with top-p or with both,
+        # is drawn on the device where the backend can, so its steps chain like greedy
+        # ones; larger k run between launches (sampling.sample), and so do temperatures
+        # whose inverse a float32 does not hold. The prompt's token is drawn by
         # sampling.sample either way.
         device_sampling = None
         device_top_k = 0 if top_k >= self.config.vocab_size else top_k
-        if (temperature > 0 and device_top_k <= MAX_TOP_K
-                and not (device_top_k and top_p < 1.0) and self.backend.chains_sampling
+        if (temperature > 0 and device_top_k <= MAX_TOP_K and self.backend.chains_sampling
                 and 0 < 1.0 / temperature <= torch.finfo(torch.float32).max):
             device_sampling = Sampling(1.0 / temperature, int(sample_seed) & ((1 << 63) - 1),
                                        device_top_k, float(top_p))

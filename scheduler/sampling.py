@@ -43,14 +43,14 @@ def program_kind(sampling) -> str | None:
     if sampling is None:
         return None
     sampling = Sampling(*sampling)
-    if sampling.top_k and sampling.top_p < 1.0:
-        raise ValueError("a sampled program draws with top-k or top-p, not both")
+    # With both, the top-k program's threshold stage takes the nucleus among the top k.
     return "top_k" if sampling.top_k else "top_p" if sampling.top_p < 1.0 else "temperature"
 
 
 def with_sampled_tokens(program: Program, kind: str = "temperature") -> Program:
     """A copy of the one-step `program` whose argmax_reduce picks a temperature sample
-    (kind "top_k": among the launch's top-k logits; "top_p": among its nucleus)."""
+    (kind "top_k": among the launch's top-k logits, or the nucleus of those where the
+    launch's top_p < 1; "top_p": among its nucleus)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if program.steps_per_launch != 1:
@@ -92,6 +92,7 @@ def with_sampled_tokens(program: Program, kind: str = "temperature") -> Program:
         partial = stage(TOPK_PARTIAL, "topk", (wait,), per_head)
         wait = stage(TOPK_THRESHOLD, "topk_threshold", (partial,), [one_block])
         buffers["topk_values"] = BufferSpec((T, B * MAX_TOP_K), torch.float32)
+        buffers["topk_ties"] = BufferSpec((T, B), torch.int32)
     if kind == "top_p":
         for pass_index in range(TOP_P_PASSES):
             histograms = stage(TOPP_HISTOGRAM, f"topp_histogram{pass_index}", (wait,),

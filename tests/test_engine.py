@@ -258,9 +258,10 @@ def test_temperature_sampling_chains_in_the_stream():
 
 
 @pytest.mark.parametrize("restrict, one_token", [
-    (dict(top_k=5), dict(top_k=1)), (dict(top_p=0.6), dict(top_p=1e-6))])
+    (dict(top_k=5), dict(top_k=1)), (dict(top_p=0.6), dict(top_p=1e-6)),
+    (dict(top_k=5, top_p=0.6), dict(top_k=5, top_p=1e-6))])
 def test_top_k_and_top_p_sampling_chain_in_the_stream(baseline, restrict, one_token):
-    """Top-k (k <= MAX_TOP_K) or top-p sampling on the reference backend runs the program
+    """Top-k (k <= MAX_TOP_K), top-p or both on the reference backend runs the program
     with the top-k or nucleus stages, chained: 3 steps per launch give 1's tokens, each
     token is the argmax of its step's logits / temperature + the noise over the tokens
     sampling.masked_scores keeps, and keeping one token is greedy decoding."""

@@ -364,36 +364,18 @@ def test_temperature_sampling_is_drawn_on_the_device(checkpoint):
     assert agree >= 0.9 * (len(first.token_ids) - 1)
 
 
-def test_top_k_sampling_is_drawn_on_the_device(checkpoint):
-    """Top-k sampling (k <= MAX_TOP_K) chains too: 8 steps per launch give 1's tokens,
-    each token is among its step's k largest logits, and k = 1 gives the greedy tokens."""
-    path, _ = checkpoint
-    engine = make_engine(path, max_seq_len=256)
-    prompt = [5, 9, 13, 2, 7]
-    kw = dict(max_new_tokens=24, ignore_eos=True, temperature=1.5, top_k=20,
-              output_logits=True)
-    launches = engine.backend.launches
-    first = engine.generate(prompt, seed=3, **kw)
-    assert engine.backend.launches - launches <= 4      # 23 steps, 8 per launch
-    one = make_engine(path, max_seq_len=256, steps_per_launch=1).generate(prompt, seed=3, **kw)
-    assert one.token_ids == first.token_ids
-    for i, token in enumerate(first.token_ids):
-        assert first.logits[i, token] >= torch.topk(first.logits[i], 20).values[-1]
-    greedy = engine.generate(prompt, max_new_tokens=24, ignore_eos=True)
-    assert engine.generate(prompt, max_new_tokens=24, ignore_eos=True, temperature=1.5,
-                           top_k=1).token_ids == greedy.token_ids
-
-
-def test_top_p_sampling_is_drawn_on_the_device(checkpoint):
-    """Top-p sampling chains too: 8 steps per launch give 1's tokens, each token is in its
-    step's nucleus (sampling.masked_scores), and a one-token nucleus gives the greedy
-    tokens."""
+@pytest.mark.parametrize("top_k, top_p, narrowest", [
+    (20, 1.0, dict(top_k=1)), (0, 0.8, dict(top_p=1e-6)), (20, 0.8, dict(top_k=20, top_p=1e-6))])
+def test_top_k_and_top_p_sampling_are_drawn_on_the_device(checkpoint, top_k, top_p, narrowest):
+    """Top-k sampling (k <= MAX_TOP_K), top-p sampling and the two together chain too: 8
+    steps per launch give 1's tokens, each token is among those its step's logits leave
+    (sampling.masked_scores), and a one-token set gives the greedy tokens."""
     from megakernel.sampling import masked_scores
 
     path, _ = checkpoint
     engine = make_engine(path, max_seq_len=256)
     prompt = [5, 9, 13, 2, 7]
-    kw = dict(max_new_tokens=24, ignore_eos=True, temperature=1.5, top_p=0.8,
+    kw = dict(max_new_tokens=24, ignore_eos=True, temperature=1.5, top_k=top_k, top_p=top_p,
               output_logits=True)
     launches = engine.backend.launches
     first = engine.generate(prompt, seed=3, **kw)
@@ -401,7 +383,7 @@ def test_top_p_sampling_is_drawn_on_the_device(checkpoint):
     one = make_engine(path, max_seq_len=256, steps_per_launch=1).generate(prompt, seed=3, **kw)
     assert one.token_ids == first.token_ids
     for i, token in enumerate(first.token_ids):
-        assert masked_scores(first.logits[i], 1.5, 0, 0.8)[token] > float("-inf")
+        assert masked_scores(first.logits[i], 1.5, top_k, top_p)[token] > float("-inf")
     greedy = engine.generate(prompt, max_new_tokens=24, ignore_eos=True)
     assert engine.generate(prompt, max_new_tokens=24, ignore_eos=True, temperature=1.5,
-                           top_p=1e-6).token_ids == greedy.token_ids
+                           **narrowest).token_ids == greedy.token_ids

@@ -337,13 +337,15 @@ def test_sample_logits_and_argmax(sampling):
     assert got == want or scores[got] - scores[want] <= 2 * TOL * scores.abs().max()
 
 
-@pytest.mark.parametrize("top_k", [1, 7, 64])
-def test_top_k_stages_and_the_draw(top_k):
+@pytest.mark.parametrize("top_k, top_p", [(1, 1.0), (7, 1.0), (64, 1.0), (7, 0.5), (64, 0.9)])
+def test_top_k_stages_and_the_draw(top_k, top_p):
     """topk_partial leaves each block's k largest logits (ties repeated, -inf past a short
-    block's rows), topk_threshold the k-th largest of the vocabulary, and the draw that
-    follows is among the logits at or above it. The logits hold ties at the threshold."""
+    block's rows) and the tied rows they leave out, topk_threshold the k-th largest of the
+    vocabulary (with top_p < 1, the reference's nucleus among the top k), and the draw
+    that follows is among the logits at or above it. The logits hold ties at the k-th
+    largest."""
     case = OpCase("hd64-gqa4")
-    case.cpu.sampling = Sampling(1 / 0.8, 99, top_k)
+    case.cpu.sampling = Sampling(1 / 0.8, 99, top_k, top_p)
     V = case.cfg.vocab_size
     gen = torch.Generator().manual_seed(top_k)
     logits = (4 * torch.randn(1, V, generator=gen)).round(decimals=1)   # many ties
@@ -351,6 +353,8 @@ def test_top_k_stages_and_the_draw(top_k):
     blocks = [(0, 3), (3, 500), (503, 500)]             # vocab 1003; the first block short
     case.cpu.buffers["topk_values"] = torch.full((1, case.program.lm_head_blocks * MAX_TOP_K),
                                                  float("nan"))
+    case.cpu.buffers["topk_ties"] = torch.full((1, case.program.lm_head_blocks), -7,
+                                               dtype=torch.int32)
     case.cpu.buffers["sample_threshold"] = torch.full((1,), float("nan"))
     case.sync_inputs()
     case.run([make(TOPK_PARTIAL, b, row_begin=r0, row_count=n)
@@ -359,10 +363,13 @@ def test_top_k_stages_and_the_draw(top_k):
         got = case.gpu["topk_values"][0, b * MAX_TOP_K:b * MAX_TOP_K + top_k].cpu()
         want = case.cpu.buffers["topk_values"][0, b * MAX_TOP_K:b * MAX_TOP_K + top_k]
         assert torch.equal(got.sort().values, want.sort().values), b
+    assert torch.equal(case.gpu["topk_ties"][0, :len(blocks)].cpu(),
+                       case.cpu.buffers["topk_ties"][0, :len(blocks)])
     case.run([make(TOPK_THRESHOLD, num_blocks=len(blocks))])
     threshold = float(case.gpu["sample_threshold"][0])
-    assert threshold == float(torch.topk(logits[0], top_k).values[-1])
     assert threshold == float(case.cpu.buffers["sample_threshold"][0])
+    kth = float(torch.topk(logits[0], top_k).values[-1])
+    assert threshold == kth if top_p == 1.0 else threshold >= kth
     case.run([make(SAMPLE_LOGITS, b, row_begin=r0, row_count=n)
               for b, (r0, n) in enumerate(blocks)])
     case.run([make(ARGMAX_REDUCE, num_blocks=len(blocks))])

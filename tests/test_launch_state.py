@@ -28,8 +28,8 @@ class FakeExtension:
             raise RuntimeError("megakernel: prefetch_bytes out of range: 2147483648")
         # ..., epoch, timeout_ns, num_blocks, prefetch_bytes, token_source, token, position,
         # steps, sample_inv_temperature, sample_seed, sample_top_k, sample_top_p, then the
-        # four sampling buffers
-        self.epochs.append(args[-16])
+        # sampling buffers
+        self.epochs.append(args[-12 - len(megakernel_backend.SAMPLING_BUFFER_NAMES)])
 
 
 def launch_with(ext, state):

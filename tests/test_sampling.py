@@ -86,11 +86,11 @@ def device_draw_ops(blocks, top_k: int, top_p: float):
                                          TOPK_THRESHOLD, TOPP_HISTOGRAM, TOPP_SELECT)
 
     ops = []
-    if top_k:
+    if top_k:       # with top_p too: the threshold stage takes the nucleus among the top k
         ops += [TOPK_PARTIAL.make(block_index=b, row_begin=r0, row_count=n)
                 for b, (r0, n) in enumerate(blocks)]
         ops.append(TOPK_THRESHOLD.make(num_blocks=len(blocks)))
-    if top_p < 1.0:
+    elif top_p < 1.0:
         for pass_index in range(4):
             ops += [TOPP_HISTOGRAM.make(block_index=b, row_begin=r0, row_count=n,
                                         pass_index=pass_index)
@@ -110,6 +110,7 @@ def device_draw_state(logits: torch.Tensor, blocks, sampling):
 
     B = len(blocks)
     buffers = {"logits": logits[None].clone(), "topk_values": torch.zeros(1, B * MAX_TOP_K),
+               "topk_ties": torch.zeros(1, B, dtype=torch.int32),
                "topp_hist": torch.zeros(1, 4 * 256, dtype=torch.int64),
                "topp_state": torch.zeros(1, 4, dtype=torch.float64),
                "sample_threshold": torch.zeros(1),
@@ -122,11 +123,13 @@ def device_draw_state(logits: torch.Tensor, blocks, sampling):
 
 
 @pytest.mark.parametrize("temperature, top_k, top_p", [
-    (1.3, 0, 1.0), (0.7, 3, 1.0), (2.0, 1, 1.0), (1.3, 0, 0.8), (2.0, 0, 0.5)])
+    (1.3, 0, 1.0), (0.7, 3, 1.0), (2.0, 1, 1.0), (1.3, 0, 0.8), (2.0, 0, 0.5), (2.0, 4, 0.9),
+    (1.3, 5, 0.6)])
 def test_the_device_draw_has_the_distributions_frequencies(temperature, top_k, top_p):
     """The draw a sampled program makes (its ops after the LM head, in their reference
     semantics, over two blocks of rows), across many steps' positions: the frequencies of
-    softmax(logits / temperature) over the top-k tokens or the top-p nucleus."""
+    softmax(logits / temperature) over the top-k tokens, the top-p nucleus or the nucleus
+    of the top k."""
     from megakernel.instructions import Sampling
 
     blocks = [(0, 2), (2, 4)]
@@ -148,19 +151,60 @@ def test_the_device_draw_has_the_distributions_frequencies(temperature, top_k, t
     assert ((freq - want).abs() <= 5 * sigma + 1e-9).all(), (freq.tolist(), want.tolist())
 
 
-@pytest.mark.parametrize("temperature, top_p", [(1.0, 0.9), (0.6, 0.95), (1.5, 0.3),
-                                                (0.8, 0.999)])
-def test_the_device_nucleus_is_the_samplers(temperature, top_p):
-    """The threshold the top-p ops find (reference semantics, 1000 random logits in three
-    blocks) keeps exactly the tokens sampling.masked_scores keeps."""
+def device_threshold(logits: torch.Tensor, blocks, temperature: float, top_k: int,
+                     top_p: float) -> torch.Tensor:
+    """The threshold a sampled program's ops before sample_logits leave (reference
+    semantics), for logits [V] in blocks [(row_begin, row_count)]."""
     from megakernel.instructions import Sampling
+
+    state = device_draw_state(logits, blocks, Sampling(1 / temperature, 1, top_k, top_p))
+    for op in device_draw_ops(blocks, top_k, top_p)[:-len(blocks) - 1]:
+        op.spec.reference(op, state)
+    return state.buffers["sample_threshold"][0]
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [
+    (1.0, 0, 0.9), (0.6, 0, 0.95), (1.5, 0, 0.3), (0.8, 0, 0.999), (1.0, 50, 0.9),
+    (0.6, 64, 0.95), (2.0, 7, 0.5), (1.0, 1, 0.9)])
+def test_the_device_nucleus_is_the_samplers(temperature, top_k, top_p):
+    """The threshold the top-p ops, or the top-k ops with top_p < 1, find (1000 random
+    logits in three blocks) keeps exactly the tokens sampling.masked_scores keeps."""
     from megakernel.sampling import masked_scores
 
     logits = 3 * torch.randn(1000, generator=torch.Generator().manual_seed(int(top_p * 1e3)))
     blocks = [(0, 300), (300, 300), (600, 400)]
-    state = device_draw_state(logits, blocks, Sampling(1 / temperature, 1, 0, top_p))
-    for op in device_draw_ops(blocks, 0, top_p)[:-len(blocks) - 1]:
-        op.spec.reference(op, state)
-    kept = logits >= state.buffers["sample_threshold"][0]
-    want = masked_scores(logits, temperature, 0, top_p) > float("-inf")
+    kept = logits >= device_threshold(logits, blocks, temperature, top_k, top_p)
+    want = masked_scores(logits, temperature, top_k, top_p) > float("-inf")
     assert torch.equal(kept, want), (int(kept.sum()), int(want.sum()))
+
+
+def tied_logits(kind: str) -> torch.Tensor:
+    """1000 logits with ties: "steps", 12 values ~83 times each; "shelf", four large
+    values over 200 rows tied at 2.0 (spread over the blocks) over distinct small ones."""
+    gen = torch.Generator().manual_seed(5)
+    if kind == "steps":
+        return torch.randint(0, 12, (1000,), generator=gen) / 4.0
+    logits = torch.rand(1000, generator=gen)
+    logits[torch.randperm(1000, generator=gen)[:200]] = 2.0
+    logits[[10, 350, 720, 999]] = torch.tensor([3.0, 2.9, 2.8, 2.7])
+    return logits
+
+
+@pytest.mark.parametrize("kind, top_k, top_p", [
+    ("steps", 5, 0.5), ("steps", 20, 0.8), ("steps", 64, 0.99), ("shelf", 10, 0.2),
+    ("shelf", 10, 0.05), ("shelf", 64, 0.3), ("shelf", 5, 0.9), ("shelf", 3, 0.9)])
+def test_the_top_k_nucleus_counts_every_tie(kind, top_k, top_p):
+    """Top-k with top-p over logits with ties, at the k-th largest too, where blocks'
+    slots leave tied rows out: the threshold is the smallest logit whose larger survivors
+    of the top k (all ties of the k-th largest) hold less than top_p of their mass,
+    written out here in float64. On "shelf" with k = 10, counting only the ties the slots
+    hold would keep fewer tokens."""
+    logits = tied_logits(kind)
+    blocks = [(0, 300), (300, 300), (600, 400)]
+    temperature = 0.7
+    kth = torch.topk(logits, top_k).values[-1]
+    survivors = logits[logits >= kth].double()
+    mass = torch.exp((survivors - survivors.max()) / temperature)
+    target = top_p * mass.sum()
+    want = min(float(u) for u in survivors.unique() if mass[survivors > u].sum() < target)
+    assert float(device_threshold(logits, blocks, temperature, top_k, top_p)) == want

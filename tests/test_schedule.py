@@ -618,9 +618,12 @@ def test_top_k_program_structure():
     assert {i.waits for i in samples} == {((threshold.signal, 1),)}
     assert sampled.counter_names[-3:] == ["topk", "topk_threshold", "sample"]
     assert sampled.buffers["topk_values"].shape == (1, one.lm_head_blocks * 64)
+    assert sampled.buffers["topk_ties"].shape == (1, one.lm_head_blocks)
     assert chain_steps(sampled, 2).buffers["sample_threshold"].shape == (2,)
 
     _check_sampled_orders(weights, sampled, Sampling(1 / 0.9, 5, 3), rows.index(samples[0]))
+    # With top-p too (the threshold stage's nucleus), without the threshold's wait.
+    _check_sampled_orders(weights, sampled, Sampling(1 / 0.9, 5, 3, 0.7), rows.index(threshold))
 
 
 def test_top_p_program_structure():
@@ -644,8 +647,8 @@ def test_top_p_program_structure():
     assert {i.waits for i in tail[4 * stride:-1]} == {(wait,)}
     assert set(sampled.buffers) - set(one.buffers) == {
         "topp_hist", "topp_state", "sample_threshold"}
-    with pytest.raises(ValueError, match="not both"):
-        program_kind(Sampling(1.0, 0, 5, 0.9))
+    # Top-k with top-p: the top-k program, whose threshold stage takes the nucleus.
+    assert program_kind(Sampling(1.0, 0, 5, 0.9)) == "top_k"
 
     # Without the wait of pass 1's first histogram block.
     _check_sampled_orders(weights, sampled, Sampling(1 / 0.9, 5, 0, 0.7),

@@ -2,9 +2,12 @@
 // largest logit of a step, found in two stages between the LM head and sample_logits.
 //
 //   topk_partial:   each LM-head block's rows: their k largest logits (a multiset, ties
-//                   repeated) into the block's kMaxSampleTopK slots of topk_values[t]
+//                   repeated) into the block's kMaxSampleTopK slots of topk_values[t], and
+//                   how many rows equal to its k-th largest the slots leave out into
+//                   topk_ties[t]
 //   topk_threshold: one block: the k-th largest of all blocks' candidates, which is the
-//                   k-th largest logit of the step, into sample_threshold[t]
+//                   k-th largest logit of the step, into sample_threshold[t]; with top-p
+//                   as well, the nucleus threshold among the tokens at or above it instead
 //
 // sample_logits then draws among the logits at or above the threshold. Both find a k-th
 // largest by radix selection over order-preserving 32-bit keys: four passes of an 8-bit
@@ -19,9 +22,13 @@
 namespace mk {
 
 // Shared-memory ints the radix selection uses: the histogram, then the pass's digit and
-// the rank still sought within it, then a counter for topk_partial's compaction.
+// the rank still sought within it, then topk_partial's two counters (its compaction, the
+// rows equal to the k-th largest).
 constexpr int kRadixBins = 256;
-constexpr int kRadixSmemInts = kRadixBins + 3;
+constexpr int kRadixSmemInts = kRadixBins + 4;
+// topk_threshold's top-p among the top k, after those: three arrays of kMaxSampleTopK
+// floats and two counters.
+constexpr int kTopkSmemBytes = (kRadixSmemInts + 3 * kMaxSampleTopK + 2) * 4;
 
 // A key per float whose unsigned order is the floats' order (-0 just below +0).
 __device__ __forceinline__ uint32_t float_order_key(float v) {
@@ -88,17 +95,19 @@ __device__ __forceinline__ bool op_topk_partial(const OpContext& ctx) {
   const int r0 = max(ctx.arg(topk_partial::kRowBegin), 0);
   const int n = min(r0 + ctx.arg(topk_partial::kRowCount), p.vocab_size) - r0;
   const float* logits = p.logits + static_cast<int64_t>(t) * p.vocab_size + r0;
-  float* out = p.topk_values +
-               (static_cast<int64_t>(t) * p.lm_head_blocks + ctx.words[word::kBlockIndex]) *
-                   kMaxSampleTopK;
+  const int64_t block = static_cast<int64_t>(t) * p.lm_head_blocks + ctx.words[word::kBlockIndex];
+  float* out = p.topk_values + block * kMaxSampleTopK;
+  int* ties = p.topk_ties + block;
   if (n <= k) {  // every row is a candidate; the rest of the k slots never win
     for (int i = threadIdx.x; i < k; i += kComputeThreads)
       out[i] = i < n ? load_act(logits + i) : -CUDART_INF_F;
+    if (threadIdx.x == 0) *ties = 0;
     return true;
   }
   int* hist = reinterpret_cast<int*>(ctx.smem);
   int* count = hist + kRadixBins + 2;
-  if (threadIdx.x == 0) *count = 0;
+  int* equal = hist + kRadixBins + 3;
+  if (threadIdx.x == 0) *count = 0, *equal = 0;
   const uint32_t kth = block_kth_largest_key([&](int i) { return load_act(logits + i); }, n, k,
                                              hist);
   // The logits above the k-th largest (fewer than k, in any order: the multiset is what
@@ -106,11 +115,77 @@ __device__ __forceinline__ bool op_topk_partial(const OpContext& ctx) {
 #pragma unroll 1
   for (int i = threadIdx.x; i < n; i += kComputeThreads) {
     const float v = load_act(logits + i);
-    if (float_order_key(v) > kth) out[atomicAdd(count, 1)] = v;
+    const uint32_t key = float_order_key(v);
+    if (key > kth) out[atomicAdd(count, 1)] = v;
+    else if (key == kth) atomicAdd(equal, 1);
   }
   compute_sync();
   for (int i = *count + threadIdx.x; i < k; i += kComputeThreads) out[i] = float_of_order_key(kth);
+  if (threadIdx.x == 0) *ties = *equal - (k - *count);
   return true;
+}
+
+// Top-p among the top k, as sampling.masked_scores applies the two: the survivors are the
+// logits at or above the k-th largest (its ties included), each of mass
+// exp((v - top) / T), and the threshold is the smallest survivor value u whose larger
+// survivors hold less than top_p of their mass. The survivors above the k-th largest are
+// the candidates above it (fewer than k, each row once); those equal to it are counted
+// from the slots plus what each block's slots left out (topk_ties). Every compute thread
+// gets the threshold.
+__device__ float top_k_nucleus(const OpContext& ctx, const float* values, int blocks, int k,
+                               uint32_t kth, int* smem_ints) {
+  const KernelParams& p = ctx.p;
+  float* above = reinterpret_cast<float*>(smem_ints + kRadixSmemInts);  // any order
+  float* sorted = above + kMaxSampleTopK;                               // descending
+  float* mass = sorted + kMaxSampleTopK;                                // of sorted
+  int* counts = reinterpret_cast<int*>(mass + kMaxSampleTopK);  // above, equal to kth
+  if (threadIdx.x < 2) counts[threadIdx.x] = 0;
+  compute_sync();
+  const int* ties = p.topk_ties + static_cast<int64_t>(ctx.token) * p.lm_head_blocks;
+  for (int i = threadIdx.x; i < blocks * k; i += kComputeThreads) {
+    const float v = load_act(values + (i / k) * kMaxSampleTopK + i % k);
+    const uint32_t key = float_order_key(v);
+    if (key > kth) above[atomicAdd(&counts[0], 1)] = v;
+    else if (key == kth) atomicAdd(&counts[1], 1);
+  }
+  for (int b = threadIdx.x; b < blocks; b += kComputeThreads) {
+    const int omitted = __ldcg(ties + b);  // rows equal to the block's k-th, its last slot
+    if (omitted > 0 && float_order_key(load_act(values + b * kMaxSampleTopK + k - 1)) == kth)
+      atomicAdd(&counts[1], omitted);
+  }
+  compute_sync();
+  const int n = counts[0];
+  const float kth_value = float_of_order_key(kth);
+  // Ranked by value: equal values are interchangeable, so `sorted` holds the same bits
+  // whatever order the candidates were appended in, and so do the sums below.
+  int larger = 0;
+  float v = 0.0f;
+  if (threadIdx.x < n) {
+    v = above[threadIdx.x];
+    int rank = 0;
+    for (int j = 0; j < n; ++j) {
+      const float w = above[j];
+      larger += w > v;
+      rank += w > v || (w == v && j < static_cast<int>(threadIdx.x));
+    }
+    sorted[rank] = v;
+  }
+  compute_sync();
+  const float top = n > 0 ? sorted[0] : kth_value;
+  const float inv_temperature = p.sample_inv_temperature;
+  if (threadIdx.x < n) mass[threadIdx.x] = __expf((sorted[threadIdx.x] - top) * inv_temperature);
+  compute_sync();
+  float above_kth = 0.0f;
+  for (int r = 0; r < n; ++r) above_kth += mass[r];
+  const float target =
+      p.sample_top_p * (above_kth + counts[1] * __expf((kth_value - top) * inv_temperature));
+  float lowest = above_kth < target ? kth_value : CUDART_INF_F;
+  if (threadIdx.x < n) {
+    float mass_above = 0.0f;
+    for (int r = 0; r < larger; ++r) mass_above += mass[r];
+    if (mass_above < target) lowest = fminf(lowest, v);
+  }
+  return -compute_max(-lowest, ctx.scratch);
 }
 
 __device__ __forceinline__ bool op_topk_threshold(const OpContext& ctx) {
@@ -120,10 +195,14 @@ __device__ __forceinline__ bool op_topk_threshold(const OpContext& ctx) {
   const int blocks = min(max(ctx.arg(topk_threshold::kNumBlocks), 1), p.lm_head_blocks);
   const float* values =
       p.topk_values + static_cast<int64_t>(t) * p.lm_head_blocks * kMaxSampleTopK;
+  int* smem_ints = reinterpret_cast<int*>(ctx.smem);
   const uint32_t kth = block_kth_largest_key(
       [&](int i) { return load_act(values + (i / k) * kMaxSampleTopK + i % k); }, blocks * k, k,
-      reinterpret_cast<int*>(ctx.smem));
-  if (threadIdx.x == 0) p.sample_threshold[t] = float_of_order_key(kth);
+      smem_ints);
+  const float threshold = p.sample_top_p < 1.0f
+                              ? top_k_nucleus(ctx, values, blocks, k, kth, smem_ints)
+                              : float_of_order_key(kth);
+  if (threadIdx.x == 0) p.sample_threshold[t] = threshold;
   return true;
 }
 

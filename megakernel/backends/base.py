@@ -67,8 +67,8 @@ class Backend:
     steps_per_launch = 1
     # decode_steps(..., sampling=Sampling(inv_temperature, seed, top_k, top_p)) draws each
     # step's token from softmax(logits * inv_temperature) over the top_k largest logits (at
-    # most instructions.MAX_TOP_K) or the top_p nucleus (or all of them) and chains such
-    # steps too.
+    # most instructions.MAX_TOP_K), the top_p nucleus of those (or all of them) and chains
+    # such steps too.
     chains_sampling = False
 
     def __init__(self, weights, kv_cache):

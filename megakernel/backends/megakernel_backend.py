@@ -51,7 +51,8 @@ DEFAULT_STEPS_PER_LAUNCH = 8
 BUFFER_NAMES = ("hidden", "q", "attn_partial_out", "attn_partial_lse", "attn_out", "mlp_act",
                 "logits", "argmax_value", "argmax_index", "next_token")
 # The sampled programs' own buffers (scheduler.with_sampled_tokens), where they have them.
-SAMPLING_BUFFER_NAMES = ("topk_values", "topp_hist", "topp_state", "sample_threshold")
+SAMPLING_BUFFER_NAMES = ("topk_values", "topk_ties", "topp_hist", "topp_state",
+                         "sample_threshold")
 
 
 def load_extension():
@@ -536,9 +537,9 @@ class MegakernelBackend(Backend):
         """`steps` chained greedy steps in one launch from token_id ([] int64 on the device,
         or an int) at positions position..position + steps - 1; with a Sampling
         (inv_temperature, seed, top_k, top_p), each step's token is drawn on the device
-        instead from softmax(logits * inv_temperature) over the top_k largest logits or the
-        top_p nucleus (or all of them) (scheduler.with_sampled_tokens), the draw fixed by
-        seed and position.
+        instead from softmax(logits * inv_temperature) over the top_k largest logits, the
+        top_p nucleus of those (or all of them) (scheduler.with_sampled_tokens), the draw
+        fixed by seed and position.
 
         Returns views valid until the next call with as many steps: logits [steps, V], the
         last step's token on the device, and every step's token in host memory (negative

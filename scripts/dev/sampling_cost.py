@@ -1,6 +1,6 @@
 """What sampling costs per decode step on the GPU, against greedy decoding: drawn on the
-device where the engine can (temperature alone, with top-k or with top-p, chained like
-greedy steps, benchmarks/RESULTS.md entries 51, 54 and 55), drawn between launches by the
+device where the engine can (temperature alone, with top-k, top-p or both, chained like
+greedy steps, benchmarks/RESULTS.md entries 51 and 54-57), drawn between launches by the
 engine's sampler, and by softmax + torch.multinomial in its place (the form it had before
 entry 49).
 
@@ -31,7 +31,8 @@ def multinomial_sample(logits, temperature, top_k, top_p, generator):
 
 CASES = [("greedy", dict(temperature=0.0)), ("t0.8", dict(temperature=0.8)),
          ("t0.8 top_k 50", dict(temperature=0.8, top_k=50)),
-         ("t0.8 top_p 0.9", dict(temperature=0.8, top_p=0.9))]
+         ("t0.8 top_p 0.9", dict(temperature=0.8, top_p=0.9)),
+         ("t0.8 k50 p0.9", dict(temperature=0.8, top_k=50, top_p=0.9))]
 
 
 def device_us(fn, calls: int = 200) -> float:
