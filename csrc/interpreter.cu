@@ -455,9 +455,12 @@ size_t dynamic_smem_bytes(const KernelParams& p) {
   // attention_partial: q, the warps' softmax states, then their K/V rings.
   const size_t attn = attention_smem_floats_before_rings(p.head_dim) +
                       static_cast<size_t>(kComputeWarps) * kAttnRingBytes / sizeof(float);
-  // The sampling ops' radix selections: their histograms (ops/topk_sampling.cuh,
-  // ops/topp_sampling.cuh); smaller than the above for every model, counted all the same.
-  const size_t radix = static_cast<size_t>(std::max(kTopkSmemBytes, kToppSmemBytes)) / sizeof(float);
+  // The sampling ops: the radix selections' histograms, then topk_threshold's candidates
+  // (ops/topk_sampling.cuh, ops/topp_sampling.cuh); below the attention's need for every
+  // model, counted all the same.
+  const size_t radix =
+      static_cast<size_t>(std::max(kTopkSmemBytes, kToppSmemBytes)) / sizeof(float) +
+      static_cast<size_t>(p.lm_head_blocks) * kMaxSampleTopK;
   return std::max({vec, norm, attn, radix}) * sizeof(float);
 }
 

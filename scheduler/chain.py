@@ -9,9 +9,9 @@ other in the stream, so the queue stays in topological order, and the chain of w
 orders everything copy t reads (the K/V rows the steps before it wrote) after its writes.
 
 One launch of N steps pays the kernel's start and the gap between launches once for all
-N (benchmarks/RESULTS.md, entries 35 and 36). A step whose argmax_reduce picks a
-temperature sample (sampling.py: with_sampled_tokens) chains the same way; top-k and top-p
-samples are chosen on the host, one step per launch.
+N (benchmarks/RESULTS.md, entries 35 and 36). A step whose argmax_reduce picks a sample
+(sampling.py: with_sampled_tokens, with or without its top-k or top-p stages) chains the
+same way.
 """
 from __future__ import annotations
 

@@ -27,8 +27,18 @@ namespace mk {
 constexpr int kRadixBins = 256;
 constexpr int kRadixSmemInts = kRadixBins + 4;
 // topk_threshold's top-p among the top k, after those: three arrays of kMaxSampleTopK
-// floats and two counters.
-constexpr int kTopkSmemBytes = (kRadixSmemInts + 3 * kMaxSampleTopK + 2) * 4;
+// floats and two counters. Then the rows (topk_partial) or the candidates (topk_threshold,
+// lm_head_blocks * top_k floats: interpreter.cu's dynamic_smem_bytes counts them), read
+// from memory once and scanned by every radix pass from there.
+constexpr int kTopkNucleusInts = 3 * kMaxSampleTopK + 2;
+constexpr int kTopkSmemBytes = (kRadixSmemInts + kTopkNucleusInts) * 4;
+
+// This launch's dynamic shared memory, in bytes.
+__device__ __forceinline__ uint32_t dynamic_smem_size() {
+  uint32_t bytes;
+  asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(bytes));
+  return bytes;
+}
 
 // A key per float whose unsigned order is the floats' order (-0 just below +0).
 __device__ __forceinline__ uint32_t float_order_key(float v) {
@@ -108,13 +118,20 @@ __device__ __forceinline__ bool op_topk_partial(const OpContext& ctx) {
   int* count = hist + kRadixBins + 2;
   int* equal = hist + kRadixBins + 3;
   if (threadIdx.x == 0) *count = 0, *equal = 0;
-  const uint32_t kth = block_kth_largest_key([&](int i) { return load_act(logits + i); }, n, k,
-                                             hist);
+  // The rows into shared memory, as many as fit (all of them for an LM-head block of any
+  // model so far); block_kth_largest_key's first barrier publishes them.
+  float* staged_rows = reinterpret_cast<float*>(ctx.smem) + kRadixSmemInts + kTopkNucleusInts;
+  const int staged =
+      min(n, static_cast<int>(dynamic_smem_size() / 4) - kRadixSmemInts - kTopkNucleusInts);
+#pragma unroll 4
+  for (int i = threadIdx.x; i < staged; i += kComputeThreads) staged_rows[i] = load_act(logits + i);
+  const auto row = [&](int i) { return i < staged ? staged_rows[i] : load_act(logits + i); };
+  const uint32_t kth = block_kth_largest_key(row, n, k, hist);
   // The logits above the k-th largest (fewer than k, in any order: the multiset is what
   // counts), then the k-th itself in the slots left.
 #pragma unroll 1
   for (int i = threadIdx.x; i < n; i += kComputeThreads) {
-    const float v = load_act(logits + i);
+    const float v = row(i);
     const uint32_t key = float_order_key(v);
     if (key > kth) out[atomicAdd(count, 1)] = v;
     else if (key == kth) atomicAdd(equal, 1);
@@ -130,9 +147,9 @@ __device__ __forceinline__ bool op_topk_partial(const OpContext& ctx) {
 // exp((v - top) / T), and the threshold is the smallest survivor value u whose larger
 // survivors hold less than top_p of their mass. The survivors above the k-th largest are
 // the candidates above it (fewer than k, each row once); those equal to it are counted
-// from the slots plus what each block's slots left out (topk_ties). Every compute thread
-// gets the threshold.
-__device__ float top_k_nucleus(const OpContext& ctx, const float* values, int blocks, int k,
+// from the slots plus what each block's slots left out (topk_ties). candidates: the
+// blocks' k slots each, packed. Every compute thread gets the threshold.
+__device__ float top_k_nucleus(const OpContext& ctx, const float* candidates, int blocks, int k,
                                uint32_t kth, int* smem_ints) {
   const KernelParams& p = ctx.p;
   float* above = reinterpret_cast<float*>(smem_ints + kRadixSmemInts);  // any order
@@ -143,14 +160,14 @@ __device__ float top_k_nucleus(const OpContext& ctx, const float* values, int bl
   compute_sync();
   const int* ties = p.topk_ties + static_cast<int64_t>(ctx.token) * p.lm_head_blocks;
   for (int i = threadIdx.x; i < blocks * k; i += kComputeThreads) {
-    const float v = load_act(values + (i / k) * kMaxSampleTopK + i % k);
+    const float v = candidates[i];
     const uint32_t key = float_order_key(v);
     if (key > kth) above[atomicAdd(&counts[0], 1)] = v;
     else if (key == kth) atomicAdd(&counts[1], 1);
   }
   for (int b = threadIdx.x; b < blocks; b += kComputeThreads) {
     const int omitted = __ldcg(ties + b);  // rows equal to the block's k-th, its last slot
-    if (omitted > 0 && float_order_key(load_act(values + b * kMaxSampleTopK + k - 1)) == kth)
+    if (omitted > 0 && float_order_key(candidates[b * k + k - 1]) == kth)
       atomicAdd(&counts[1], omitted);
   }
   compute_sync();
@@ -196,11 +213,18 @@ __device__ __forceinline__ bool op_topk_threshold(const OpContext& ctx) {
   const float* values =
       p.topk_values + static_cast<int64_t>(t) * p.lm_head_blocks * kMaxSampleTopK;
   int* smem_ints = reinterpret_cast<int*>(ctx.smem);
-  const uint32_t kth = block_kth_largest_key(
-      [&](int i) { return load_act(values + (i / k) * kMaxSampleTopK + i % k); }, blocks * k, k,
-      smem_ints);
+  // The candidates into shared memory, packed; block_kth_largest_key's first barrier
+  // publishes them.
+  float* candidates = reinterpret_cast<float*>(ctx.smem) + kRadixSmemInts + kTopkNucleusInts;
+#pragma unroll 4
+  for (int i = threadIdx.x; i < blocks * kMaxSampleTopK; i += kComputeThreads) {
+    const int b = i / kMaxSampleTopK, slot = i % kMaxSampleTopK;
+    if (slot < k) candidates[b * k + slot] = load_act(values + i);
+  }
+  const uint32_t kth =
+      block_kth_largest_key([&](int i) { return candidates[i]; }, blocks * k, k, smem_ints);
   const float threshold = p.sample_top_p < 1.0f
-                              ? top_k_nucleus(ctx, values, blocks, k, kth, smem_ints)
+                              ? top_k_nucleus(ctx, candidates, blocks, k, kth, smem_ints)
                               : float_of_order_key(kth);
   if (threadIdx.x == 0) p.sample_threshold[t] = threshold;
   return true;

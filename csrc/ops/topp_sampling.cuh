@@ -81,42 +81,58 @@ __device__ __forceinline__ bool op_topp_select(const OpContext& ctx) {
     hist[d] = 0;
   }
   compute_sync();
-  if (threadIdx.x == 0) {
-    double above = 0.0, target;
-    uint32_t prefix = 0;
-    if (pass == 0) {
-      double total = 0.0;
-      for (int d = 0; d < kRadixBins; ++d) total += bins[d];
-      target = static_cast<double>(p.sample_top_p) * total;
-    } else {
-      prefix = static_cast<uint32_t>(__ldcg(state));
-      above = __ldcg(state + 1);
-      target = __ldcg(state + 2);
-    }
-    // The highest digit at which the mass from the top reaches the target; the lowest
-    // digit with any mass if rounding keeps it short.
-    int digit = -1, lowest = 0;
-    double before = above, lowest_before = above, cum = above;
-    for (int d = kRadixBins - 1; d >= 0; --d) {
-      if (bins[d] > 0.0) {
-        lowest = d;
-        lowest_before = cum;
-      }
-      if (cum + bins[d] >= target && bins[d] > 0.0) {
-        digit = d;
-        before = cum;
-        break;
-      }
-      cum += bins[d];
-    }
-    if (digit < 0) digit = lowest, before = lowest_before;
-    const int shift = 24 - 8 * pass;
-    prefix |= static_cast<uint32_t>(digit) << shift;
-    state[0] = static_cast<double>(prefix);
-    state[1] = before;
-    state[2] = target;
-    if (pass == 3) p.sample_threshold[t] = float_of_order_key(prefix);
+  if (threadIdx.x >= kWarpSize) return true;
+  // One warp: lane l holds the 8 bins from digit 255 - 8l down. The bins are multiples of
+  // 2^-32, each row's mass at most 1, so sums below 2^21 (any vocabulary up to 2M tokens)
+  // are exact and any order of adding gives the bits a serial scan from the top would.
+  const int lane = threadIdx.x;
+  double mass[8], sum = 0.0;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) sum += mass[j] = bins[kRadixBins - 1 - (lane * 8 + j)];
+  double above, target;
+  uint32_t prefix;
+  if (pass == 0) {
+    double total = sum;
+#pragma unroll
+    for (int o = kWarpSize / 2; o > 0; o /= 2) total += __shfl_xor_sync(0xffffffffu, total, o);
+    prefix = 0;
+    above = 0.0;
+    target = static_cast<double>(p.sample_top_p) * total;
+  } else {
+    prefix = static_cast<uint32_t>(__ldcg(state));
+    above = __ldcg(state + 1);
+    target = __ldcg(state + 2);
   }
+  double end = sum;  // inclusive scan over the lanes: the mass down to this lane's last bin
+#pragma unroll
+  for (int o = 1; o < kWarpSize; o *= 2) {
+    const double from = __shfl_up_sync(0xffffffffu, end, o);
+    if (lane >= o) end += from;
+  }
+  // The highest digit at which the mass from the top reaches the target; the lowest digit
+  // with any mass if rounding keeps it short (or digit 0 where no bin has any).
+  double cum = above + (end - sum), before = 0.0, lowest_before = 0.0;
+  int hit = -1, lowest = -1;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    if (mass[j] > 0.0) {
+      lowest = j;
+      lowest_before = cum;
+      if (hit < 0 && cum + mass[j] >= target) hit = j, before = cum;
+    }
+    cum += mass[j];
+  }
+  const unsigned hits = __ballot_sync(0xffffffffu, hit >= 0);
+  const unsigned any = __ballot_sync(0xffffffffu, lowest >= 0);
+  const int winner = hits ? __ffs(hits) - 1 : any ? kWarpSize - 1 - __clz(any) : kWarpSize - 1;
+  if (lane != winner) return true;
+  if (hit < 0) hit = lowest >= 0 ? lowest : 7, before = lowest >= 0 ? lowest_before : above;
+  const int digit = kRadixBins - 1 - (lane * 8 + hit);
+  prefix |= static_cast<uint32_t>(digit) << (24 - 8 * pass);
+  state[0] = static_cast<double>(prefix);
+  state[1] = before;
+  state[2] = target;
+  if (pass == 3) p.sample_threshold[t] = float_of_order_key(prefix);
   return true;
 }
 
