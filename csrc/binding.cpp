@@ -237,7 +237,8 @@ void launch(const at::Tensor& instructions, at::Tensor counters, at::Tensor queu
     p.sample_threshold = ptr<float>(*sample_threshold);
   }
   if (top_k) {
-    MK_CHECK(topk_values && topk_ties, "megakernel: top-k sampling needs topk_values and topk_ties");
+    MK_CHECK(topk_values && topk_ties,
+             "megakernel: top-k sampling needs topk_values and topk_ties");
     check_tensor(*topk_values, "topk_values", f32, 2, device);
     check_tensor(*topk_ties, "topk_ties", i32, 2, device);
     MK_CHECK(topk_values->sizes() == at::IntArrayRef({T, B * mk::kMaxSampleTopK}) &&

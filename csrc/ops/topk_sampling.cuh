@@ -26,11 +26,11 @@ namespace mk {
 // rows equal to the k-th largest).
 constexpr int kRadixBins = 256;
 constexpr int kRadixSmemInts = kRadixBins + 4;
-// topk_threshold's top-p among the top k, after those: three arrays of kMaxSampleTopK
-// floats and two counters. Then the rows (topk_partial) or the candidates (topk_threshold,
+// topk_threshold's top-p among the top k, after those: two arrays of kMaxSampleTopK floats
+// and two counters. Then the rows (topk_partial) or the candidates (topk_threshold,
 // lm_head_blocks * top_k floats: interpreter.cu's dynamic_smem_bytes counts them), read
 // from memory once and scanned by every radix pass from there.
-constexpr int kTopkNucleusInts = 3 * kMaxSampleTopK + 2;
+constexpr int kTopkNucleusInts = 2 * kMaxSampleTopK + 2;
 constexpr int kTopkSmemBytes = (kRadixSmemInts + kTopkNucleusInts) * 4;
 
 // This launch's dynamic shared memory, in bytes.
@@ -154,8 +154,7 @@ __device__ float top_k_nucleus(const OpContext& ctx, const float* candidates, in
   const KernelParams& p = ctx.p;
   float* above = reinterpret_cast<float*>(smem_ints + kRadixSmemInts);  // any order
   float* sorted = above + kMaxSampleTopK;                               // descending
-  float* mass = sorted + kMaxSampleTopK;                                // of sorted
-  int* counts = reinterpret_cast<int*>(mass + kMaxSampleTopK);  // above, equal to kth
+  int* counts = reinterpret_cast<int*>(sorted + kMaxSampleTopK);  // above, equal to kth
   if (threadIdx.x < 2) counts[threadIdx.x] = 0;
   compute_sync();
   const int* ties = p.topk_ties + static_cast<int64_t>(ctx.token) * p.lm_head_blocks;
@@ -190,18 +189,30 @@ __device__ float top_k_nucleus(const OpContext& ctx, const float* candidates, in
   compute_sync();
   const float top = n > 0 ? sorted[0] : kth_value;
   const float inv_temperature = p.sample_inv_temperature;
-  if (threadIdx.x < n) mass[threadIdx.x] = __expf((sorted[threadIdx.x] - top) * inv_temperature);
+  // mass_before[r]: the mass of sorted[0, r), r <= n (< 64): a scan by one warp, two
+  // sorted values per lane.
+  float* mass_before = above;  // free again
+  if (threadIdx.x < kWarpSize) {
+    const int lane = threadIdx.x, r = 2 * lane;
+    const float m0 = r < n ? __expf((sorted[r] - top) * inv_temperature) : 0.0f;
+    const float m1 = r + 1 < n ? __expf((sorted[r + 1] - top) * inv_temperature) : 0.0f;
+    float end = m0 + m1;
+#pragma unroll
+    for (int o = 1; o < kWarpSize; o *= 2) {
+      const float from = __shfl_up_sync(0xffffffffu, end, o);
+      if (lane >= o) end += from;
+    }
+    float start = __shfl_up_sync(0xffffffffu, end, 1);
+    if (lane == 0) start = 0.0f;
+    if (r <= n) mass_before[r] = start;
+    if (r + 1 <= n) mass_before[r + 1] = start + m0;
+  }
   compute_sync();
-  float above_kth = 0.0f;
-  for (int r = 0; r < n; ++r) above_kth += mass[r];
+  const float above_kth = mass_before[n];
   const float target =
       p.sample_top_p * (above_kth + counts[1] * __expf((kth_value - top) * inv_temperature));
   float lowest = above_kth < target ? kth_value : CUDART_INF_F;
-  if (threadIdx.x < n) {
-    float mass_above = 0.0f;
-    for (int r = 0; r < larger; ++r) mass_above += mass[r];
-    if (mass_above < target) lowest = fminf(lowest, v);
-  }
+  if (threadIdx.x < n && mass_before[larger] < target) lowest = fminf(lowest, v);
   return -compute_max(-lowest, ctx.scratch);
 }
 
