@@ -44,8 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--page-size", type=int, default=None)
     g.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS")
     g.add_argument("--steps-per-launch", type=int, default=None,
-                   help="greedy or temperature-sampled decode steps chained in one kernel "
-                        "launch, 1-16 (default: the backend's, 8 for megakernel)")
+                   help="decode steps chained in one kernel launch, greedy or sampled "
+                        "(top-k up to 64), 1-16 (default: the backend's, 8 for megakernel)")
     g.add_argument("--quiet", action="store_true", help="print only the generated text")
 
     pr = sub.add_parser("program", help="print the compiled instruction stream of a model")

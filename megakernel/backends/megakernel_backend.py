@@ -335,7 +335,7 @@ class MegakernelBackend(Backend):
     "decode" runs it through the kernel one token at a time (slow for long prompts, but
     every K/V then comes from the same float32-activation math as the reference
     interpreter's, which token-exact comparisons need). steps_per_launch: greedy (or
-    temperature-sampled) decode steps Engine.generate chains per launch (decode_steps()), 1
+    device-sampled: see decode_steps()) decode steps Engine.generate chains per launch, 1
     to MAX_STEPS_PER_LAUNCH.
     """
     name = "megakernel"
