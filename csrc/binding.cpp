@@ -343,8 +343,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("steps") = 1, py::arg("sample_inv_temperature") = 0.0,
         py::arg("sample_seed") = 0, py::arg("sample_top_k") = 0, py::arg("sample_top_p") = 1.0,
         py::arg("topk_values") = py::none(), py::arg("topk_ties") = py::none(),
-        py::arg("topp_hist") = py::none(),
-        py::arg("topp_state") = py::none(),
+        py::arg("topp_hist") = py::none(), py::arg("topp_state") = py::none(),
         py::arg("sample_threshold") = py::none());
   m.def("alloc_host_status", &alloc_host_status,
         "Zeroed int64 CPU tensor in mapped pinned memory for launch(host_status=...).");

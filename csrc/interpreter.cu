@@ -287,16 +287,6 @@ __device__ void controller_fetch(const KernelParams& p, uint64_t claim_base, int
   __syncwarp();
 }
 
-// Compute warps: runs the op, which passes the block barrier (ctx.ready()) once the
-// controller has seen its waits hold. Returns false when the block must stop.
-//
-// kSampling: the kernel's instance for launches that sample (KernelParams:
-// sample_inv_temperature > 0), the only one with the sampling ops' code. Greedy launches
-// run an instance without it: code that greedy steps never run still slowed them by 2 us
-// per token at 8 steps per launch and 7 at one, by where it put theirs
-// (benchmarks/RESULTS.md, entry 51). There a sample_logits instruction does nothing, which
-// leaves the LM head's greedy partial argmax in its slot: what the op itself writes at
-// inv_temperature 0 (and the top-k or top-p stages before it then matter to nothing).
 // The sampling ops, compiled only into the sampling instance.
 __device__ __forceinline__ bool run_sampling_op(const OpContext& ctx) {
   switch (ctx.words[word::kOpcode]) {
@@ -309,6 +299,16 @@ __device__ __forceinline__ bool run_sampling_op(const OpContext& ctx) {
   }
 }
 
+// Compute warps: runs the op, which passes the block barrier (ctx.ready()) once the
+// controller has seen its waits hold. Returns false when the block must stop.
+//
+// kSampling: the kernel's instance for launches that sample (KernelParams:
+// sample_inv_temperature > 0), the only one with the sampling ops' code. Greedy launches
+// run an instance without it: code that greedy steps never run still slowed them by 2 us
+// per token at 8 steps per launch and 7 at one, by where it put theirs
+// (benchmarks/RESULTS.md, entry 51). There a sample_logits instruction does nothing, which
+// leaves the LM head's greedy partial argmax in its slot: what the op itself writes at
+// inv_temperature 0 (and the top-k or top-p stages before it then matter to nothing).
 template <bool kSampling>
 __device__ bool run_op(const OpContext& ctx) {
   switch (ctx.words[word::kOpcode]) {
