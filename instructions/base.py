@@ -139,7 +139,8 @@ class Instruction:
 class Sampling(NamedTuple):
     """How a launch draws each step's token: from softmax(logits * inv_temperature) over
     the top_k largest logits (0: over all of them), then over the top_p nucleus of those
-    (1.0: all), as sampling.masked_scores applies them, with the Gumbel noise fixed by seed and the step's position (gumbel_noise)."""
+    (1.0: all), as sampling.masked_scores applies them, with the Gumbel noise fixed by seed
+    and the step's position (gumbel_noise)."""
     inv_temperature: float
     seed: int
     top_k: int = 0

@@ -21,7 +21,8 @@ def top_k_nucleus(candidates: torch.Tensor, ties: torch.Tensor, kth: torch.Tenso
     largest of the candidates -> the threshold (a [] float32 tensor)."""
     above = candidates[candidates > kth].sort(descending=True).values
     # Rows equal to kth: in the slots, and those left out of blocks whose k-th largest it is.
-    equal = int((candidates == kth).sum()) + int(ties[(ties > 0) & (candidates[:, -1] == kth)].sum())
+    left_out = ties[(ties > 0) & (candidates[:, -1] == kth)]
+    equal = int((candidates == kth).sum()) + int(left_out.sum())
     top = above[0] if len(above) else kth
     mass = torch.exp((above - top) * inv_temperature)
     above_kth = mass.sum()
