@@ -51,18 +51,16 @@ def chain_steps(program: Program, steps: int) -> Program:
         raise ValueError("the step's embed already waits on a counter")
     argmax_counter = int(rows[argmax, _WORD["signal_counter"]])
     n = program.num_counters
-    counter_words = [_WORD[w] for w in ("wait0_counter", "wait1_counter", "signal_counter")]
-    copies = []
-    for t in range(steps):
-        copy = rows.clone()
-        for w in counter_words:
-            copy[:, w] = torch.where(copy[:, w] != NO_COUNTER, copy[:, w] + t * n, copy[:, w])
-        copy[:, _WORD["token_begin"]] = t
-        if t > 0:
-            copy[embed, _WORD["wait0_counter"]] = (t - 1) * n + argmax_counter
-            copy[embed, _WORD["wait0_target"]] = program.counter_targets[argmax_counter]
-        copies.append(copy)
-    return Program(**{**program.__dict__, "instructions": torch.cat(copies),
+    # All copies at once, [steps, N, words]: copy t's counters are the step's plus t * n.
+    copies = rows.unsqueeze(0).repeat(steps, 1, 1)
+    copy_index = torch.arange(steps, dtype=rows.dtype).view(steps, 1)
+    for w in ("wait0_counter", "wait1_counter", "signal_counter"):
+        column = copies[:, :, _WORD[w]]
+        column += torch.where(column != NO_COUNTER, copy_index * n, 0)
+    copies[:, :, _WORD["token_begin"]] = copy_index
+    copies[1:, embed, _WORD["wait0_counter"]] = copy_index[:-1, 0] * n + argmax_counter
+    copies[1:, embed, _WORD["wait0_target"]] = program.counter_targets[argmax_counter]
+    return Program(**{**program.__dict__, "instructions": copies.reshape(-1, rows.shape[1]),
                       "num_tokens": steps, "steps_per_launch": steps,
                       "buffers": _token_rows(program.buffers, steps),
                       "counter_names": [f"step{t}.{name}" for t in range(steps)
