@@ -63,7 +63,7 @@ constexpr uint32_t kPrefetchPiece = 16 * 1024;
 
 static_assert(kThreads <= 1024, "block too large");
 static_assert(kThreads * 128 <= 64 * 1024, "128 registers per thread must fit one SM");
-static_assert(kComputeWarps <= kWarpSize, "compute_sum reduces one value per warp in a warp");
+static_assert(kComputeWarps <= kWarpSize, "compute_reduce reduces one value per warp in a warp");
 
 // ---------------------------------------------------------------------------------------
 // Barriers and reductions.
@@ -90,28 +90,27 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
-// Sum over the compute threads; every compute thread gets the result. scratch: >= 32 floats.
-__device__ __forceinline__ float compute_sum(float v, float* scratch) {
+// A reduction over the compute threads, by WarpReduce within each warp and then across the
+// warps' results (identity: what an absent warp contributes); every compute thread gets
+// the result. scratch: >= 32 floats, free again on return.
+template <float (*WarpReduce)(float)>
+__device__ __forceinline__ float compute_reduce(float v, float identity, float* scratch) {
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  v = warp_sum(v);
+  v = WarpReduce(v);
   if (lane == 0) scratch[warp] = v;
   compute_sync();
-  float total = lane < kComputeWarps ? scratch[lane] : 0.0f;
-  total = warp_sum(total);
-  compute_sync();  // scratch is free again
+  float total = lane < kComputeWarps ? scratch[lane] : identity;
+  total = WarpReduce(total);
+  compute_sync();
   return total;
 }
 
-// Largest over the compute threads; every compute thread gets the result.
+__device__ __forceinline__ float compute_sum(float v, float* scratch) {
+  return compute_reduce<warp_sum>(v, 0.0f, scratch);
+}
+
 __device__ __forceinline__ float compute_max(float v, float* scratch) {
-  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  v = warp_max(v);
-  if (lane == 0) scratch[warp] = v;
-  compute_sync();
-  float top = lane < kComputeWarps ? scratch[lane] : -CUDART_INF_F;
-  top = warp_max(top);
-  compute_sync();  // scratch is free again
-  return top;
+  return compute_reduce<warp_max>(v, -CUDART_INF_F, scratch);
 }
 
 // ---------------------------------------------------------------------------------------
