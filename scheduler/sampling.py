@@ -37,6 +37,14 @@ KINDS = ("temperature", "top_k", "top_p")
 TOP_P_PASSES = 4     # 8 bits of the 32-bit order keys per pass
 
 
+def clear_sampling_state(buffers: dict) -> None:
+    """Zero what a sampled program keeps zeroed between steps (each topp_select clears the
+    histogram it read): a launch that stopped early may leave counts. For a backend's
+    reset()."""
+    if "topp_hist" in buffers:
+        buffers["topp_hist"].zero_()
+
+
 def program_kind(sampling) -> str | None:
     """Which program serves a launch's sampling (a Sampling, its fields, or None): None
     (greedy), or the kind of with_sampled_tokens."""

@@ -11,9 +11,9 @@ restarts at epoch 1.
 
 A launch may chain several greedy decode steps (decode_steps(); scheduler/chain.py):
 each step's token is the argmax of the step before, chosen on the device, so the kernel's
-start and the gap between launches are paid once for all of them. Temperature-sampled
-steps chain the same way, through programs that draw the token on the device
-(scheduler.with_sampled_tokens), built at the first sampled request.
+start and the gap between launches are paid once for all of them. Sampled steps
+(temperature, with top-k and top-p too) chain the same way, through programs that draw the
+token on the device (scheduler.with_sampled_tokens), built at the first sampled request.
 
 Errors cost no extra sync. The last block of every launch writes the (last step's) greedy
 token, or -code after a fault, (a) into a ring of device result slots
@@ -606,10 +606,11 @@ class MegakernelBackend(Backend):
     def reset(self) -> None:
         """Zero every program's counters, queue head and error record (epochs restart at
         1)."""
+        from megakernel.scheduler import clear_sampling_state
+
         for run in self._all_runs():
             run.state.reset()
-            if "topp_hist" in run.buffers:   # zero between steps; a fault can leave counts
-                run.buffers["topp_hist"].zero_()
+            clear_sampling_state(run.buffers)
         if self._prefill_backend is not None:
             self._prefill_backend.reset()
 

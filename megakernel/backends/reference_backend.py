@@ -13,8 +13,9 @@ from __future__ import annotations
 import torch
 
 from megakernel.instructions import MachineState, Sampling
-from megakernel.scheduler import (allocate_buffers, build_program, chain_steps, program_kind,
-                                  run_step, with_sampled_tokens)
+from megakernel.scheduler import (allocate_buffers, build_program, chain_steps,
+                                  clear_sampling_state, program_kind, run_step,
+                                  with_sampled_tokens)
 
 from .base import Backend, StepOutput, StepsOutput, check_step_count
 
@@ -53,8 +54,7 @@ class ReferenceBackend(Backend):
         for _, state in self._chains.values():
             state.counters.zero_()
             state.epoch = 0
-            if "topp_hist" in state.buffers:   # zero between steps; an error can leave counts
-                state.buffers["topp_hist"].zero_()
+            clear_sampling_state(state.buffers)
 
     def _run(self, steps: int, token_id, position: int,
              sampling: Sampling | None = None) -> MachineState:
