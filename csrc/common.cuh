@@ -78,7 +78,8 @@ __device__ __forceinline__ void block_sync() {
   asm volatile("barrier.sync 0;" ::: "memory");
 }
 
-__device__ __forceinline__ float warp_sum(float v) {
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
 #pragma unroll
   for (int o = kWarpSize / 2; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
@@ -106,7 +107,7 @@ __device__ __forceinline__ float compute_reduce(float v, float identity, float* 
 }
 
 __device__ __forceinline__ float compute_sum(float v, float* scratch) {
-  return compute_reduce<warp_sum>(v, 0.0f, scratch);
+  return compute_reduce<warp_sum<float>>(v, 0.0f, scratch);
 }
 
 __device__ __forceinline__ float compute_max(float v, float* scratch) {

@@ -58,7 +58,7 @@ __device__ __forceinline__ bool op_topp_histogram(const OpContext& ctx) {
     if ((key & high) != prefix) continue;
     const float mass = __expf((v - top) * inv_temperature);
     atomicAdd(&hist[(key >> shift) & (kRadixBins - 1)],
-              static_cast<unsigned long long>(mass * 4294967296.0f + 0.5f));
+              static_cast<unsigned long long>(mass * static_cast<float>(kFixedOne) + 0.5f));
   }
   compute_sync();
   // Integer sums: the step's histogram is the same whatever order the blocks add in.
@@ -92,12 +92,9 @@ __device__ __forceinline__ bool op_topp_select(const OpContext& ctx) {
   double above, target;
   uint32_t prefix;
   if (pass == 0) {
-    double total = sum;
-#pragma unroll
-    for (int o = kWarpSize / 2; o > 0; o /= 2) total += __shfl_xor_sync(0xffffffffu, total, o);
     prefix = 0;
     above = 0.0;
-    target = static_cast<double>(p.sample_top_p) * total;
+    target = static_cast<double>(p.sample_top_p) * warp_sum(sum);
   } else {
     prefix = static_cast<uint32_t>(__ldcg(state));
     above = __ldcg(state + 1);
