@@ -464,9 +464,14 @@ size_t dynamic_smem_bytes(const KernelParams& p) {
   return std::max({vec, norm, attn, radix}) * sizeof(float);
 }
 
+// Throws on a failed runtime call. The runtime also keeps that error as the thread's last
+// error, and torch's next kernel launch checks cudaGetLastError(): without the clear here
+// a caught refusal (the engine keeps working) would resurface from an unrelated torch op.
+// Sticky errors (a faulted context) survive the clear, as they must.
 void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("megakernel: ") + what + ": " + cudaGetErrorString(err));
+  if (err == cudaSuccess) return;
+  cudaGetLastError();
+  throw std::runtime_error(std::string("megakernel: ") + what + ": " + cudaGetErrorString(err));
 }
 
 void require(bool ok, const std::string& msg) {

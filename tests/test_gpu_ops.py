@@ -578,6 +578,28 @@ def test_refused_launch_raises_and_backend_recovers():
     backend.check_error()
 
 
+def test_a_refused_launch_leaves_no_cuda_error_pending():
+    # A CUDA runtime call that fails inside the binding (here: the device pointer of a
+    # pageable host_status) must not leave its error as the thread's last error: torch's
+    # next kernel launch checks cudaGetLastError() and would raise it from an unrelated op.
+    case = OpCase("hd64-gqa4")
+    case.run([make(EMBED)])
+    from megakernel.backends.megakernel_backend import KernelState, load_extension
+
+    state = KernelState.create(load_extension(), 1, "cuda")
+    state.host_status = torch.zeros_like(state.host_status)          # pageable
+    with pytest.raises(RuntimeError, match="host_status is not mapped pinned memory"):
+        case.run_program([make(EMBED)], weights=case.w_gpu, buffers=case.gpu,
+                         k_cache=case.cache_gpu.k, v_cache=case.cache_gpu.v,
+                         page_table=case.cache_gpu.page_table, token_ids=[case.token],
+                         positions=[case.position], num_counters=1, state=state)
+    assert state.epoch == 0
+    assert float((torch.ones(8, device="cuda") * 2).sum()) == 16.0
+    case.gpu["hidden"].zero_()
+    case.run([make(EMBED)])
+    case.check("hidden")
+
+
 def test_broken_dependency_raises_and_backend_recovers():
     cfg_name = "hd64-gqa4"
     cfg, _, _, cache_gpu, good = make_backend_case(cfg_name, context=40, steps=4)
