@@ -8,7 +8,7 @@ import torch
 import megakernel
 from conftest import hf_llama_config, write_hf_checkpoint
 from megakernel.backends.prompt_prefill import prefill_chunk
-from tolerances import relative_error
+from tolerances import RELATIVE_TOLERANCE, relative_error
 
 CONFIGS = {
     "gqa1-hd64": dict(num_heads=4, num_kv_heads=4, head_dim=64),
@@ -82,3 +82,28 @@ def test_prompt_prefill_equals_the_per_op_forward(checkpoint, start, prompt_len)
     per_op = run(lambda: backend.forward(ids[start:], torch.arange(start, end), end))
     for got, want in zip(fast, per_op):
         assert relative_error(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("group_size", [1, 4])
+@pytest.mark.parametrize("start,chunk", [(0, 37), (45, 19)])
+def test_half_precision_prefill_attention_equals_float32(device, group_size, start, chunk):
+    """The prefill's attention with a bf16 cache (flash kernel and its own GQA on the GPU)
+    against the float32 path on the same K/V: within bf16 rounding, and causal at the
+    chunk's own positions (keys past a query's position do not reach it)."""
+    from megakernel.backends.prompt_prefill import _attention
+
+    gen = torch.Generator().manual_seed(group_size + start)
+    nkv, hd, context = 2, 64, start + chunk
+    q = torch.randn(chunk, nkv * group_size, hd, generator=gen).to(device)
+    keys = torch.randn(context, nkv, hd, generator=gen).bfloat16().to(device)
+    values = torch.randn(context, nkv, hd, generator=gen).bfloat16().to(device)
+    got = _attention(q, keys, values, group_size)
+    want = _attention(q, keys.float(), values.float(), group_size)
+    assert got.shape == want.shape == q.shape and got.dtype == torch.bfloat16
+    assert relative_error(got, want) < RELATIVE_TOLERANCE[torch.bfloat16]
+    # A later key changed: the queries before its position see the same.
+    moved = keys.clone()
+    moved[start + 10] += 5
+    again = _attention(q, moved, values, group_size)
+    assert torch.equal(again[:10], got[:10]) and not torch.equal(again[10:], got[10:])

@@ -7,14 +7,17 @@ Llama-3.2-1B ran ~1100 kernels and copies, 3.3 ms of device time behind 16.8 ms 
 fewer launches: F.rms_norm, RoPE for q and k at once, and one scaled_dot_product_attention
 per layer. A chunk from position 0 attends over its own K/V (rounded as the cache stores
 them), causally, with no gather of the cache; a later chunk over the cache's K/V of every
-position up to its last, through a mask. The residual stream, norms and softmax stay in
-float32, matmuls in the weight dtype, as in forward(), which stays the path of the decode
-baselines.
+position up to its last. The residual stream, norms and softmax stay in float32, matmuls
+in the weight dtype, as in forward(), which stays the path of the decode baselines. With
+bf16 or fp16 weights the attention's two matmuls are in that dtype too (its softmax stays
+float32): the fused flash kernel with its own GQA, ~3-7x faster than the float32 kernel
+on the long chunks (benchmarks/RESULTS.md, entry 59).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -24,11 +27,36 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 
 def _per_query_head(x: torch.Tensor, group_size: int) -> torch.Tensor:
     """[T, nkv, hd] -> float32 [T, nkv * group_size, hd], each KV head repeated for its
-    group of query heads, in one copy kernel. (Flash attention in bf16 with its own GQA
-    took more launches and more time here: RESULTS entry 48.)"""
+    group of query heads, in one copy kernel."""
     T, nkv, hd = x.shape
     out = torch.empty(T, nkv, group_size, hd, dtype=torch.float32, device=x.device)
     return out.copy_(x.unsqueeze(2)).view(T, nkv * group_size, hd)
+
+
+def _attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               group_size: int) -> torch.Tensor:
+    """Causal attention of queries q [T, nq, hd] float32 at the last T of the context's
+    positions over keys/values [context, nkv, hd] (the cache's dtype) -> [T, nq, hd].
+
+    Inputs get a batch dimension [1, heads, tokens, hd]: with 3-D inputs
+    scaled_dot_product_attention falls back to the math path's materialized scores."""
+    T, context = q.shape[0], keys.shape[0]
+    as_batch = lambda x: x.transpose(0, 1)[None]      # noqa: E731
+    if keys.dtype in (torch.bfloat16, torch.float16):
+        # Each query sees the keys up to its own position: causal, aligned at the ends.
+        out = F.scaled_dot_product_attention(
+            as_batch(q.to(keys.dtype)), as_batch(keys), as_batch(values),
+            attn_mask=causal_lower_right(T, context), enable_gqa=group_size > 1)
+    else:
+        visible = None
+        if context != T:
+            positions = torch.arange(context - T, context, device=q.device)
+            visible = torch.arange(context, device=q.device)[None] <= positions[:, None]
+        out = F.scaled_dot_product_attention(
+            as_batch(q), as_batch(_per_query_head(keys, group_size)),
+            as_batch(_per_query_head(values, group_size)), attn_mask=visible,
+            is_causal=visible is None)
+    return out[0].transpose(0, 1)
 
 
 def prefill_chunk(backend, token_ids: torch.Tensor, start: int = 0,
@@ -52,11 +80,9 @@ def prefill_chunk(backend, token_ids: torch.Tensor, start: int = 0,
     norms = {name: getattr(w, name).float() for name in ("attn_norm", "mlp_norm")}
     final_norm = w.final_norm.float()
     if start:
-        # The cache's pages of positions [0, start + T), and which keys each query sees.
+        # The cache's pages of positions [0, start + T).
         context = start + T
         pages = kv.page_table[0, :-(-context // ps)].long()
-        visible = (torch.arange(context, device=token_ids.device).unsqueeze(0)
-                   <= positions.unsqueeze(1))                       # [T, context]
 
     x = w.embed[token_ids].float()                                 # [T, H]
     for layer in range(c.num_layers):
@@ -69,19 +95,11 @@ def prefill_chunk(backend, token_ids: torch.Tensor, start: int = 0,
         k_cached, v_cached = k.to(kv.k.dtype), v.to(kv.v.dtype)
         kv.k[layer].index_put_((slot_page, slot_offset), k_cached)
         kv.v[layer].index_put_((slot_page, slot_offset), v_cached)
-        # The keys and values as a decode step reads them back (the cache's rounding), in
-        # float32, per query head.
+        # The keys and values as a decode step reads them back (the cache's rounding).
         if start:
             k_cached = kv.k[layer, pages].reshape(-1, nkv, hd)[:context]
             v_cached = kv.v[layer, pages].reshape(-1, nkv, hd)[:context]
-        keys = _per_query_head(k_cached, c.group_size)
-        values = _per_query_head(v_cached, c.group_size)
-        # [1, heads, T, hd]: with a batch dimension the fused kernels take it (3-D inputs
-        # fall back to the math path's materialized scores).
-        attn = F.scaled_dot_product_attention(
-            q.transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
-            attn_mask=visible if start else None, is_causal=not start)
-        attn = attn[0].transpose(0, 1).reshape(T, c.q_size)
+        attn = _attention(q, k_cached, v_cached, c.group_size).reshape(T, c.q_size)
         x = x + (attn.to(dt) @ w.o_proj[layer].t()).float()
         xn = _rms_norm(x, norms["mlp_norm"][layer], c.rms_norm_eps)
         gate_up = (xn.to(dt) @ w.gate_up[layer].t()).float()
