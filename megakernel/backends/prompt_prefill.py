@@ -100,11 +100,14 @@ def prefill_chunk(backend, token_ids: torch.Tensor, start: int = 0,
             k_cached = kv.k[layer, pages].reshape(-1, nkv, hd)[:context]
             v_cached = kv.v[layer, pages].reshape(-1, nkv, hd)[:context]
         attn = _attention(q, k_cached, v_cached, c.group_size).reshape(T, c.q_size)
-        x = x + (attn.to(dt) @ w.o_proj[layer].t()).float()
+        # A float32 tensor plus one of the weights' dtype adds in float32 (the other
+        # upcast exactly): the same sums as .float() first, without its own kernel.
+        x = x + attn.to(dt) @ w.o_proj[layer].t()
         xn = _rms_norm(x, norms["mlp_norm"][layer], c.rms_norm_eps)
-        gate_up = (xn.to(dt) @ w.gate_up[layer].t()).float()
-        act = F.silu(gate_up[:, :c.intermediate_size]) * gate_up[:, c.intermediate_size:]
-        x = x + (act.to(dt) @ w.down[layer].t()).float()
+        gate_up = xn.to(dt) @ w.gate_up[layer].t()
+        act = F.silu(gate_up[:, :c.intermediate_size].float())
+        act = act.mul_(gate_up[:, c.intermediate_size:])
+        x = x + act.to(dt) @ w.down[layer].t()
     last = x[-1] if last_index is None else x.index_select(0, last_index)[0]
     xn = _rms_norm(last, final_norm, c.rms_norm_eps)
     return (xn.to(dt) @ w.lm_head.t()).float()
