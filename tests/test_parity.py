@@ -91,19 +91,23 @@ def test_half_precision_prefill_attention_equals_float32(device, group_size, sta
     """The prefill's attention with a bf16 cache (flash kernel and its own GQA on the GPU)
     against the float32 path on the same K/V: within bf16 rounding, and causal at the
     chunk's own positions (keys past a query's position do not reach it)."""
-    from megakernel.backends.prompt_prefill import _attention
+    from torch.nn.attention import sdpa_kernel
+
+    from megakernel.backends.prompt_prefill import ATTENTION_BACKENDS, _attention
 
     gen = torch.Generator().manual_seed(group_size + start)
     nkv, hd, context = 2, 64, start + chunk
     q = torch.randn(chunk, nkv * group_size, hd, generator=gen).to(device)
     keys = torch.randn(context, nkv, hd, generator=gen).bfloat16().to(device)
     values = torch.randn(context, nkv, hd, generator=gen).bfloat16().to(device)
-    got = _attention(q, keys, values, group_size)
-    want = _attention(q, keys.float(), values.float(), group_size)
+    with sdpa_kernel(ATTENTION_BACKENDS):
+        got = _attention(q, keys, values, group_size)
+        want = _attention(q, keys.float(), values.float(), group_size)
     assert got.shape == want.shape == q.shape and got.dtype == torch.bfloat16
     assert relative_error(got, want) < RELATIVE_TOLERANCE[torch.bfloat16]
     # A later key changed: the queries before its position see the same.
     moved = keys.clone()
     moved[start + 10] += 5
-    again = _attention(q, moved, values, group_size)
+    with sdpa_kernel(ATTENTION_BACKENDS):
+        again = _attention(q, moved, values, group_size)
     assert torch.equal(again[:10], got[:10]) and not torch.equal(again[10:], got[10:])

@@ -17,7 +17,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
+
+# The attention's kernels: the flash kernel first (deterministic, ~3-7x faster than the
+# float32 one on long chunks), never cuDNN's, which torch may otherwise pick for square
+# chunks and which compute-sanitizer's racecheck flags (benchmarks/RESULTS.md, entry 59).
+ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                      SDPBackend.MATH]
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -39,7 +46,8 @@ def _attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     positions over keys/values [context, nkv, hd] (the cache's dtype) -> [T, nq, hd].
 
     Inputs get a batch dimension [1, heads, tokens, hd]: with 3-D inputs
-    scaled_dot_product_attention falls back to the math path's materialized scores."""
+    scaled_dot_product_attention falls back to the math path's materialized scores. Runs
+    inside sdpa_kernel(ATTENTION_BACKENDS) (entered once per chunk: ~20 us of host time)."""
     T, context = q.shape[0], keys.shape[0]
     as_batch = lambda x: x.transpose(0, 1)[None]      # noqa: E731
     if keys.dtype in (torch.bfloat16, torch.float16):
@@ -85,29 +93,30 @@ def prefill_chunk(backend, token_ids: torch.Tensor, start: int = 0,
         pages = kv.page_table[0, :-(-context // ps)].long()
 
     x = w.embed[token_ids].float()                                 # [T, H]
-    for layer in range(c.num_layers):
-        xn = _rms_norm(x, norms["attn_norm"][layer], c.rms_norm_eps)
-        qkv = (xn.to(dt) @ w.qkv[layer].t()).float()
-        qk = qkv[:, :c.q_size + c.kv_size].view(T, nq + nkv, 2, half)
-        qk = qk * rope_c + qk.flip(2) * rope_s
-        q, k = qk[:, :nq].reshape(T, nq, hd), qk[:, nq:].reshape(T, nkv, hd)
-        v = qkv[:, c.q_size + c.kv_size:].view(T, nkv, hd)
-        k_cached, v_cached = k.to(kv.k.dtype), v.to(kv.v.dtype)
-        kv.k[layer].index_put_((slot_page, slot_offset), k_cached)
-        kv.v[layer].index_put_((slot_page, slot_offset), v_cached)
-        # The keys and values as a decode step reads them back (the cache's rounding).
-        if start:
-            k_cached = kv.k[layer, pages].reshape(-1, nkv, hd)[:context]
-            v_cached = kv.v[layer, pages].reshape(-1, nkv, hd)[:context]
-        attn = _attention(q, k_cached, v_cached, c.group_size).reshape(T, c.q_size)
-        # A float32 tensor plus one of the weights' dtype adds in float32 (the other
-        # upcast exactly): the same sums as .float() first, without its own kernel.
-        x = x + attn.to(dt) @ w.o_proj[layer].t()
-        xn = _rms_norm(x, norms["mlp_norm"][layer], c.rms_norm_eps)
-        gate_up = xn.to(dt) @ w.gate_up[layer].t()
-        act = F.silu(gate_up[:, :c.intermediate_size].float())
-        act = act.mul_(gate_up[:, c.intermediate_size:])
-        x = x + act.to(dt) @ w.down[layer].t()
+    with sdpa_kernel(ATTENTION_BACKENDS):
+        for layer in range(c.num_layers):
+            xn = _rms_norm(x, norms["attn_norm"][layer], c.rms_norm_eps)
+            qkv = (xn.to(dt) @ w.qkv[layer].t()).float()
+            qk = qkv[:, :c.q_size + c.kv_size].view(T, nq + nkv, 2, half)
+            qk = qk * rope_c + qk.flip(2) * rope_s
+            q, k = qk[:, :nq].reshape(T, nq, hd), qk[:, nq:].reshape(T, nkv, hd)
+            v = qkv[:, c.q_size + c.kv_size:].view(T, nkv, hd)
+            k_cached, v_cached = k.to(kv.k.dtype), v.to(kv.v.dtype)
+            kv.k[layer].index_put_((slot_page, slot_offset), k_cached)
+            kv.v[layer].index_put_((slot_page, slot_offset), v_cached)
+            # The keys and values as a decode step reads them back (the cache's rounding).
+            if start:
+                k_cached = kv.k[layer, pages].reshape(-1, nkv, hd)[:context]
+                v_cached = kv.v[layer, pages].reshape(-1, nkv, hd)[:context]
+            attn = _attention(q, k_cached, v_cached, c.group_size).reshape(T, c.q_size)
+            # A float32 tensor plus one of the weights' dtype adds in float32 (the other
+            # upcast exactly): the same sums as .float() first, without its own kernel.
+            x = x + attn.to(dt) @ w.o_proj[layer].t()
+            xn = _rms_norm(x, norms["mlp_norm"][layer], c.rms_norm_eps)
+            gate_up = xn.to(dt) @ w.gate_up[layer].t()
+            act = F.silu(gate_up[:, :c.intermediate_size].float())
+            act = act.mul_(gate_up[:, c.intermediate_size:])
+            x = x + act.to(dt) @ w.down[layer].t()
     last = x[-1] if last_index is None else x.index_select(0, last_index)[0]
     xn = _rms_norm(last, final_norm, c.rms_norm_eps)
     return (xn.to(dt) @ w.lm_head.t()).float()
