@@ -85,6 +85,18 @@ __device__ __forceinline__ T warp_sum(T v) {
   return v;
 }
 
+// Inclusive prefix sum over the lanes: lane l gets the sum of lanes 0..l (lane: this
+// thread's, which the caller usually has at hand).
+template <typename T>
+__device__ __forceinline__ T warp_inclusive_sum(T v, int lane) {
+#pragma unroll
+  for (int o = 1; o < kWarpSize; o *= 2) {
+    const T from = __shfl_up_sync(0xffffffffu, v, o);
+    if (lane >= o) v += from;
+  }
+  return v;
+}
+
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
   for (int o = kWarpSize / 2; o > 0; o /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));

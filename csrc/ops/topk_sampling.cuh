@@ -72,12 +72,7 @@ __device__ uint32_t block_kth_largest_key(Value value, int n, int k, int* hist) 
       int counts[8], sum = 0;
 #pragma unroll
       for (int j = 0; j < 8; ++j) sum += counts[j] = hist[kRadixBins - 1 - (lane * 8 + j)];
-      int above_end = sum;
-#pragma unroll
-      for (int o = 1; o < kWarpSize; o *= 2) {
-        const int from = __shfl_up_sync(0xffffffffu, above_end, o);
-        if (lane >= o) above_end += from;
-      }
+      const int above_end = warp_inclusive_sum(sum, lane);
       int above = above_end - sum;
       if (above < rank && rank <= above_end) {
 #pragma unroll
@@ -196,12 +191,7 @@ __device__ float top_k_nucleus(const OpContext& ctx, const float* candidates, in
     const int lane = threadIdx.x, r = 2 * lane;
     const float m0 = r < n ? __expf((sorted[r] - top) * inv_temperature) : 0.0f;
     const float m1 = r + 1 < n ? __expf((sorted[r + 1] - top) * inv_temperature) : 0.0f;
-    float end = m0 + m1;
-#pragma unroll
-    for (int o = 1; o < kWarpSize; o *= 2) {
-      const float from = __shfl_up_sync(0xffffffffu, end, o);
-      if (lane >= o) end += from;
-    }
+    const float end = warp_inclusive_sum(m0 + m1, lane);
     float start = __shfl_up_sync(0xffffffffu, end, 1);
     if (lane == 0) start = 0.0f;
     if (r <= n) mass_before[r] = start;

@@ -100,12 +100,7 @@ __device__ __forceinline__ bool op_topp_select(const OpContext& ctx) {
     above = __ldcg(state + 1);
     target = __ldcg(state + 2);
   }
-  double end = sum;  // inclusive scan over the lanes: the mass down to this lane's last bin
-#pragma unroll
-  for (int o = 1; o < kWarpSize; o *= 2) {
-    const double from = __shfl_up_sync(0xffffffffu, end, o);
-    if (lane >= o) end += from;
-  }
+  const double end = warp_inclusive_sum(sum, lane);  // the mass down to this lane's last bin
   // The highest digit at which the mass from the top reaches the target; the lowest digit
   // with any mass if rounding keeps it short (or digit 0 where no bin has any).
   double cum = above + (end - sum), before = 0.0, lowest_before = 0.0;
