@@ -9,8 +9,9 @@ prompt, then decode. Greedy decoding chains the backend's steps_per_launch steps
 launch, each step's token chosen on the device (the megakernel backend; one step per
 launch elsewhere); so does temperature sampling, alone or with top-k up to MAX_TOP_K,
 top-p or both, where the backend draws tokens on the device (the megakernel and reference
-backends: scheduler.with_sampled_tokens); larger top-k launch one step at a time. Decode is pipelined: launch i+1 is queued with the last token of launch i still on
-the device, and only then are launch i's tokens read back for stop checks and streaming,
+backends: scheduler.with_sampled_tokens); larger top-k launch one step at a time. Decode
+is pipelined: launch i+1 is queued with the last token of launch i still on the device,
+and only then are launch i's tokens read back for stop checks and streaming,
 through host memory the kernel writes or a pinned copy, and an event behind launch i alone
 (readback.TokenReadback), so the host never leaves the GPU idle between launches. Tokens
 a launch decoded past a stop token are dropped.
