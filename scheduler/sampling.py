@@ -93,12 +93,13 @@ def with_sampled_tokens(program: Program, kind: str = "temperature") -> Program:
     per_head = [dict(token_begin=h.token_begin, token_count=h.token_count,
                      block_index=h.block_index, **h.args) for h in heads]
     one_block = dict(token_begin=heads[0].token_begin, token_count=heads[0].token_count,
-                     block_index=0, num_blocks=len(heads))
+                     block_index=0)
     buffers = dict(program.buffers)
     T, B = program.num_tokens, program.lm_head_blocks
     if kind == "top_k":
         partial = stage(TOPK_PARTIAL, "topk", (wait,), per_head)
-        wait = stage(TOPK_THRESHOLD, "topk_threshold", (partial,), [one_block])
+        wait = stage(TOPK_THRESHOLD, "topk_threshold", (partial,),
+                     [{**one_block, "num_blocks": len(heads)}])
         buffers["topk_values"] = BufferSpec((T, B * MAX_TOP_K), torch.float32)
         buffers["topk_ties"] = BufferSpec((T, B), torch.int32)
     if kind == "top_p":
@@ -106,9 +107,7 @@ def with_sampled_tokens(program: Program, kind: str = "temperature") -> Program:
             histograms = stage(TOPP_HISTOGRAM, f"topp_histogram{pass_index}", (wait,),
                                [{**b, "pass_index": pass_index} for b in per_head])
             wait = stage(TOPP_SELECT, f"topp_select{pass_index}", (histograms,),
-                         [dict(token_begin=heads[0].token_begin,
-                               token_count=heads[0].token_count, block_index=0,
-                               pass_index=pass_index)])
+                         [{**one_block, "pass_index": pass_index}])
         buffers["topp_hist"] = BufferSpec((T, TOP_P_PASSES * RADIX_BINS), torch.int64)
         buffers["topp_state"] = BufferSpec((T, 4), torch.float64)
     if kind != "temperature":
