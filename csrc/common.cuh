@@ -380,18 +380,26 @@ __device__ __forceinline__ bool run_matvec(const OpContext& ctx, Groups& g, int 
   return true;
 }
 
-// Groups of rows (i, i + kComputeWarps) of a run of n rows: the warp's two rows are a
-// whole warp-stride apart, so consecutive warps read consecutive rows.
+// Groups of rows of a run of n rows, taken in rounds of 2 * kComputeWarps rows, one group
+// per warp: group i is slot i % kComputeWarps of round i / kComputeWarps. A full round
+// pairs rows (slot, slot + kComputeWarps); the last, partial round of m rows pairs (slot,
+// slot + ceil(m / 2)), so its rows go two to a warp. Either way consecutive warps read
+// consecutive rows. (Pairing the last round by kComputeWarps too left 14 of 15 warps of a
+// 16-row block with one row and a second of zeros that still cost its multiply-adds.)
 struct RowPairs {
   int n;
-  __device__ int first_row(int i) const {
-    return (i / kComputeWarps) * kRowsPerPass * kComputeWarps + i % kComputeWarps;
+  __device__ int round_begin(int i) const { return (i / kComputeWarps) * 2 * kComputeWarps; }
+  __device__ int stride(int i) const {
+    const int m = n - round_begin(i);
+    return m >= 2 * kComputeWarps ? kComputeWarps : (m + 1) / 2;
   }
   __device__ int count(int i) const {
-    const int r = first_row(i);
-    return (r < n) + (r + kComputeWarps < n);
+    const int slot = i % kComputeWarps, s = stride(i);
+    return slot < s ? 1 + (round_begin(i) + slot + s < n) : 0;
   }
-  __device__ int row_index(int i, int r) const { return first_row(i) + r * kComputeWarps; }
+  __device__ int row_index(int i, int r) const {
+    return round_begin(i) + i % kComputeWarps + r * stride(i);
+  }
 };
 static_assert(kRowsPerPass == 2, "RowPairs pairs rows");
 
