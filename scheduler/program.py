@@ -155,7 +155,9 @@ def block_cost(rows: int, row_bytes: int, rows_per_pass: int, loads_per_row: int
     cost = full_rounds * round_rows * row_bytes
     if rest:
         last_round = rest * row_bytes
-        if rest < MATVEC_WARPS:   # some warps have no pass in the last round
+        # The kernel gives a last round's rows to its warps rows_per_pass at a time
+        # (csrc/common.cuh, RowPairs), so it leaves warps idle below a full round's rows.
+        if -(-rest // rows_per_pass) < MATVEC_WARPS:
             trips = -(-row_bytes // (loads_per_row * MATVEC_LOAD_BYTES))
             last_round = max(last_round, trips * PARTIAL_ROUND_TRIP_BYTES)
         cost += last_round
