@@ -1,6 +1,6 @@
 """What the dev scripts share: a model preset with seeded random bf16 weights, a paged KV
 cache reserved to its length and the megakernel backend over them; the time of
-back-to-back decode steps; and the kernel profile of one step."""
+back-to-back decode steps; the kernel profile of one step; and the device time of a call."""
 import torch
 
 import megakernel.scheduler.program as program_module
@@ -128,3 +128,15 @@ def program_times(mk, program, contexts, steps: int = 64):
 def format_times(times) -> str:
     """program_times() as 'context: ms, ...'."""
     return ", ".join(f"{context}: {ms:.4f}" for context, ms, _ in times)
+
+
+def device_us(fn, calls: int = 200) -> float:
+    """Mean device time of fn() in microseconds, over `calls` calls after a warm-up."""
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / calls

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 from torch.profiler import ProfilerActivity, profile
 
+from dev_model import device_us
+
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 8, 64
 CASES = [(32, 32), (512, 512), (512, 1536), (512, 3000)]     # (chunk, context)
 
@@ -34,13 +36,7 @@ def as_batch(x: torch.Tensor) -> torch.Tensor:
 def timed(name: str, fn, reps: int = 20) -> torch.Tensor | None:
     try:
         out = fn()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
+        us = device_us(fn, reps)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             fn()
             torch.cuda.synchronize()
@@ -49,7 +45,7 @@ def timed(name: str, fn, reps: int = 20) -> torch.Tensor | None:
         return None
     kernels = sorted({e.name[:60] for e in prof.events()
                       if e.device_type == torch.autograd.DeviceType.CUDA})
-    print(f"{name:40s} {start.elapsed_time(end) / reps * 1e3:8.1f} us  {kernels}")
+    print(f"{name:40s} {us:8.1f} us  {kernels}")
     return out
 
 

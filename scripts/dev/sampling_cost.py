@@ -20,6 +20,7 @@ import torch
 
 import megakernel
 import megakernel.engine as engine_module
+from dev_model import device_us
 from megakernel.sampling import kth_largest, masked_scores, sample
 
 
@@ -33,18 +34,6 @@ CASES = [("greedy", dict(temperature=0.0)), ("t0.8", dict(temperature=0.8)),
          ("t0.8 top_k 50", dict(temperature=0.8, top_k=50)),
          ("t0.8 top_p 0.9", dict(temperature=0.8, top_p=0.9)),
          ("t0.8 k50 p0.9", dict(temperature=0.8, top_k=50, top_p=0.9))]
-
-
-def device_us(fn, calls: int = 200) -> float:
-    """Mean device time of fn() in microseconds, over `calls` calls after a warm-up."""
-    fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(calls):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / calls
 
 
 def main():
