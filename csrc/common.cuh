@@ -22,6 +22,10 @@ constexpr int kControllerWarp = kComputeWarps;
 constexpr int kThreads = kComputeThreads + kWarpSize;
 // Named barrier for the compute warps only (barrier 0 is __syncthreads).
 constexpr int kComputeBarrier = 1;
+// Static shared scratch: [0, 2 * kWarpSize) for compute_reduce and write_block_argmax,
+// then stage_rms_gained's per-warp sums of squares, which no other use overwrites.
+constexpr int kScratchNormPartials = 2 * kWarpSize;
+constexpr int kScratchFloats = kScratchNormPartials + kWarpSize;
 
 // Mat-vec: a weight chunk is 16 bytes = 8 bf16; each lane keeps kMatvecUnroll chunks of
 // every row it works on in flight (15 warps x 32 lanes x 8 x 16 B = 60 KB per SM).
@@ -116,10 +120,6 @@ __device__ __forceinline__ float compute_reduce(float v, float identity, float* 
   total = WarpReduce(total);
   compute_sync();
   return total;
-}
-
-__device__ __forceinline__ float compute_sum(float v, float* scratch) {
-  return compute_reduce<warp_sum<float>>(v, 0.0f, scratch);
 }
 
 __device__ __forceinline__ float compute_max(float v, float* scratch) {
@@ -252,27 +252,42 @@ __device__ __forceinline__ void stage_gain(float* dst, const __nv_bfloat16* gain
 }
 
 // Copy a float vector written during this launch (n % 4 == 0) into shared memory with
-// the compute threads; returns this thread's partial sum of squares.
-__device__ __forceinline__ float stage_vector(float* dst, const float* src, int n) {
+// the compute threads, times a gain already in shared memory if kGained; returns this
+// thread's partial sum of squares of src.
+template <bool kGained = false>
+__device__ __forceinline__ float stage_vector(float* dst, const float* src, int n,
+                                              const float* gain_s = nullptr) {
   float sq = 0.0f;
   for (int i = threadIdx.x; i < n / 4; i += kComputeThreads) {
-    const float4 v = load_act4(reinterpret_cast<const float4*>(src) + i);
-    reinterpret_cast<float4*>(dst)[i] = v;
+    float4 v = load_act4(reinterpret_cast<const float4*>(src) + i);
     sq += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+    if constexpr (kGained) {
+      const float4 g = reinterpret_cast<const float4*>(gain_s)[i];
+      v = make_float4(v.x * g.x, v.y * g.y, v.z * g.z, v.w * g.w);
+    }
+    reinterpret_cast<float4*>(dst)[i] = v;
   }
   return sq;
 }
 
-// dst = RMSNorm(src, gain) in float32, as instructions.base.rms_norm:
-// x * rsqrt(mean(x^2) + eps) * gain, with gain already staged (stage_gain) in shared
-// memory. Ends with the compute warps synchronized.
-__device__ __forceinline__ void stage_rms_normed(float* dst, const float* src,
-                                                 const float* gain_s, int n, float eps,
-                                                 float* scratch) {
-  const float sq = compute_sum(stage_vector(dst, src, n), scratch);
-  const float inv_rms = rsqrtf(sq / static_cast<float>(n) + eps);
-  for (int i = threadIdx.x; i < n; i += kComputeThreads) dst[i] = dst[i] * inv_rms * gain_s[i];
+// RMSNorm (instructions.base.rms_norm: x * rsqrt(mean(x^2) + eps) * gain) with its
+// scalar factored out of the mat-vec that follows: dst = src * gain (gain already staged,
+// stage_gain), and the returned rsqrt(mean(src^2) + eps) multiplies each dot product
+// instead, W (x * r * g) = r * W (x * g). The mat-vec can then start after one barrier,
+// not after the reduction's two and the normalizing pass's one (benchmarks/RESULTS.md,
+// entry 62). scratch: kScratchFloats; its norm slots are read by every thread after the
+// barrier and written by nothing else. Returns after that barrier: dst is complete.
+__device__ __forceinline__ float stage_rms_gained(float* dst, const float* src,
+                                                  const float* gain_s, int n, float eps,
+                                                  float* scratch) {
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  float* partials = scratch + kScratchNormPartials;
+  const float sq = warp_sum(stage_vector<true>(dst, src, n, gain_s));
+  if (lane == 0) partials[warp] = sq;
   compute_sync();
+  // The same sum in every lane and warp: an xor butterfly over the same values.
+  const float total = warp_sum(lane < kComputeWarps ? partials[lane] : 0.0f);
+  return rsqrtf(total / static_cast<float>(n) + eps);
 }
 
 // The token and position of step t of the launch (KernelParams: step inputs). Without
@@ -349,8 +364,6 @@ struct OpContext {
     return *go != 0;
   }
 };
-
-constexpr int kScratchFloats = 2 * kWarpSize;
 
 }  // namespace mk
 

@@ -450,7 +450,7 @@ size_t dynamic_smem_bytes(const KernelParams& p) {
   // o_proj / down_proj: the staged input vector and the block's residual rows (<= H).
   const size_t vec = static_cast<size_t>(std::max(p.intermediate_size, p.num_heads * p.head_dim)) +
                      static_cast<size_t>(p.hidden_size);
-  // Mat-vec ops with a fused RMSNorm: normed vector and gain, + 2 * head_dim outputs.
+  // Mat-vec ops with a fused RMSNorm: the gained vector and the gain, + 2 * head_dim outputs.
   const size_t norm = 2 * static_cast<size_t>(p.hidden_size) + 2 * p.head_dim;
   // attention_partial: q, the warps' softmax states, then their K/V rings.
   const size_t attn = attention_smem_floats_before_rings(p.head_dim) +

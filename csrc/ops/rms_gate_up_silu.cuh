@@ -18,12 +18,15 @@ __device__ __forceinline__ bool op_rms_gate_up_silu(const OpContext& ctx) {
     int64_t up_offset;
     int n, H;
     float* act;
+    float norm_scale = 1.0f;  // the RMSNorm's rsqrt (stage_rms_gained)
     __device__ int count(int i) const { return i < n ? 2 : 0; }
     __device__ const __nv_bfloat16* row(int i, int r) const {
       return gate + static_cast<int64_t>(i) * H + (r == 0 ? 0 : up_offset);
     }
     __device__ void emit(int i, const float (&out)[kRowsPerPass], int) const {
-      if (threadIdx.x % kWarpSize == 0) act[i] = out[0] / (1.0f + __expf(-out[0])) * out[1];
+      if (threadIdx.x % kWarpSize != 0) return;
+      const float gate_dot = out[0] * norm_scale, up_dot = out[1] * norm_scale;
+      act[i] = gate_dot / (1.0f + __expf(-gate_dot)) * up_dot;
     }
   } g{layer_rows(p, kOpRmsGateUpSilu, l).rows + static_cast<int64_t>(r0) * H,
       static_cast<int64_t>(I) * H, n, H, p.mlp_act + static_cast<int64_t>(t) * I + r0};
@@ -31,8 +34,8 @@ __device__ __forceinline__ bool op_rms_gate_up_silu(const OpContext& ctx) {
   float* gain = xn + H;
   stage_gain(gain, bf16_ptr(p.mlp_norm) + static_cast<int64_t>(l) * H, H);
   return run_matvec<kOpRmsGateUpSilu>(ctx, g, H, [&] {
-    stage_rms_normed(xn, p.hidden + static_cast<int64_t>(t) * H, gain, H, p.rms_norm_eps,
-                     ctx.scratch);
+    g.norm_scale = stage_rms_gained(xn, p.hidden + static_cast<int64_t>(t) * H, gain, H,
+                                    p.rms_norm_eps, ctx.scratch);
     return static_cast<const float*>(xn);
   });
 }

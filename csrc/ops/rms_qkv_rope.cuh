@@ -30,6 +30,7 @@ __device__ __forceinline__ bool op_rms_qkv_rope(const OpContext& ctx) {
     const __nv_bfloat16* qkv;    // the layer's fused QKV weights
     int first_pair, n, half, hd, H;
     float* rows_out;
+    float norm_scale = 1.0f;  // the RMSNorm's rsqrt (stage_rms_gained)
     __device__ const __nv_bfloat16* row(int i, int r) const {
       const int j = row_index(i, r);
       const int pair = first_pair + (j < n ? j : j - n);
@@ -40,7 +41,7 @@ __device__ __forceinline__ bool op_rms_qkv_rope(const OpContext& ctx) {
       if (threadIdx.x % kWarpSize != 0) return;
       #pragma unroll
       for (int r = 0; r < kRowsPerPass; ++r)
-        if (r < count) rows_out[row_index(i, r)] = out[r];
+        if (r < count) rows_out[row_index(i, r)] = out[r] * norm_scale;
     }
   } g{{2 * n}, bf16_ptr(p.qkv) + static_cast<int64_t>(l) * qkv_rows * H, first_pair, n, half,
       hd, H, rows_out};
@@ -62,8 +63,8 @@ __device__ __forceinline__ bool op_rms_qkv_rope(const OpContext& ctx) {
     if (my_head >= nq) page = p.page_table[pos / p.page_size];
   }
   const bool go = run_matvec<kOpRmsQkvRope>(ctx, g, H, [&] {
-    stage_rms_normed(xn, p.hidden + static_cast<int64_t>(t) * H, gain, H, p.rms_norm_eps,
-                     ctx.scratch);
+    g.norm_scale = stage_rms_gained(xn, p.hidden + static_cast<int64_t>(t) * H, gain, H,
+                                    p.rms_norm_eps, ctx.scratch);
     return static_cast<const float*>(xn);
   });
   if (!go) return false;

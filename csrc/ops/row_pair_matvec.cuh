@@ -33,7 +33,7 @@ __device__ __forceinline__ bool op_row_pair_matvec(const OpContext& ctx) {
   const __nv_bfloat16* w =
       lm_head ? bf16_ptr(p.lm_head)
               : bf16_ptr(down ? p.down : p.o_proj) + static_cast<int64_t>(ctx.layer()) * H * K;
-  float* x_s = ctx.smem;     // [K]: the input vector (the LM head's normed)
+  float* x_s = ctx.smem;     // [K]: the input vector (the LM head's times the norm gain)
   float* aux_s = x_s + K;    // the LM head: the norm gain [H]; else the block's rows [n]
   struct Groups : RowPairs {
     const __nv_bfloat16* w;  // row r0
@@ -43,6 +43,7 @@ __device__ __forceinline__ bool op_row_pair_matvec(const OpContext& ctx) {
     const float* hidden_s;
     float best_v;
     int best_i;
+    float norm_scale = 1.0f;  // the LM head's RMSNorm rsqrt (stage_rms_gained); else 1
     __device__ const __nv_bfloat16* row(int i, int r) const {
       return w + static_cast<int64_t>(row_index(i, r)) * K;
     }
@@ -51,9 +52,9 @@ __device__ __forceinline__ bool op_row_pair_matvec(const OpContext& ctx) {
       for (int r = 0; r < kRowsPerPass; ++r) {
         if (r >= count) break;
         const int row = row_index(i, r);
-        if (threadIdx.x % kWarpSize == 0) out[row] = lm_head ? o[r] : hidden_s[row] + o[r];
-        if (lm_head && argmax_better(o[r], r0 + row, best_v, best_i))
-          best_v = o[r], best_i = r0 + row;
+        const float v = o[r] * norm_scale;
+        if (threadIdx.x % kWarpSize == 0) out[row] = lm_head ? v : hidden_s[row] + v;
+        if (lm_head && argmax_better(v, r0 + row, best_v, best_i)) best_v = v, best_i = r0 + row;
       }
     }
   } g{{n},
@@ -69,8 +70,8 @@ __device__ __forceinline__ bool op_row_pair_matvec(const OpContext& ctx) {
   if (lm_head) stage_gain(aux_s, bf16_ptr(p.final_norm), H);
   if (!run_matvec<kOpOProjResidual>(ctx, g, K, [&] {
         if (lm_head) {
-          stage_rms_normed(x_s, p.hidden + static_cast<int64_t>(t) * H, aux_s, H,
-                           p.rms_norm_eps, ctx.scratch);
+          g.norm_scale = stage_rms_gained(x_s, p.hidden + static_cast<int64_t>(t) * H, aux_s,
+                                          H, p.rms_norm_eps, ctx.scratch);
         } else {
           // Both reads are issued before either is used: one L2 round trip, not two.
           stage_vector(x_s, (down ? p.mlp_act : p.attn_out) + static_cast<int64_t>(t) * K, K);
