@@ -161,6 +161,24 @@ __device__ __forceinline__ uint32_t smem_address(const void* ptr) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
 }
 
+// 16 bytes global -> shared through L2 (.cg: never L1, the bytes may have been written by
+// another block during this launch); src_bytes 0 writes zeros and reads nothing.
+__device__ __forceinline__ void copy16_async(void* dst, const void* src, uint32_t src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_address(dst)),
+               "l"(src), "r"(src_bytes)
+               : "memory");
+}
+__device__ __forceinline__ void copy_async_commit() {
+  asm volatile("cp.async.commit_group;" ::: "memory");
+}
+template <int kPending>
+__device__ __forceinline__ void copy_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
+}
+__device__ __forceinline__ void copy_async_wait_all() {
+  asm volatile("cp.async.wait_all;" ::: "memory");
+}
+
 // bf16 pairs packed in a 32-bit word (element 0 in the low half) to float.
 __device__ __forceinline__ float bf16_lo(uint32_t w) { return __uint_as_float(w << 16); }
 __device__ __forceinline__ float bf16_hi(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
@@ -252,22 +270,17 @@ __device__ __forceinline__ void stage_gain(float* dst, const __nv_bfloat16* gain
 }
 
 // Copy a float vector written during this launch (n % 4 == 0) into shared memory with
-// the compute threads, times a gain already in shared memory if kGained; returns this
-// thread's partial sum of squares of src.
-template <bool kGained = false>
-__device__ __forceinline__ float stage_vector(float* dst, const float* src, int n,
-                                              const float* gain_s = nullptr) {
-  float sq = 0.0f;
-  for (int i = threadIdx.x; i < n / 4; i += kComputeThreads) {
-    float4 v = load_act4(reinterpret_cast<const float4*>(src) + i);
-    sq += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
-    if constexpr (kGained) {
-      const float4 g = reinterpret_cast<const float4*>(gain_s)[i];
-      v = make_float4(v.x * g.x, v.y * g.y, v.z * g.z, v.w * g.w);
-    }
-    reinterpret_cast<float4*>(dst)[i] = v;
-  }
-  return sq;
+// the compute threads: every thread's copies are issued at once, register-free (cp.async),
+// so the vector costs one L2 round trip at any length. Loads used as they came took two to
+// four dependent round trips where a thread had more than two float4 (1B's down_proj
+// input, every 8B input), and a batch of them held in registers spilled
+// (benchmarks/RESULTS.md, entry 64). This thread's copies have landed on return; the
+// other threads' after a barrier.
+__device__ __forceinline__ void stage_vector(float* dst, const float* src, int n) {
+  for (int i = threadIdx.x; i < n / 4; i += kComputeThreads)
+    copy16_async(reinterpret_cast<float4*>(dst) + i, reinterpret_cast<const float4*>(src) + i,
+                 16);
+  copy_async_wait_all();
 }
 
 // RMSNorm (instructions.base.rms_norm: x * rsqrt(mean(x^2) + eps) * gain) with its
@@ -282,7 +295,15 @@ __device__ __forceinline__ float stage_rms_gained(float* dst, const float* src,
                                                   float* scratch) {
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   float* partials = scratch + kScratchNormPartials;
-  const float sq = warp_sum(stage_vector<true>(dst, src, n, gain_s));
+  stage_vector(dst, src, n);
+  float sq = 0.0f;
+  for (int i = threadIdx.x; i < n / 4; i += kComputeThreads) {  // this thread's copies
+    float4 x = reinterpret_cast<float4*>(dst)[i];
+    const float4 g = reinterpret_cast<const float4*>(gain_s)[i];
+    sq += x.x * x.x + x.y * x.y + x.z * x.z + x.w * x.w;
+    reinterpret_cast<float4*>(dst)[i] = make_float4(x.x * g.x, x.y * g.y, x.z * g.z, x.w * g.w);
+  }
+  sq = warp_sum(sq);
   if (lane == 0) partials[warp] = sq;
   compute_sync();
   // The same sum in every lane and warp: an xor butterfly over the same values.

@@ -12,24 +12,6 @@
 
 namespace mk {
 
-// 16 bytes global -> shared through L2 (.cg: never L1, the row may have been written by
-// another block during this launch); src_bytes 0 writes zeros and reads nothing.
-__device__ __forceinline__ void copy16_async(void* dst, const void* src, uint32_t src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_address(dst)),
-               "l"(src), "r"(src_bytes)
-               : "memory");
-}
-__device__ __forceinline__ void copy_async_commit() {
-  asm volatile("cp.async.commit_group;" ::: "memory");
-}
-template <int kPending>
-__device__ __forceinline__ void copy_async_wait() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
-}
-__device__ __forceinline__ void copy_async_wait_all() {
-  asm volatile("cp.async.wait_all;" ::: "memory");
-}
-
 // The tokens [begin, end) of one (token, KV head, partition) instruction, computed from
 // the position at run time exactly as partition_range(): ppp = ceil(ceil((pos+1)/page_size)
 // / P), tokens [part*ppp*page_size, min((part+1)*ppp*page_size, pos+1)). capacity is the

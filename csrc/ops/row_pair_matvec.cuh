@@ -73,10 +73,15 @@ __device__ __forceinline__ bool op_row_pair_matvec(const OpContext& ctx) {
           g.norm_scale = stage_rms_gained(x_s, p.hidden + static_cast<int64_t>(t) * H, aux_s,
                                           H, p.rms_norm_eps, ctx.scratch);
         } else {
-          // Both reads are issued before either is used: one L2 round trip, not two.
-          stage_vector(x_s, (down ? p.mlp_act : p.attn_out) + static_cast<int64_t>(t) * K, K);
+          // The block's residual rows are loaded before the input vector's copies are
+          // issued and stored after they land: one L2 round trip for both, not two.
           const float* hidden = p.hidden + static_cast<int64_t>(t) * H + r0;
-          for (int i = threadIdx.x; i < n; i += kComputeThreads) aux_s[i] = load_act(hidden + i);
+          const bool has_row = static_cast<int>(threadIdx.x) < n;
+          const float row = has_row ? load_act(hidden + threadIdx.x) : 0.0f;
+          stage_vector(x_s, (down ? p.mlp_act : p.attn_out) + static_cast<int64_t>(t) * K, K);
+          if (has_row) aux_s[threadIdx.x] = row;
+          for (int i = threadIdx.x + kComputeThreads; i < n; i += kComputeThreads)
+            aux_s[i] = load_act(hidden + i);  // blocks of more rows than threads
           compute_sync();
         }
         return static_cast<const float*>(x_s);
