@@ -37,8 +37,9 @@ CONFIGS = {
 }
 
 
-def odd_config(num_heads, num_kv_heads, head_dim) -> ModelConfig:
-    return ModelConfig(vocab_size=1003, hidden_size=384, intermediate_size=1000, num_layers=2,
+def odd_config(num_heads, num_kv_heads, head_dim, hidden_size=384) -> ModelConfig:
+    return ModelConfig(vocab_size=1003, hidden_size=hidden_size, intermediate_size=1000,
+                       num_layers=2,
                        num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
                        rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=4096)
 
@@ -95,11 +96,11 @@ class OpCase:
     """One model, a CPU MachineState (the reference) and the same state on the GPU."""
 
     def __init__(self, cfg_name: str, position: int = 37, token: int = 1002, seed: int = 0,
-                 num_sms: int = 8, max_seq: int = MAX_SEQ):
+                 num_sms: int = 8, max_seq: int = MAX_SEQ, hidden_size: int = 384):
         from megakernel.backends.megakernel_backend import run_program
 
         self.run_program = run_program
-        self.cfg = cfg = odd_config(**CONFIGS[cfg_name])
+        self.cfg = cfg = odd_config(**CONFIGS[cfg_name], hidden_size=hidden_size)
         self.w_gpu, self.w_cpu = make_weights(cfg, seed, max_seq)
         self.program = build_program(cfg, num_sms=num_sms, page_size=PAGE_SIZE,
                                      max_seq_len=max_seq)
@@ -301,6 +302,19 @@ def test_row_pair_blocks_every_last_round_size(spec, sizes):
     scale = want.abs().mean()
     bad = ((got - want).abs() > 1e-3 * (want.abs() + scale)).any(dim=0).nonzero().flatten()
     assert bad.numel() == 0, f"rows {bad.tolist()[:10]} differ"
+
+
+@pytest.mark.parametrize("spec", [O_PROJ_RESIDUAL, DOWN_PROJ_RESIDUAL])
+def test_row_pair_block_of_more_rows_than_threads(spec):
+    """The residual rows of an o_proj or down block: one per compute thread is loaded
+    before the input vector's copies and stored after them; rows past the 480 threads
+    (blocks this wide run where an 8B model meets a GPU of a few SMs) loop after that.
+    One block of all 1000 rows of a wider model, and one of 481 beside one of 519."""
+    for blocks in ([(0, 1000)], [(0, 481), (481, 519)]):
+        case = OpCase("hd64-gqa4", hidden_size=1000)
+        case.run([make(spec, b, row_begin=r0, row_count=n)
+                  for b, (r0, n) in enumerate(blocks)])
+        case.check("hidden")
 
 
 @pytest.mark.parametrize("cfg_name", list(CONFIGS))
