@@ -39,9 +39,9 @@ CONFIGS = {
 
 def odd_config(num_heads, num_kv_heads, head_dim, hidden_size=384) -> ModelConfig:
     return ModelConfig(vocab_size=1003, hidden_size=hidden_size, intermediate_size=1000,
-                       num_layers=2,
-                       num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
-                       rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=4096)
+                       num_layers=2, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                       head_dim=head_dim, rms_norm_eps=1e-5, rope_theta=10000.0,
+                       max_position_embeddings=4096)
 
 
 def make_weights(cfg, seed, max_seq=MAX_SEQ):
