@@ -113,10 +113,8 @@ void launch(const at::Tensor& instructions, at::Tensor counters, at::Tensor queu
                  host_status->is_contiguous() && host_status->numel() >= mk::kHostStatusWords,
              "megakernel: host_status must be a CPU int64 tensor from alloc_host_status()");
     void* dptr = nullptr;
-    const cudaError_t err = cudaHostGetDevicePointer(&dptr, host_status->data_ptr(), 0);
-    if (err != cudaSuccess) cudaGetLastError();  // as mk::check: leave no error pending
-    MK_CHECK(err == cudaSuccess, "megakernel: host_status is not mapped pinned memory: ",
-             cudaGetErrorString(err));
+    mk::check(cudaHostGetDevicePointer(&dptr, host_status->data_ptr(), 0),
+              "host_status is not mapped pinned memory");
     host_status_device = static_cast<int64_t*>(dptr);
   }
   if (step_input) {
@@ -308,9 +306,7 @@ void launch(const at::Tensor& instructions, at::Tensor counters, at::Tensor queu
 at::Tensor alloc_host_status() {
   void* host = nullptr;
   const size_t bytes = mk::kHostStatusWords * sizeof(int64_t);
-  const cudaError_t err = cudaHostAlloc(&host, bytes, cudaHostAllocMapped);
-  if (err != cudaSuccess) cudaGetLastError();  // as mk::check: leave no error pending
-  MK_CHECK(err == cudaSuccess, "megakernel: cudaHostAlloc failed: ", cudaGetErrorString(err));
+  mk::check(cudaHostAlloc(&host, bytes, cudaHostAllocMapped), "cudaHostAlloc");
   std::memset(host, 0, bytes);
   return torch::from_blob(host, {mk::kHostStatusWords}, [](void* ptr) { cudaFreeHost(ptr); },
                           torch::TensorOptions().dtype(torch::kInt64));

@@ -464,16 +464,6 @@ size_t dynamic_smem_bytes(const KernelParams& p) {
   return std::max({vec, norm, attn, radix}) * sizeof(float);
 }
 
-// Throws on a failed runtime call. The runtime also keeps that error as the thread's last
-// error, and torch's next kernel launch checks cudaGetLastError(): without the clear here
-// a caught refusal (the engine keeps working) would resurface from an unrelated torch op.
-// Sticky errors (a faulted context) survive the clear, as they must.
-void check(cudaError_t err, const char* what) {
-  if (err == cudaSuccess) return;
-  cudaGetLastError();
-  throw std::runtime_error(std::string("megakernel: ") + what + ": " + cudaGetErrorString(err));
-}
-
 void require(bool ok, const std::string& msg) {
   if (!ok) throw std::runtime_error("megakernel: " + msg);
 }
@@ -481,6 +471,12 @@ void require(bool ok, const std::string& msg) {
 bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
 
 }  // namespace
+
+void check(cudaError_t err, const char* what) {
+  if (err == cudaSuccess) return;
+  cudaGetLastError();
+  throw std::runtime_error(std::string("megakernel: ") + what + ": " + cudaGetErrorString(err));
+}
 
 void check_device_supported() {
   int device = 0;

@@ -1,11 +1,14 @@
 // Plain C++ interface between the torch binding (binding.cpp) and the persistent kernel
-// (interpreter.cu). No torch and no CUDA device code here, so both sides compile fast.
+// (interpreter.cu). No torch and no CUDA device code here (only the runtime API's types),
+// so both sides compile fast.
 //
 // KernelParams is a POD of raw device pointers and sizes: every tensor is contiguous and
 // row-major with the shapes given beside it (T = tokens per step, L layers, H hidden,
 // I intermediate, V vocab, nq/nkv query/KV heads, hd head_dim, P attention partitions,
 // B LM-head blocks). Weights and the KV cache are bf16; activations float32.
 #pragma once
+
+#include <cuda_runtime_api.h>
 
 #include <cstdint>
 
@@ -171,6 +174,13 @@ struct KernelParams {
 // (0: one per SM of the current device). Throws std::runtime_error on an unsupported shape,
 // a non-sm_90 device, or when the blocks cannot all be resident.
 void launch_megakernel(const KernelParams& params, int num_blocks, void* stream);
+
+// Throws std::runtime_error("megakernel: <what>: <CUDA's message>") on a failed runtime
+// call. The runtime also keeps that error as the thread's last error, and torch's next
+// kernel launch checks cudaGetLastError(): without the clear here a caught refusal (the
+// engine keeps working) would resurface from an unrelated torch op. Sticky errors (a
+// faulted context) survive the clear, as they must.
+void check(cudaError_t err, const char* what);
 
 // Number of SMs of the current CUDA device.
 int device_sm_count();

@@ -85,6 +85,7 @@ def _generate(args) -> int:
         args.model, device=args.device, backend=args.backend, dtype=args.dtype,
         max_seq_len=args.max_seq_len, page_size=args.page_size, seed=args.seed,
         progress=progress, steps_per_launch=args.steps_per_launch)
+    engine.prepare(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     if not quiet:
         dtype = str(engine.weights.dtype).replace("torch.", "")
         print(f"loaded in {time.perf_counter() - t0:.1f} s: backend {engine.backend_name}, "

@@ -200,6 +200,33 @@ def test_chained_steps_equal_one_step_per_launch(checkpoint, whole_context_posit
         assert relative_error(got.logits, expected.logits) < 1e-2, steps
 
 
+def test_a_prepared_generation_builds_no_program(checkpoint, monkeypatch):
+    """The greedy chains are built with the backend and a sampling kind's programs by
+    Engine.prepare, so a generation builds none inside its time to first token, also one
+    that crosses into the split program and ends on a shorter chain (a view of the longer
+    one). A kind not prepared is still built at its first use."""
+    import megakernel.scheduler as scheduler
+    from megakernel.scheduler import whole_context_limit
+
+    path, _ = checkpoint
+    engine = make_engine(path, max_seq_len=512)
+    engine.prepare(temperature=1.5, top_k=20)
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("a program was built inside generate()")
+
+    monkeypatch.setattr(scheduler, "chain_steps", refuse)
+    monkeypatch.setattr(scheduler, "with_sampled_tokens", refuse)
+    prompt = list(range(3, 3 + whole_context_limit(engine.config) - 10))
+    kw = dict(max_new_tokens=21, ignore_eos=True)
+    greedy = engine.generate(prompt, **kw)
+    assert len(greedy.token_ids) == 21
+    assert len(engine.generate(prompt, temperature=1.5, top_k=20, seed=1, **kw).token_ids) == 21
+    with pytest.raises(AssertionError, match="inside generate"):
+        engine.generate(prompt, temperature=1.5, top_p=0.5, **kw)
+    assert engine.generate(prompt, **kw).token_ids == greedy.token_ids
+
+
 def test_a_chained_launch_from_a_bad_device_token_faults_and_recovers(checkpoint):
     path, _ = checkpoint
     engine = make_engine(path, max_seq_len=256)

@@ -101,6 +101,10 @@ class Backend:
         return StepsOutput(logits=out.logits.reshape(1, -1), last_token=out.greedy_token,
                            tokens_host=host)
 
+    def prepare(self, sampling=None) -> None:
+        """Build ahead whatever decode_steps(..., sampling) will launch, so the first
+        launch does not pay for it. Nothing to build here."""
+
     def check_error(self, greedy_token: int | None = None) -> None:
         """Raise if a finished step failed on the device (greedy_token: the value just
         read back for that step). Backends that fail synchronously need nothing here."""
