@@ -19,10 +19,21 @@ __device__ __forceinline__ bool op_argmax_reduce(const OpContext& ctx) {
   const int* indices = p.argmax_index + static_cast<int64_t>(t) * p.lm_head_blocks;
   float best_v = -CUDART_INF_F;
   int best_i = INT_MAX;
-  for (int b = lane; b < n; b += kWarpSize) {
-    const float v = load_act(values + b);
-    const int i = __ldcg(indices + b);
-    if (argmax_better(v, i, best_v, best_i)) best_v = v, best_i = i;
+  // Every load of a round issued before any is compared: one L2 round trip per
+  // kWarpSize * kPerLane blocks (one round for every LM head of up to 256 blocks).
+  constexpr int kPerLane = 8;
+  for (int b0 = lane; b0 < n; b0 += kWarpSize * kPerLane) {
+    float v[kPerLane];
+    int i[kPerLane];
+#pragma unroll
+    for (int u = 0; u < kPerLane; ++u) {
+      const int b = b0 + u * kWarpSize;
+      v[u] = b < n ? load_act(values + b) : -CUDART_INF_F;
+      i[u] = b < n ? __ldcg(indices + b) : INT_MAX;
+    }
+#pragma unroll
+    for (int u = 0; u < kPerLane; ++u)
+      if (argmax_better(v[u], i[u], best_v, best_i)) best_v = v[u], best_i = i[u];
   }
   warp_argmax(best_v, best_i);
   if (lane == 0) p.next_token[t] = best_i;
