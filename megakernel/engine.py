@@ -157,7 +157,10 @@ class Engine:
                                 shuffle_seed=backend_options.pop("shuffle_pages_seed", None),
                                 poison=backend_options.pop("poison_cache", False))
         impl = make_backend(backend, weights, kv_cache, max_seq_len, **backend_options)
-        return cls(weights, tokenizer, impl, kv_cache, max_seq_len, seed)
+        engine = cls(weights, tokenizer, impl, kv_cache, max_seq_len, seed)
+        if device.type == "cuda":
+            engine._warm_up()
+        return engine
 
     # Prompt handling -----------------------------------------------------------------
     def encode_prompt(self, prompt: str | Sequence[int], chat: bool = False) -> list[int]:
@@ -327,6 +330,20 @@ class Engine:
         sampling = self._device_sampling(temperature, top_p, top_k, self.seed)
         if sampling is not None:
             self.backend.prepare(sampling)
+
+    def _warm_up(self, num_tokens: int = 16) -> None:
+        """One dummy prompt through the backend's prompt path at load. A process's first
+        use of the attention and GEMM libraries (and their lazily loaded kernels) took ~1
+        s, inside its first generation's time to first token. The pages it wrote get their
+        initial contents back, so a poisoned cache stays poisoned."""
+        num_tokens = min(num_tokens, self.max_seq_len)
+        self.kv_cache.reserve(num_tokens)
+        pages = self.kv_cache.pages()
+        self.backend.warm_up(num_tokens)
+        self.backend.reset()
+        self.kv_cache.wipe(pages)
+        self.kv_cache.release()
+        synchronize_or_raise(self.device, self.readback.timeout_s, "the warm-up prompt")
 
     def _device_sampling(self, temperature: float, top_p: float, top_k: int,
                          seed: int) -> Sampling | None:

@@ -55,9 +55,9 @@ class PagedKVCache:
         self.num_pages = num_pages if num_pages is not None else batch * self.max_pages_per_seq
         shape = (config.num_layers, self.num_pages, page_size, config.num_kv_heads,
                  config.head_dim)
-        fill = float("nan") if poison else 0.0
-        self.k = torch.full(shape, fill, dtype=dtype, device=device)
-        self.v = torch.full(shape, fill, dtype=dtype, device=device)
+        self.fill = float("nan") if poison else 0.0
+        self.k = torch.full(shape, self.fill, dtype=dtype, device=device)
+        self.v = torch.full(shape, self.fill, dtype=dtype, device=device)
         self.page_table = torch.zeros((batch, self.max_pages_per_seq), dtype=torch.int32,
                                       device=device)
         self.allocator = PageAllocator(self.num_pages, shuffle_seed)
@@ -89,6 +89,12 @@ class PagedKVCache:
         """Return sequence `seq`'s pages to the pool (the data is left in place)."""
         self.allocator.release(self._pages[seq])
         self._pages[seq] = []
+
+    def wipe(self, pages: list[int]) -> None:
+        """Give `pages` their initial contents again (zeros, or NaN in a poisoned cache)."""
+        index = torch.tensor(pages, dtype=torch.long, device=self.device)
+        self.k.index_fill_(1, index, self.fill)
+        self.v.index_fill_(1, index, self.fill)
 
     def pages(self, seq: int = 0) -> list[int]:
         return list(self._pages[seq])

@@ -116,3 +116,21 @@ def test_generate_repeats_itself_through_the_graphs(engine):
     for r in results[1:]:
         assert r.token_ids == results[0].token_ids
         assert relative_error(r.logits, results[0].logits) < BF16
+
+
+@pytest.mark.parametrize("backend", ["torch", "megakernel"])
+def test_the_warm_up_at_load_leaves_no_trace(backend):
+    """Engine.from_pretrained runs one dummy prompt on the GPU (a process's first library
+    use, ~1 s, paid at load). It captures no graph, holds no page, and a poisoned cache is
+    all NaN again; the first generation then matches a second one."""
+    engine = megakernel.Engine.from_pretrained("random:tiny", device="cuda", backend=backend,
+                                               max_seq_len=256, page_size=16,
+                                               poison_cache=True)
+    kv = engine.kv_cache
+    prompt_backend = engine.backend if backend == "torch" else engine.backend._prefill_backend
+    assert prompt_backend is not None and prompt_backend._prompt_graphs is None
+    assert kv.pages() == []
+    assert torch.isnan(kv.k).all() and torch.isnan(kv.v).all()
+    ids = prompt(20, seed=7).tolist()
+    first = engine.generate(ids, max_new_tokens=8, ignore_eos=True)
+    assert engine.generate(ids, max_new_tokens=8, ignore_eos=True).token_ids == first.token_ids

@@ -111,3 +111,19 @@ def test_half_precision_prefill_attention_equals_float32(device, group_size, sta
     with sdpa_kernel(ATTENTION_BACKENDS):
         again = _attention(q, moved, values, group_size)
     assert torch.equal(again[:10], got[:10]) and not torch.equal(again[10:], got[10:])
+
+
+def test_the_prompt_path_does_not_import_torch_dynamo():
+    """torch.nn.attention.bias imports torch._dynamo (~2 s): a process's first prompt
+    would pay for it inside its time to first token. Only a chunk after the first may."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, megakernel\n"
+            "from megakernel.backends import megakernel_backend, torch_backend\n"
+            "e = megakernel.Engine.from_pretrained('random:tiny', device='cpu', "
+            "backend='torch')\n"
+            "e.generate([1, 2, 3], max_new_tokens=2)\n"
+            "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo was imported'\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]

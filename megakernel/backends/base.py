@@ -101,6 +101,12 @@ class Backend:
         return StepsOutput(logits=out.logits.reshape(1, -1), last_token=out.greedy_token,
                            tokens_host=host)
 
+    def warm_up(self, num_tokens: int) -> None:
+        """Run the prompt path once on num_tokens dummy tokens at position 0 (their pages
+        reserved by the caller, their K/V left behind), outside any graph bookkeeping, so
+        that a process's first use of the device libraries is paid at load. Nothing to run
+        here."""
+
     def prepare(self, sampling=None) -> None:
         """Build ahead whatever decode_steps(..., sampling) will launch, so the first
         launch does not pay for it. Nothing to build here."""

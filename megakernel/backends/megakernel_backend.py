@@ -530,13 +530,20 @@ class MegakernelBackend(Backend):
             for i in range(ids.shape[0]):
                 out = self.decode(ids[i], start_position + i)
             return out
+        return self._prompt_backend().prefill(token_ids, start_position)
+
+    def warm_up(self, num_tokens: int) -> None:
+        if self.prefill_mode == "torch":
+            self._prompt_backend().warm_up(num_tokens)
+
+    def _prompt_backend(self):
         if self._prefill_backend is None:
             try:
                 from .torch_backend import TorchBackend
             except ImportError as e:
                 raise BackendUnavailableError(f"prefill needs the torch backend: {e}") from None
             self._prefill_backend = TorchBackend(self.weights, self.kv_cache)
-        return self._prefill_backend.prefill(token_ids, start_position)
+        return self._prefill_backend
 
     def decode(self, token_id, position: int) -> StepOutput:
         """One token ([] int64 on the device, or an int) at `position` through the kernel.

@@ -18,7 +18,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.bias import causal_lower_right
 
 # The attention's kernels: the flash kernel first (deterministic, ~3-7x faster than the
 # float32 one on long chunks), never cuDNN's, which torch may otherwise pick for square
@@ -52,10 +51,18 @@ def _attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     T, context = q.shape[0], keys.shape[0]
     as_batch = lambda x: x.transpose(0, 1)[None]      # noqa: E731
     if keys.dtype in (torch.bfloat16, torch.float16):
-        # Each query sees the keys up to its own position: causal, aligned at the ends.
+        # Each query sees the keys up to its own position: causal, aligned at the ends. A
+        # first chunk is square, where is_causal means the same. The lower-right bias is
+        # imported only for a later chunk: its module imports torch._dynamo, ~2 s (5 s
+        # without cached bytecode) that a process's first prefill, inside its time to first
+        # token, would pay.
+        mask = None
+        if context != T:
+            from torch.nn.attention.bias import causal_lower_right
+            mask = causal_lower_right(T, context)
         out = F.scaled_dot_product_attention(
-            as_batch(q.to(keys.dtype)), as_batch(keys), as_batch(values),
-            attn_mask=causal_lower_right(T, context), enable_gqa=group_size > 1)
+            as_batch(q.to(keys.dtype)), as_batch(keys), as_batch(values), attn_mask=mask,
+            is_causal=mask is None, enable_gqa=group_size > 1)
     else:
         visible = None
         if context != T:
