@@ -324,8 +324,8 @@ class Engine:
     def prepare(self, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0) -> None:
         """Build ahead what generate() with these sampling settings launches, so that its
         first call's time to first token does not include it (greedy decoding is prepared
-        at load; a sampling kind is otherwise built at its first use, ~20 ms on a 1B
-        model)."""
+        at load; a sampling kind is otherwise built at its first use: +16 ms of TTFT on a
+        1B model, benchmarks/RESULTS.md entry 66)."""
         validate_sampling(temperature, top_p, top_k)
         sampling = self._device_sampling(temperature, top_p, top_k, self.seed)
         if sampling is not None:

@@ -397,8 +397,8 @@ class MegakernelBackend(Backend):
                                                     kv_cache.page_size), late_gate_up)
         self._install([(limit, self._program_run(build(whole, early, late)))
                        for limit, whole, early, late in plan])
-        # Chaining a program takes ~10 ms of CPU per run on a 1B model: done here, not
-        # inside the first generation's time to first token.
+        # Chaining a program takes 10-40 ms of CPU per run on a 1B model: done here, not
+        # inside the first generation's time to first token (benchmarks/RESULTS.md, 66).
         self.prepare()
 
     def _program_run(self, program) -> ProgramRun:
