@@ -340,7 +340,6 @@ class Engine:
         self.kv_cache.reserve(num_tokens)
         pages = self.kv_cache.pages()
         self.backend.warm_up(num_tokens)
-        self.backend.reset()
         self.kv_cache.wipe(pages)
         self.kv_cache.release()
         synchronize_or_raise(self.device, self.readback.timeout_s, "the warm-up prompt")

@@ -98,9 +98,8 @@ class TorchBackend(Backend):
         return out.reshape(T, c.q_size)
 
     def warm_up(self, num_tokens: int) -> None:
-        if self.kv_cache.device.type == "cuda":
-            prefill_chunk(self, torch.zeros(num_tokens, dtype=torch.int64,
-                                            device=self.kv_cache.device))
+        prefill_chunk(self, torch.zeros(num_tokens, dtype=torch.int64,
+                                        device=self.kv_cache.device))
 
     def prefill(self, token_ids: torch.Tensor, start_position: int) -> StepOutput:
         """Tokens [T] at positions start_position.. in chunks of PREFILL_CHUNK, each in few
