@@ -25,12 +25,13 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from megakernel.instructions import (
     ARGMAX_REDUCE, ATTENTION_PARTIAL, ATTENTION_REDUCE, DOWN_PROJ_RESIDUAL, EMBED,
-    O_PROJ_RESIDUAL, OPCODES, RMS_GATE_UP_SILU, RMS_LM_HEAD, RMS_QKV_ROPE, WORDS,
-    Instruction, L2Prefetch,
+    HEADER_FIELDS, L2_PREFETCH_FIELDS, L2_PREFETCH_WORD, NO_COUNTER, O_PROJ_RESIDUAL, OPCODES,
+    RMS_GATE_UP_SILU, RMS_LM_HEAD, RMS_QKV_ROPE, WORDS, Instruction, L2Prefetch,
 )
 
 # Fixed cost of one instruction (claim, waits, signal, pipeline fill), in bytes of weight
@@ -439,7 +440,11 @@ def build_program(cfg, num_sms: int, page_size: int, max_seq_len: int,
     c = counter("embed")
     emit(EMBED, 0, (), c, 0)
     prev = c
-    for layer in range(L):
+    # Layers 2 and on are layer 1 but for their layer number and counters (layer 0 differs
+    # in waiting on the embed): emitted for layers 0 and 1, then copied (repeat_layer).
+    for layer in range(min(L, 2)):
+        if layer == 1:
+            layer1_instruction, layer1_counter = len(instrs), len(names)
         c_qkv = counter(f"L{layer}.qkv")
         for b, (head, p0, n) in enumerate(qkv_blocks):
             emit(RMS_QKV_ROPE, layer, [done(prev)], c_qkv, b, head=head, pair_begin=p0,
@@ -483,14 +488,24 @@ def build_program(cfg, num_sms: int, page_size: int, max_seq_len: int,
             emit(DOWN_PROJ_RESIDUAL, layer, [done(c_gu)], c_down, b, row_begin=r0,
                  row_count=n)
         prev = c_down
+    rows = [_encode(instrs)]
+    if L > 2:
+        layer_rows = _encode(instrs[layer1_instruction:])
+        per_layer = len(names) - layer1_counter
+        stages = [name.split(".", 1)[1] for name in names[layer1_counter:]]
+        for layer in range(2, L):
+            rows.append(repeat_layer(layer_rows, layer - 1, (layer - 1) * per_layer))
+            names += [f"L{layer}.{stage}" for stage in stages]
+            targets += targets[layer1_counter:layer1_counter + per_layer]
+        prev += (L - 2) * per_layer
+    tail = len(instrs)
     c_lm = counter("lm_head")
     for b, (r0, n) in enumerate(lm_blocks):
         emit(RMS_LM_HEAD, 0, [done(prev)], c_lm, b, row_begin=r0, row_count=n)
     c_arg = counter("argmax")
     emit(ARGMAX_REDUCE, 0, [done(c_lm)], c_arg, 0, num_blocks=len(lm_blocks))
 
-    rows = torch.tensor([i.encode() for i in instrs], dtype=torch.int32)
-    assert rows.shape[1] == WORDS
+    rows = torch.from_numpy(np.concatenate(rows + [_encode(instrs[tail:])]))
     f32 = torch.float32
     buffers = {
         "hidden": BufferSpec((T, H), f32),
@@ -507,7 +522,32 @@ def build_program(cfg, num_sms: int, page_size: int, max_seq_len: int,
     return Program(config=cfg, num_sms=num_sms, num_tokens=T, page_size=page_size,
                    attn_partitions=parts, lm_head_blocks=len(lm_blocks), instructions=rows,
                    counter_names=names, counter_targets=targets, buffers=buffers,
-                   dtype_bytes=dtype_bytes, decoded=list(instrs))
+                   dtype_bytes=dtype_bytes)
+
+
+def _encode(instrs: list[Instruction]) -> np.ndarray:
+    """Instructions as [len, WORDS] int32 rows."""
+    return np.array([i.encode() for i in instrs], dtype=np.int32).reshape(-1, WORDS)
+
+
+_LAYER_WORD = HEADER_FIELDS.index("layer")
+_COUNTER_WORDS = [HEADER_FIELDS.index(f) for f in ("wait0_counter", "wait1_counter",
+                                                   "signal_counter")]
+_PREFETCH_OPCODE_WORD = L2_PREFETCH_WORD + L2_PREFETCH_FIELDS.index("opcode")
+_PREFETCH_LAYER_WORD = L2_PREFETCH_WORD + L2_PREFETCH_FIELDS.index("layer")
+
+
+def repeat_layer(rows: np.ndarray, layers: int, counters: int) -> np.ndarray:
+    """A copy of one layer's encoded instructions `layers` layers later, with every counter
+    they wait on or signal `counters` later: their layer words, the layer of the weights
+    their L2 prefetch carries and their counters moved, nothing else."""
+    out = rows.copy()
+    out[:, _LAYER_WORD] += layers
+    for w in _COUNTER_WORDS:
+        out[:, w] += np.where(out[:, w] != NO_COUNTER, counters, 0).astype(np.int32)
+    carries = out[:, _PREFETCH_OPCODE_WORD] != 0
+    out[carries, _PREFETCH_LAYER_WORD] += layers
+    return out
 
 
 def allocate_buffers(program: Program, device=None, poison: bool = True) -> dict[str, torch.Tensor]:

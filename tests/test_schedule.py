@@ -2,6 +2,8 @@
 proves every dependency the GPU relies on is declared."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -53,6 +55,35 @@ def test_random_orders_equal_in_order(name):
     for seed in range(4):
         got = run_tokens(weights, PROMPT, order_seed=seed)
         assert torch.equal(got, expected), f"order seed {seed} changed the result"
+
+
+def test_a_deep_model_gives_the_per_op_logits():
+    """build_program emits layers 0 and 1 and copies layer 1 for the others
+    (program.repeat_layer): a 5-layer model through the instruction stream, in order and in
+    a random one, gives the per-op torch backend's logits."""
+    from megakernel.backends.torch_backend import TorchBackend
+
+    cfg = dataclasses.replace(small_config(**CONFIGS["gqa2-hd64"]), num_layers=5)
+    weights = random_weights(cfg, seed=3, init_std=0.1)
+    program = _program(weights)
+    assert [i.layer for i in program.instruction_list() if i.spec.name == "rms_qkv_rope"][::5] \
+        == [0, 1, 2, 3, 4]
+    tokens = PROMPT[:6]
+    cache = PagedKVCache(cfg, max_seq_len=32, page_size=4, dtype=torch.float32)
+    cache.reserve(len(tokens))
+    per_op = TorchBackend(weights, cache)
+    expected = torch.stack([per_op.decode(torch.tensor(tok), pos).logits.clone()
+                            for pos, tok in enumerate(tokens)])
+    for seed in (None, 0):
+        got = run_tokens(weights, tokens, order_seed=seed, program=program)
+        assert relative_error(got, expected) < RELATIVE_TOLERANCE[torch.float32], seed
+    # The L2 prefetches, a hint no result shows, each carry their own layer's weights.
+    for whole in (True, False):
+        deep = build_program(PRESETS["llama-3.2-1b"], num_sms=132, page_size=16,
+                             max_seq_len=2048, whole_context_attention=whole)
+        carriers = [i for i in deep.instruction_list() if i.l2_prefetch]
+        assert {i.layer for i in carriers} == set(range(16))
+        assert all(i.l2_prefetch.layer == i.layer for i in carriers)
 
 
 def _program(weights, num_sms=5):
