@@ -14,8 +14,10 @@ One process, one device, one copy of the weights and one prompt for every backen
     python scripts/benchmark.py --backends megakernel --profile out/profile
     python scripts/benchmark.py --backends megakernel,torch-compile --steps-per-launch 1,8
 
-Timing: every backend runs one untimed warm-up per context, then --repeats timed runs,
-interleaved across backends so drift hits all alike. A run is the engine's own greedy loop
+Timing: every backend runs two untimed warm-ups per context (the engine captures a prompt
+length's CUDA graph the second time it prefills that length, so every timed prefill
+replays it), then --repeats timed runs, interleaved across backends so drift hits all
+alike. A run is the engine's own greedy loop
 (torch-graph / torch-compile: a copy of it around the graph replay; hf: transformers' own
 generate loop, stamped by a streamer): prefill, then the decode steps, argmax on the
 device, one host read per launch (the megakernel chains --steps-per-launch greedy steps in
@@ -93,7 +95,9 @@ def _parser() -> argparse.ArgumentParser:
                         "(replaces --prompt-len)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per backend and "
                    "context (default 5; the median is reported)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="untimed runs first (default 2: the second captures the prompt's "
+                        "graph)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="bfloat16 | float16 | float32 (default: "
                    "bfloat16 on CUDA, float32 on CPU)")
