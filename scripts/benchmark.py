@@ -17,17 +17,17 @@ One process, one device, one copy of the weights and one prompt for every backen
 Timing: every backend runs two untimed warm-ups per context (the engine captures a prompt
 length's CUDA graph the second time it prefills that length, so every timed prefill
 replays it), then --repeats timed runs, interleaved across backends so drift hits all
-alike. A run is the engine's own greedy loop
-(torch-graph / torch-compile: a copy of it around the graph replay; hf: transformers' own
-generate loop, stamped by a streamer): prefill, then the decode steps, argmax on the
-device, one host read per launch (the megakernel chains --steps-per-launch greedy steps in
-one launch; the others run one step per launch). TTFT is prompt in ->
-first token on the host; ms/token is (end - first token) / (new tokens - 1), the clock read
-after a device synchronize. Bytes per token = the weights a step must read
-(ModelConfig.weight_bytes_per_token) + K/V of the mean context over the timed steps; the
-bandwidth share is against a device-to-device copy timed in the same process (read + write
-bytes counted). Without a GPU the script runs the torch / reference / hf paths on
-random:tiny and names every backend it skipped, with the reason.
+alike. A run is the engine's own greedy loop (torch-graph / torch-compile: a copy of it
+around the graph replay; hf: transformers' own generate loop, stamped by a streamer):
+prefill, then the decode steps, argmax on the device, one host read per launch (the
+megakernel chains --steps-per-launch greedy steps in one launch; the others run one step
+per launch). TTFT is prompt in -> first token on the host; ms/token is (end - first
+token) / (new tokens - 1), the clock read after a device synchronize. Bytes per token =
+the weights a step must read (ModelConfig.weight_bytes_per_token) + K/V of the mean
+context over the timed steps; the bandwidth share is against a device-to-device copy timed
+in the same process (read + write bytes counted). Without a GPU the script runs the
+torch / reference / hf paths on random:tiny and names every backend it skipped, with the
+reason.
 """
 from __future__ import annotations
 
