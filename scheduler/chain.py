@@ -19,7 +19,7 @@ import torch
 
 from megakernel.instructions import ARGMAX_REDUCE, EMBED, HEADER_FIELDS, NO_COUNTER
 
-from .program import BufferSpec, Program
+from .program import BufferSpec, Program, move_counters
 
 _WORD = {name: i for i, name in enumerate(HEADER_FIELDS)}
 
@@ -54,9 +54,7 @@ def chain_steps(program: Program, steps: int) -> Program:
     # All copies at once, [steps, N, words]: copy t's counters are the step's plus t * n.
     copies = rows.unsqueeze(0).repeat(steps, 1, 1)
     copy_index = torch.arange(steps, dtype=rows.dtype).view(steps, 1)
-    for w in ("wait0_counter", "wait1_counter", "signal_counter"):
-        column = copies[:, :, _WORD[w]]
-        column += torch.where(column != NO_COUNTER, copy_index * n, 0)
+    move_counters(copies, copy_index * n)
     copies[:, :, _WORD["token_begin"]] = copy_index
     copies[1:, embed, _WORD["wait0_counter"]] = copy_index[:-1, 0] * n + argmax_counter
     copies[1:, embed, _WORD["wait0_target"]] = program.counter_targets[argmax_counter]

@@ -530,11 +530,21 @@ def _encode(instrs: list[Instruction]) -> np.ndarray:
     return np.array([i.encode() for i in instrs], dtype=np.int32).reshape(-1, WORDS)
 
 
+# The header words that name a counter: the two waits' and the signal's.
+_COUNTER_WORDS = tuple(HEADER_FIELDS.index(f)
+                       for f in ("wait0_counter", "wait1_counter", "signal_counter"))
 _LAYER_WORD = HEADER_FIELDS.index("layer")
-_COUNTER_WORDS = [HEADER_FIELDS.index(f) for f in ("wait0_counter", "wait1_counter",
-                                                   "signal_counter")]
 _PREFETCH_OPCODE_WORD = L2_PREFETCH_WORD + L2_PREFETCH_FIELDS.index("opcode")
 _PREFETCH_LAYER_WORD = L2_PREFETCH_WORD + L2_PREFETCH_FIELDS.index("layer")
+
+
+def move_counters(rows, offset) -> None:
+    """Add `offset` (a number, or an array broadcast against rows[..., 0]) to every counter
+    the encoded instructions `rows` (a numpy array or a torch tensor) wait on or signal, in
+    place."""
+    for w in _COUNTER_WORDS:
+        column = rows[..., w]
+        column += (column != NO_COUNTER) * offset
 
 
 def repeat_layer(rows: np.ndarray, layers: int, counters: int) -> np.ndarray:
@@ -543,8 +553,7 @@ def repeat_layer(rows: np.ndarray, layers: int, counters: int) -> np.ndarray:
     their L2 prefetch carries and their counters moved, nothing else."""
     out = rows.copy()
     out[:, _LAYER_WORD] += layers
-    for w in _COUNTER_WORDS:
-        out[:, w] += np.where(out[:, w] != NO_COUNTER, counters, 0).astype(np.int32)
+    move_counters(out, counters)
     carries = out[:, _PREFETCH_OPCODE_WORD] != 0
     out[carries, _PREFETCH_LAYER_WORD] += layers
     return out
