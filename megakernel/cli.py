@@ -84,7 +84,8 @@ def _generate(args) -> int:
     engine = megakernel.Engine.from_pretrained(
         args.model, device=args.device, backend=args.backend, dtype=args.dtype,
         max_seq_len=args.max_seq_len, page_size=args.page_size, seed=args.seed,
-        progress=progress, steps_per_launch=args.steps_per_launch)
+        progress=progress, steps_per_launch=args.steps_per_launch,
+        prompt_graphs=False)     # one generation: a graph captured after it would go unused
     engine.prepare(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     if not quiet:
         dtype = str(engine.weights.dtype).replace("torch.", "")

@@ -96,6 +96,9 @@ class Engine:
         self.readback = TokenReadback(self.device)
         self.recover_timeout_s = RECOVER_TIMEOUT_S
         self.hung = False   # a launch did not finish in time and may still be running
+        # Capture each prompt bucket's prefill graph after the generation that first ran
+        # it without one (prompt_graphs.py); off for a one-generation process.
+        self.prompt_graphs = True
 
     @property
     def backend_name(self) -> str:
@@ -106,7 +109,7 @@ class Engine:
     def from_pretrained(cls, model: str, device=None, backend: str | None = None,
                         dtype=None, max_seq_len: int = 4096, page_size: int | None = None,
                         seed: int = 0, progress: Callable[[int, int], None] | None = None,
-                        steps_per_launch: int | None = None,
+                        steps_per_launch: int | None = None, prompt_graphs: bool = True,
                         **backend_options) -> "Engine":
         """Load `model` (a local checkpoint dir, a hub id, or random:<preset>) and build
         the backend. device: 'cuda'/'cpu' (default: cuda when available). backend:
@@ -114,7 +117,10 @@ class Engine:
         dtype: torch dtype or name (default bfloat16 on CUDA, float32 on CPU).
         steps_per_launch: greedy (or device-sampled: see generate) decode steps chained in
         one launch (megakernel and reference backends; default: the backend's, 8 for the
-        megakernel)."""
+        megakernel). prompt_graphs: on CUDA, after a generation whose prompt (or a chunk
+        of it) had no CUDA graph of its length bucket, capture one (tens of ms, after the
+        last token), which later prompts of that bucket replay; pass False in a process
+        that generates once."""
         device = resolve_device(device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise BackendUnavailableError("device 'cuda' requested but CUDA is not available")
@@ -158,6 +164,7 @@ class Engine:
                                 poison=backend_options.pop("poison_cache", False))
         impl = make_backend(backend, weights, kv_cache, max_seq_len, **backend_options)
         engine = cls(weights, tokenizer, impl, kv_cache, max_seq_len, seed)
+        engine.prompt_graphs = prompt_graphs
         if device.type == "cuda":
             engine._warm_up()
         return engine
@@ -316,6 +323,16 @@ class Engine:
             prompt_tokens=len(ids), new_tokens=n, ttft_ms=ttft_ms, ms_per_token=ms_per_token,
             tokens_per_s=1000.0 / ms_per_token if n > 1 and ms_per_token > 0 else float("nan"),
             total_ms=(t_end - t_start) * 1000, backend=self.backend.name)
+        if self.prompt_graphs:
+            # After the last token (streamed already) and outside the stats: no time to
+            # first token ever includes a capture.
+            try:
+                self.backend.capture_prompt_graphs()
+                synchronize_or_raise(self.device, self.readback.timeout_s,
+                                     "the prompt graphs' capture")
+            except BaseException:
+                self._recover()
+                raise
         return GenerationResult(
             token_ids=new_tokens, text=self.decode_text(new_tokens), prompt_token_ids=ids,
             finish_reason=finish, stats=stats,
@@ -404,7 +421,8 @@ def make_backend(name: str, weights, kv_cache, max_seq_len: int, **options) -> B
 def generate(model: str, prompt, **kwargs) -> GenerationResult:
     """One-shot convenience: Engine.from_pretrained(model, ...) then generate(prompt, ...)."""
     load_keys = {"device", "backend", "dtype", "max_seq_len", "page_size", "seed", "progress",
-                 "steps_per_launch"}
+                 "steps_per_launch", "prompt_graphs"}
     load_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in load_keys}
+    load_kwargs.setdefault("prompt_graphs", False)     # one generation: no graph pays
     engine = Engine.from_pretrained(model, **load_kwargs)
     return engine.generate(prompt, **kwargs)

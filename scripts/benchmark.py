@@ -15,8 +15,8 @@ One process, one device, one copy of the weights and one prompt for every backen
     python scripts/benchmark.py --backends megakernel,torch-compile --steps-per-launch 1,8
 
 Timing: every backend runs two untimed warm-ups per context (the engine captures a prompt
-length's CUDA graph the second time it prefills that length, so every timed prefill
-replays it), then --repeats timed runs, interleaved across backends so drift hits all
+length's CUDA graph after the first generation that prefills that length, so every timed
+prefill replays it), then --repeats timed runs, interleaved across backends so drift hits all
 alike. A run is the engine's own greedy loop (torch-graph / torch-compile: a copy of it
 around the graph replay; hf: transformers' own generate loop, stamped by a streamer):
 prefill, then the decode steps, argmax on the device, one host read per launch (the
@@ -96,8 +96,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="timed runs per backend and "
                    "context (default 5; the median is reported)")
     p.add_argument("--warmup", type=int, default=2,
-                   help="untimed runs first (default 2: the second captures the prompt's "
-                        "graph)")
+                   help="untimed runs first (default 2; the first is followed by the "
+                        "capture of the prompt's graph)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="bfloat16 | float16 | float32 (default: "
                    "bfloat16 on CUDA, float32 on CPU)")
@@ -447,6 +447,7 @@ class GraphRunner(Runner):
             pos += 1
         _sync(device)
         t_end = time.perf_counter()
+        self.backend.capture_prompt_graphs()     # as Engine.generate, after the tokens
         n = len(tokens)
         return RunResult(tokens, (t_first - t_start) * 1e3,
                          (t_end - t_first) * 1e3 / (n - 1) if n > 1 else math.nan)

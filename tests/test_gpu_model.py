@@ -262,8 +262,8 @@ def test_a_chained_launch_from_a_bad_device_token_faults_and_recovers(checkpoint
 def test_long_run_to_max_seq_len_on_1b():
     """Generate up to max_seq_len on the 1B shape: no error, no memory growth, the same
     tokens three times, and teacher-forced logits at checkpoints that match the torch
-    backend. The second run captures the prompt's prefill graph (its memory pool is the
-    one allocation a run may add), the third replays it."""
+    backend. The first run ends by capturing the prompt's prefill graph (its memory pool
+    is the one allocation a run may add), the later ones replay it."""
     max_len = 8192
     engine = megakernel.Engine.from_pretrained("random:llama-3.2-1b", device="cuda",
                                                backend="megakernel", max_seq_len=max_len)

@@ -1,5 +1,6 @@
 """The prompt prefill on the GPU: replays of its CUDA graphs (prompt_graphs.py) against
-the plain path, when they are captured, and the generate() around them."""
+the plain path, when they are captured (after the generation that first needed them),
+and the generate() around them."""
 from __future__ import annotations
 
 import pytest
@@ -45,7 +46,7 @@ def test_buckets():
         MIN_BUCKET, MIN_BUCKET, 2 * MIN_BUCKET, 128, 512]
 
 
-def test_a_bucket_is_captured_on_its_second_prompt_and_replays_match(engine):
+def test_a_bucket_is_pending_after_its_first_prompt_and_replays_match(engine):
     graphs = PromptGraphs(engine.backend, max_tokens=512)
     for i, n in enumerate([5, 12, 16, 9, 20, 31]):     # buckets 16, 16, 16, 16, 32, 32
         ids = prompt(n, seed=i)
@@ -53,14 +54,16 @@ def test_a_bucket_is_captured_on_its_second_prompt_and_replays_match(engine):
         got = prefill(engine, lambda: graphs.run(ids), n)
         first_of_bucket = i in (0, 4)
         assert (got[0] is None) == first_of_bucket
-        assert graphs.captures == (0 if i < 1 else 1 if i < 5 else 2)
+        assert graphs.pending == ({(0, bucket_of(n))} if first_of_bucket else set())
+        assert graphs.capture_pending() == (1 if first_of_bucket else 0)
+        assert graphs.captures == (1 if i < 4 else 2) and not graphs.pending
         if not first_of_bucket:
             for g, w in zip(got, want):
                 assert relative_error(g, w) < BF16
 
 
 def test_later_chunks_have_graphs_of_their_own(engine):
-    """A chunk after 48 cached positions: captured on its second use of (start, bucket),
+    """A chunk after 48 cached positions: captured after its first use of (start, bucket),
     its replays equal the plain path; a chunk whose bucket runs past the pages gets none."""
     graphs = PromptGraphs(engine.backend, max_tokens=512)
     before = prompt(48, seed=11)
@@ -69,7 +72,9 @@ def test_later_chunks_have_graphs_of_their_own(engine):
         want = prefill(engine, lambda: prefill_chunk(engine.backend, ids, 48), 48 + n,
                        before=before)
         got = prefill(engine, lambda: graphs.run(ids, 48), 48 + n, before=before)
-        assert (got[0] is None) == (i == 0) and graphs.captures == min(i, 1)
+        assert (got[0] is None) == (i == 0)
+        graphs.capture_pending()
+        assert graphs.captures == 1
         if i:
             for g, w in zip(got, want):
                 assert relative_error(g, w) < BF16
@@ -77,6 +82,7 @@ def test_later_chunks_have_graphs_of_their_own(engine):
     for _ in range(3):                                   # pages for [0, 80), bucket [52, 84)
         assert prefill(engine, lambda: graphs.run(ids, 52), 72, reserve=72,
                        before=before)[0] is None
+        assert not graphs.pending and graphs.capture_pending() == 0
     assert graphs.captures == 1
 
 
@@ -85,12 +91,15 @@ def test_a_graph_is_captured_again_when_a_weight_moves(engine):
     ids = prompt(10, seed=7)
     for _ in range(2):
         prefill(engine, lambda: graphs.run(ids), 10)
+        graphs.capture_pending()
     assert graphs.captures == 1
     weights = engine.backend.weights
     original = weights.down
     weights.down = original.clone()
     try:
         want = prefill(engine, lambda: prefill_chunk(engine.backend, ids), 10)
+        assert prefill(engine, lambda: graphs.run(ids), 10)[0] is None
+        assert graphs.capture_pending() == 1
         got = prefill(engine, lambda: graphs.run(ids), 10)
     finally:
         weights.down = original
@@ -104,18 +113,35 @@ def test_no_graph_for_a_bucket_past_the_reserved_pages(engine):
     ids = prompt(33, seed=3)                             # bucket 64, pages for 48 positions
     for _ in range(3):
         assert prefill(engine, lambda: graphs.run(ids), 33, reserve=34)[0] is None
+        assert graphs.capture_pending() == 0
     assert graphs.captures == 0
 
 
 def test_generate_repeats_itself_through_the_graphs(engine):
-    """The first generate() prefills without a graph, the second captures, the third
-    replays: the same tokens each time, logits within bf16 rounding."""
-    results = [engine.generate(prompt(23, seed=5).tolist(), max_new_tokens=6,
-                               ignore_eos=True, output_logits=True) for _ in range(3)]
-    assert engine.backend._prompt_graphs.captures >= 1
+    """The first generate() prefills without a graph and captures one after its last
+    token; the next two replay it: the same tokens each time, logits within bf16
+    rounding."""
+    ids = prompt(23, seed=5).tolist()
+    results, captures = [], []
+    for _ in range(3):
+        results.append(engine.generate(ids, max_new_tokens=6, ignore_eos=True,
+                                       output_logits=True))
+        captures.append(engine.backend._prompt_graphs.captures)
+    assert captures[1] == captures[2] == captures[0] >= 1
+    assert not engine.backend._prompt_graphs.pending
     for r in results[1:]:
         assert r.token_ids == results[0].token_ids
         assert relative_error(r.logits, results[0].logits) < BF16
+
+
+def test_an_engine_without_prompt_graphs_captures_none():
+    engine = megakernel.Engine.from_pretrained("random:tiny", device="cuda", backend="torch",
+                                               max_seq_len=256, page_size=16,
+                                               prompt_graphs=False)
+    ids = prompt(23, seed=5).tolist()
+    first = engine.generate(ids, max_new_tokens=4, ignore_eos=True)
+    assert engine.generate(ids, max_new_tokens=4, ignore_eos=True).token_ids == first.token_ids
+    assert engine.backend._prompt_graphs.captures == 0
 
 
 @pytest.mark.parametrize("backend", ["torch", "megakernel"])

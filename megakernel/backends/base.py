@@ -107,6 +107,12 @@ class Backend:
         that a process's first use of the device libraries is paid at load. Nothing to run
         here."""
 
+    def capture_prompt_graphs(self) -> None:
+        """Capture the CUDA graphs of the prompt chunks that ran without one since the last
+        call (prompt_graphs.py). The engine calls it after a generation's last token, when
+        the cache's contents are no longer needed: the captures write K/V. Nothing to
+        capture here."""
+
     def prepare(self, sampling=None) -> None:
         """Build ahead whatever decode_steps(..., sampling) will launch, so the first
         launch does not pay for it. Nothing to build here."""

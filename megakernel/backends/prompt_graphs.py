@@ -8,14 +8,15 @@ with token 0, and the logits come from the last real token. The padding's K/V la
 positions past the chunk, which later chunks or the decode steps overwrite before any
 step attends to them; only a bucket whose positions all have pages in the cache is used.
 
-A graph is captured the second time it is needed (the first chunk runs the plain path), so
-a single generate() pays no capture. A graph holds the addresses of the weights, the
-cache and the RoPE tables: it is captured again if any of them moved. All graphs share
-one memory pool (their replays never overlap).
+A chunk with no graph runs the plain path and leaves its (start, bucket) pending;
+capture_pending() captures those graphs. The engine calls it after a generation's last
+token (Engine.generate), so a capture (on an H100 ~30 ms, 80-110 for a process's first)
+falls inside no time to first token: a bucket's first prompt runs the plain path, every
+later one a replay (benchmarks/RESULTS.md, entry 72). A graph holds the addresses of the weights, the cache and the
+RoPE tables: it is pending again if any of them moved. All graphs share one memory pool
+(their replays never overlap).
 """
 from __future__ import annotations
-
-from collections import Counter
 
 import torch
 
@@ -43,7 +44,7 @@ class PromptGraphs:
         self.backend = backend
         self.max_tokens = max_tokens     # longest prompt chunk (a power of two)
         self._graphs: dict[tuple[int, int], _Graph] = {}
-        self._needed = Counter()
+        self.pending: set[tuple[int, int]] = set()   # (start, bucket) run without a graph
         self._pool = None
         self.captures = 0                # graphs captured so far (tests read it)
 
@@ -55,25 +56,40 @@ class PromptGraphs:
     def run(self, token_ids: torch.Tensor, start: int = 0) -> torch.Tensor | None:
         """The logits [V] of the chunk token_ids (int64 [T] on the device) prefilled at
         positions start.. through a graph, or None where no graph serves it (the caller
-        then prefills without one). The logits live in the graph's buffer until its next
-        replay."""
+        then prefills without one; its (start, bucket) is left pending when a graph could
+        serve it). The logits live in the graph's buffer until its next replay."""
         n = token_ids.shape[0]
         bucket = bucket_of(n)
         if bucket > self.max_tokens or start + bucket > self.backend.kv_cache.capacity():
             return None
         key = (start, bucket)
-        self._needed[key] += 1
         entry = self._graphs.get(key)
-        addresses = self._addresses()
-        if entry is None or entry.addresses != addresses:
-            if self._needed[key] < 2:
-                return None
-            entry = self._capture(key, token_ids.device, addresses)
+        if entry is None or entry.addresses != self._addresses():
+            self.pending.add(key)
+            return None
         entry.token_ids[:n].copy_(token_ids)
         entry.token_ids[n:].zero_()
         entry.last_index.fill_(n - 1)
         entry.graph.replay()
         return entry.logits
+
+    def capture_pending(self) -> int:
+        """Capture the pending graphs whose positions have pages in the cache now (the
+        others are dropped: a later chunk leaves them pending again). Each capture writes
+        the K/V of its positions: call it when the cache's contents are no longer needed
+        (after a generation). Returns how many were captured."""
+        device = self.backend.kv_cache.device
+        addresses = self._addresses()
+        captured = 0
+        for key in sorted(self.pending):
+            start, bucket = key
+            if start + bucket <= self.backend.kv_cache.capacity():
+                # Replayed once here: a graph's first launch uploads it (~0.6 ms on an
+                # H100), which would otherwise fall in the next prompt's TTFT.
+                self._capture(key, device, addresses).graph.replay()
+                captured += 1
+        self.pending.clear()
+        return captured
 
     def _capture(self, key: tuple[int, int], device, addresses) -> _Graph:
         start, bucket = key

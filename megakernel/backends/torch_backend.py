@@ -101,10 +101,14 @@ class TorchBackend(Backend):
         prefill_chunk(self, torch.zeros(num_tokens, dtype=torch.int64,
                                         device=self.kv_cache.device))
 
+    def capture_prompt_graphs(self) -> None:
+        if self._prompt_graphs is not None:
+            self._prompt_graphs.capture_pending()
+
     def prefill(self, token_ids: torch.Tensor, start_position: int) -> StepOutput:
         """Tokens [T] at positions start_position.. in chunks of PREFILL_CHUNK, each in few
-        launches (prompt_prefill.py) or, on CUDA, replayed from a graph
-        (prompt_graphs.py)."""
+        launches (prompt_prefill.py) or, on CUDA, replayed from a graph captured after an
+        earlier generation (prompt_graphs.py)."""
         device = self.kv_cache.device
         token_ids = token_ids.to(device)
         logits = None
