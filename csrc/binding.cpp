@@ -15,6 +15,7 @@
 
 #include "instruction_layout.h"
 #include "launcher.h"
+#include "prefill_ops.h"
 
 namespace {
 
@@ -301,6 +302,85 @@ void launch(const at::Tensor& instructions, at::Tensor counters, at::Tensor queu
                         c10::cuda::getCurrentCUDAStream(device.index()).stream());
 }
 
+// The prompt prefill's fused kernels (prefill_ops.h), on the tensors' device and its
+// current stream. Shapes are checked here; page indices are device data, skipped by the
+// kernel when outside the cache.
+cudaStream_t prefill_stream(const at::Device& device) {
+  return c10::cuda::getCurrentCUDAStream(device.index()).stream();
+}
+
+void prefill_rope_append(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                         const at::Tensor& page_table_row, int64_t start,
+                         at::Tensor k_cache_layer, at::Tensor v_cache_layer, at::Tensor q_out,
+                         at::Tensor k_out) {
+  const auto device = qkv.device();
+  const auto bf16 = at::ScalarType::BFloat16;
+  check_tensor(q_out, "q_out", bf16, 3, device);
+  check_tensor(k_cache_layer, "k_cache_layer", bf16, 4, device);
+  check_tensor(v_cache_layer, "v_cache_layer", bf16, 4, device);
+  const int64_t T = q_out.size(0), nq = q_out.size(1), hd = q_out.size(2);
+  const int64_t pages = k_cache_layer.size(0), page_size = k_cache_layer.size(1),
+                nkv = k_cache_layer.size(2);
+  check_tensor(qkv, "qkv", bf16, 2, device);
+  MK_CHECK(qkv.size(0) == T && qkv.size(1) == (nq + 2 * nkv) * hd,
+           "megakernel: 'qkv' must be [", T, ", ", (nq + 2 * nkv) * hd, "]");
+  MK_CHECK(k_cache_layer.size(3) == hd && v_cache_layer.sizes() == k_cache_layer.sizes(),
+           "megakernel: the cache layers must be [pages, page_size, ", nkv, ", ", hd, "]");
+  MK_CHECK(hd % 2 == 0, "megakernel: head_dim must be even, got ", hd);
+  check_tensor(k_out, "k_out", bf16, 3, device);
+  MK_CHECK(k_out.size(0) == T && k_out.size(1) == nkv && k_out.size(2) == hd,
+           "megakernel: 'k_out' must be [", T, ", ", nkv, ", ", hd, "]");
+  for (const auto* table : {&cos, &sin}) {
+    check_tensor(*table, "rope table", at::ScalarType::Float, 2, device);
+    MK_CHECK(table->size(0) == T && table->size(1) == hd / 2,
+             "megakernel: the RoPE tables must be [", T, ", ", hd / 2, "]");
+  }
+  check_tensor(page_table_row, "page_table_row", at::ScalarType::Int, 1, device);
+  MK_CHECK(start >= 0 && (T == 0 || (start + T - 1) / page_size < page_table_row.size(0)),
+           "megakernel: positions [", start, ", ", start + T, ") are past the page table");
+  const c10::cuda::CUDAGuard guard(device);
+  mk::launch_rope_append(qkv.data_ptr(), ptr<const float>(cos), ptr<const float>(sin),
+                         ptr<const int32_t>(page_table_row), as_int(start, "start"),
+                         as_int(page_size, "page size"), as_int(pages, "page count"),
+                         k_cache_layer.data_ptr(), v_cache_layer.data_ptr(), q_out.data_ptr(),
+                         k_out.data_ptr(), as_int(T, "tokens"), as_int(nq, "query heads"),
+                         as_int(nkv, "KV heads"), as_int(hd, "head_dim"),
+                         prefill_stream(device));
+  mk::check(cudaGetLastError(), "rope_append launch");
+}
+
+void prefill_silu_mul(const at::Tensor& gate_up, at::Tensor out) {
+  const auto device = gate_up.device();
+  check_tensor(gate_up, "gate_up", at::ScalarType::BFloat16, 2, device);
+  check_tensor(out, "out", at::ScalarType::BFloat16, 2, device);
+  MK_CHECK(out.size(0) == gate_up.size(0) && gate_up.size(1) == 2 * out.size(1),
+           "megakernel: 'gate_up' must be [T, 2I] for 'out' [T, I]");
+  const c10::cuda::CUDAGuard guard(device);
+  mk::launch_silu_mul(gate_up.data_ptr(), out.data_ptr(), as_int(out.size(0), "tokens"),
+                      as_int(out.size(1), "intermediate size"), prefill_stream(device));
+  mk::check(cudaGetLastError(), "silu_mul launch");
+}
+
+void prefill_add_rms_norm(at::Tensor x, const std::optional<at::Tensor>& delta,
+                          const at::Tensor& weight, double eps, at::Tensor out) {
+  const auto device = x.device();
+  check_tensor(x, "x", at::ScalarType::Float, 2, device);
+  check_tensor(out, "out", at::ScalarType::BFloat16, 2, device);
+  check_tensor(weight, "weight", at::ScalarType::Float, 1, device);
+  MK_CHECK(out.sizes() == x.sizes() && weight.size(0) == x.size(1),
+           "megakernel: 'out' must be the shape of 'x' and 'weight' its width");
+  if (delta) {
+    check_tensor(*delta, "delta", at::ScalarType::BFloat16, 2, device);
+    MK_CHECK(delta->sizes() == x.sizes(), "megakernel: 'delta' must be the shape of 'x'");
+  }
+  const c10::cuda::CUDAGuard guard(device);
+  mk::launch_add_rms_norm(ptr<float>(x), delta ? delta->data_ptr() : nullptr,
+                          ptr<const float>(weight), static_cast<float>(eps), out.data_ptr(),
+                          as_int(x.size(0), "tokens"), as_int(x.size(1), "hidden size"),
+                          prefill_stream(device));
+  mk::check(cudaGetLastError(), "add_rms_norm launch");
+}
+
 // A zeroed CPU int64 tensor [kHostStatusWords] in mapped pinned memory that the kernel
 // writes its error code into, so the host can check for faults without a device sync.
 at::Tensor alloc_host_status() {
@@ -343,6 +423,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("topk_values") = py::none(), py::arg("topk_ties") = py::none(),
         py::arg("topp_hist") = py::none(), py::arg("topp_state") = py::none(),
         py::arg("sample_threshold") = py::none());
+  m.def("prefill_rope_append", &prefill_rope_append,
+        "RoPE on a prompt chunk's fused QKV rows: q heads to q_out, k heads to k_out, k and v "
+        "heads into the cache layer's slots of positions start.. (csrc/prefill_ops.h).",
+        py::arg("qkv"), py::arg("cos"), py::arg("sin"), py::arg("page_table_row"),
+        py::arg("start"), py::arg("k_cache_layer"), py::arg("v_cache_layer"), py::arg("q_out"),
+        py::arg("k_out"));
+  m.def("prefill_silu_mul", &prefill_silu_mul, "out = bf16(silu(gate) * up) of gate_up [T, 2I].",
+        py::arg("gate_up"), py::arg("out"));
+  m.def("prefill_add_rms_norm", &prefill_add_rms_norm,
+        "x += delta (if given), then out = bf16(rms_norm(x) * weight), row by row.",
+        py::arg("x"), py::arg("delta"), py::arg("weight"), py::arg("eps"), py::arg("out"));
   m.def("alloc_host_status", &alloc_host_status,
         "Zeroed int64 CPU tensor in mapped pinned memory for launch(host_status=...).");
   m.def("sm_count", &sm_count, "Number of SMs of the current CUDA device.");

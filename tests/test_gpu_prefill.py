@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import megakernel
 from megakernel.backends.prompt_graphs import MIN_BUCKET, PromptGraphs, bucket_of
-from megakernel.backends.prompt_prefill import prefill_chunk
+from megakernel.backends.prompt_prefill import fused_ops, prefill_chunk
 from tolerances import RELATIVE_TOLERANCE, relative_error
 
 pytestmark = pytest.mark.gpu
@@ -160,3 +161,95 @@ def test_the_warm_up_at_load_leaves_no_trace(backend):
     ids = prompt(20, seed=7).tolist()
     first = engine.generate(ids, max_new_tokens=8, ignore_eos=True)
     assert engine.generate(ids, max_new_tokens=8, ignore_eos=True).token_ids == first.token_ids
+
+
+@pytest.fixture(scope="module")
+def ops(engine):
+    ops = fused_ops(engine.backend)
+    if ops is None:
+        pytest.skip("the megakernel extension is not built for this GPU")
+    return ops
+
+
+def bf16_ulps_apart(out: torch.Tensor, want: torch.Tensor, ulps: int = 1) -> bool:
+    """Whether every element of out is within `ulps` bf16 units of want's last place."""
+    out, want = out.float(), want.float()
+    return bool(((out - want).abs() <= ulps * 2.0 ** -7 * want.abs() + 1e-30).all())
+
+
+@pytest.mark.parametrize("nq,nkv,hd", [(32, 8, 64), (8, 8, 128)])
+def test_rope_append_rounds_as_the_torch_ops(ops, nq, nkv, hd):
+    """The fused RoPE and cache append against prompt_prefill's PyTorch form, bit for bit:
+    q and k rotated, v copied, into the slots of positions 5..11 through a shuffled page
+    table; a page outside the cache is skipped; no other slot is written."""
+    T, half, ps, start = 7, hd // 2, 4, 5
+    g = torch.Generator(device="cuda").manual_seed(nq + hd)
+    qkv = torch.randn(T, (nq + 2 * nkv) * hd, device="cuda", generator=g).bfloat16()
+    angles = torch.rand(T, half, device="cuda", generator=g) * 6.3
+    cos, sin = angles.cos(), angles.sin()
+    qk = qkv[:, :(nq + nkv) * hd].float().view(T, nq + nkv, 2, half)
+    rope_c = torch.stack([cos, cos], dim=1).unsqueeze(1)
+    rope_s = torch.stack([-sin, sin], dim=1).unsqueeze(1)
+    rotated = (qk * rope_c + qk.flip(2) * rope_s).bfloat16().view(T, nq + nkv, hd)
+    values = qkv[:, (nq + nkv) * hd:].reshape(T, nkv, hd)
+    pos = torch.arange(start, start + T, device="cuda")
+    for table in ([3, 0, 5, 1, 4, 2], [3, 99, 5, 1, 4, 2]):     # positions 5-7 in page 99
+        table = torch.tensor(table, dtype=torch.int32, device="cuda")
+        k_cache = torch.full((6, ps, nkv, hd), float("nan"), dtype=torch.bfloat16,
+                             device="cuda")
+        v_cache = k_cache.clone()
+        q = torch.empty(T, nq, hd, dtype=torch.bfloat16, device="cuda")
+        k = torch.empty(T, nkv, hd, dtype=torch.bfloat16, device="cuda")
+        ops.prefill_rope_append(qkv, cos, sin, table, start, k_cache, v_cache, q, k)
+        assert torch.equal(q, rotated[:, :nq]) and torch.equal(k, rotated[:, nq:])
+        cached = table[pos // ps] < 6
+        page, offset = table[pos // ps][cached].long(), (pos % ps)[cached]
+        assert torch.equal(k_cache[page, offset], rotated[cached, nq:])
+        assert torch.equal(v_cache[page, offset], values[cached])
+        written = torch.zeros(6, ps, dtype=torch.bool, device="cuda")
+        written[page, offset] = True
+        assert torch.isnan(k_cache[~written].float()).all()
+        assert torch.isnan(v_cache[~written].float()).all()
+        assert int(cached.sum()) == (T if int(table[1]) == 0 else T - 3)
+
+
+def test_silu_mul_and_add_rms_norm_against_the_torch_ops(ops):
+    """SiLU times up, and the residual add with the RMSNorm after it, against the PyTorch
+    ops prompt_prefill uses: the add exact, each bf16 output within one unit of the last
+    place (the exp and the norm's sum of squares are computed in another order)."""
+    T, I, H = 5, 96, 80
+    g = torch.Generator(device="cuda").manual_seed(1)
+    gate_up = (torch.randn(T, 2 * I, device="cuda", generator=g) * 4).bfloat16()
+    act = torch.empty(T, I, dtype=torch.bfloat16, device="cuda")
+    ops.prefill_silu_mul(gate_up, act)
+    want = (F.silu(gate_up[:, :I].float()) * gate_up[:, I:].float()).bfloat16()
+    assert bf16_ulps_apart(act, want)
+
+    x = torch.randn(T, H, device="cuda", generator=g) * 3
+    delta = torch.randn(T, H, device="cuda", generator=g).bfloat16()
+    weight = torch.rand(H, device="cuda", generator=g) + 0.5
+    out = torch.empty(T, H, dtype=torch.bfloat16, device="cuda")
+    summed = x + delta.float()
+    ops.prefill_add_rms_norm(x, delta, weight, 1e-5, out)
+    assert torch.equal(x, summed)
+    assert bf16_ulps_apart(out, F.rms_norm(summed, (H,), weight, 1e-5).bfloat16())
+    ops.prefill_add_rms_norm(x, None, weight, 1e-5, out)         # no delta: x unchanged
+    assert torch.equal(x, summed)
+    with pytest.raises(RuntimeError, match="megakernel: 'gate_up' must be"):
+        ops.prefill_silu_mul(gate_up, torch.empty(T, I + 1, dtype=torch.bfloat16,
+                                                  device="cuda"))
+
+
+@pytest.mark.parametrize("start", [0, 48])
+def test_a_fused_chunk_matches_the_torch_ops(engine, ops, start):
+    """A chunk through the fused kernels against the same chunk through the PyTorch ops,
+    first or after 48 cached positions: logits and every layer's K/V within bf16
+    rounding."""
+    before = prompt(48, seed=11) if start else None
+    ids = prompt(21, seed=3)
+    want = prefill(engine, lambda: prefill_chunk(engine.backend, ids, start, fused=False),
+                   start + 21, before=before)
+    got = prefill(engine, lambda: prefill_chunk(engine.backend, ids, start, fused=True),
+                  start + 21, before=before)
+    for g, w in zip(got, want):
+        assert relative_error(g, w) < BF16

@@ -11,7 +11,12 @@ position up to its last. The residual stream, norms and softmax stay in float32,
 in the weight dtype, as in forward(), which stays the path of the decode baselines. With
 bf16 or fp16 weights the attention's two matmuls are in that dtype too (its softmax stays
 float32): the fused flash kernel with its own GQA, ~3-7x faster than the float32 kernel
-on the long chunks (benchmarks/RESULTS.md, entry 59).
+on the long chunks (benchmarks/RESULTS.md, entry 59). With bf16 weights and cache on a GPU
+the extension runs (megakernel._C, csrc/prefill_ops.cu), the elementwise steps between the
+matmuls run fused instead: RoPE with the cache append, the residual add with the next
+RMSNorm, SiLU with its product, ~9 kernels per layer where the PyTorch ops take ~26
+(benchmarks/RESULTS.md, entry 73); rounded as those ops are, but for the order of a norm's
+sum of squares and SiLU's exp.
 """
 from __future__ import annotations
 
@@ -75,12 +80,46 @@ def _attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     return out[0].transpose(0, 1)
 
 
+# The extension's fused prefill kernels by device index, or None where they cannot run.
+_FUSED_OPS: dict[int, object] = {}
+
+
+def fused_ops(backend):
+    """The module with the fused prefill kernels (megakernel._C) where the backend's chunks
+    can use them: bf16 weights and cache on an sm_90 GPU with the extension built; else
+    None."""
+    w, kv = backend.weights, backend.kv_cache
+    if (kv.device.type != "cuda" or w.dtype != torch.bfloat16
+            or kv.k.dtype != torch.bfloat16):
+        return None
+    index = kv.device.index if kv.device.index is not None else torch.cuda.current_device()
+    if index not in _FUSED_OPS:
+        from megakernel.errors import BackendUnavailableError
+
+        from .megakernel_backend import load_extension
+        try:
+            with torch.cuda.device(index):
+                ext = load_extension()
+        except BackendUnavailableError:
+            ext = None
+        _FUSED_OPS[index] = ext if hasattr(ext, "prefill_rope_append") else None
+    return _FUSED_OPS[index]
+
+
 def prefill_chunk(backend, token_ids: torch.Tensor, start: int = 0,
-                  last_index: torch.Tensor | None = None) -> torch.Tensor:
+                  last_index: torch.Tensor | None = None,
+                  fused: bool | None = None) -> torch.Tensor:
     """Tokens [T] (int64, on the device) at positions start..start+T-1, after the K/V of
     positions [0, start) in the backend's cache: appends their K/V and returns the logits
     [V] float32 of token last_index ([1] int64 on the device; default the last token).
-    Positions [0, start + T) must have pages."""
+    Positions [0, start + T) must have pages. fused: through the fused kernels (True), the
+    PyTorch ops (False), or the first where they can run (None)."""
+    ops = fused_ops(backend) if fused is not False else None
+    if fused and ops is None:
+        raise RuntimeError("the fused prefill kernels need bf16 weights and cache on an "
+                           "sm_90 GPU with the megakernel extension built")
+    if ops is not None:
+        return _prefill_chunk_fused(backend, ops, token_ids, start, last_index)
     c, w, kv = backend.config, backend.weights, backend.kv_cache
     dt = w.dtype
     T, hd, nq, nkv, half = token_ids.shape[0], c.head_dim, c.num_heads, c.num_kv_heads, \
@@ -131,3 +170,42 @@ def prefill_chunk(backend, token_ids: torch.Tensor, start: int = 0,
     last = x[-1] if last_index is None else x.index_select(0, last_index)[0]
     xn = _rms_norm(last, final_norm, c.rms_norm_eps)
     return (xn.to(dt) @ w.lm_head.t()).float()
+
+
+def _prefill_chunk_fused(backend, ops, token_ids: torch.Tensor, start: int,
+                         last_index: torch.Tensor | None) -> torch.Tensor:
+    """prefill_chunk() through the extension's fused kernels (see the module doc)."""
+    c, w, kv = backend.config, backend.weights, backend.kv_cache
+    T, hd, eps = token_ids.shape[0], c.head_dim, c.rms_norm_eps
+    device, dt = token_ids.device, w.dtype
+    cos, sin = w.rope_cos[start:start + T], w.rope_sin[start:start + T]
+    attn_norm, mlp_norm = w.attn_norm.float(), w.mlp_norm.float()
+    final_norm = w.final_norm.float()
+    if start:
+        context = start + T
+        pages = kv.page_table[0, :-(-context // kv.page_size)].long()
+
+    x = w.embed[token_ids].float()                                 # [T, H] residual stream
+    xn = torch.empty(T, c.hidden_size, dtype=dt, device=device)    # its norm, for a matmul
+    q = torch.empty(T, c.num_heads, hd, dtype=kv.k.dtype, device=device)
+    k = torch.empty(T, c.num_kv_heads, hd, dtype=kv.k.dtype, device=device)
+    act = torch.empty(T, c.intermediate_size, dtype=dt, device=device)
+    ops.prefill_add_rms_norm(x, None, attn_norm[0], eps, xn)
+    with sdpa_kernel(ATTENTION_BACKENDS):
+        for layer in range(c.num_layers):
+            qkv = xn @ w.qkv[layer].t()
+            ops.prefill_rope_append(qkv, cos, sin, kv.page_table[0], start, kv.k[layer],
+                                    kv.v[layer], q, k)
+            if start:
+                keys = kv.k[layer, pages].reshape(-1, c.num_kv_heads, hd)[:context]
+                values = kv.v[layer, pages].reshape(-1, c.num_kv_heads, hd)[:context]
+            else:
+                keys = k
+                values = qkv[:, c.q_size + c.kv_size:].view(T, c.num_kv_heads, hd)
+            attn = _attention(q, keys, values, c.group_size).reshape(T, c.q_size)
+            ops.prefill_add_rms_norm(x, attn @ w.o_proj[layer].t(), mlp_norm[layer], eps, xn)
+            ops.prefill_silu_mul(xn @ w.gate_up[layer].t(), act)
+            after = attn_norm[layer + 1] if layer + 1 < c.num_layers else final_norm
+            ops.prefill_add_rms_norm(x, act @ w.down[layer].t(), after, eps, xn)
+    last = xn[-1] if last_index is None else xn.index_select(0, last_index)[0]
+    return (last @ w.lm_head.t()).float()
