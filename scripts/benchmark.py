@@ -16,8 +16,8 @@ One process, one device, one copy of the weights and one prompt for every backen
 
 Timing: every backend runs two untimed warm-ups per context (the engine captures a prompt
 length's CUDA graph after the first generation that prefills that length, so every timed
-prefill replays it), then --repeats timed runs, interleaved across backends so drift hits all
-alike. A run is the engine's own greedy loop (torch-graph / torch-compile: a copy of it
+prefill replays it), then --repeats timed runs, interleaved across backends so drift hits
+all alike. A run is the engine's own greedy loop (torch-graph / torch-compile: a copy of it
 around the graph replay; hf: transformers' own generate loop, stamped by a streamer):
 prefill, then the decode steps, argmax on the device, one host read per launch (the
 megakernel chains --steps-per-launch greedy steps in one launch; the others run one step

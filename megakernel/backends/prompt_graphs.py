@@ -12,9 +12,9 @@ A chunk with no graph runs the plain path and leaves its (start, bucket) pending
 capture_pending() captures those graphs. The engine calls it after a generation's last
 token (Engine.generate), so a capture (on an H100 ~30 ms, 80-110 for a process's first)
 falls inside no time to first token: a bucket's first prompt runs the plain path, every
-later one a replay (benchmarks/RESULTS.md, entry 72). A graph holds the addresses of the weights, the cache and the
-RoPE tables: it is pending again if any of them moved. All graphs share one memory pool
-(their replays never overlap).
+later one a replay (benchmarks/RESULTS.md, entry 72). A graph holds the addresses of the
+weights, the cache and the RoPE tables: it is pending again if any of them moved. All
+graphs share one memory pool (their replays never overlap).
 """
 from __future__ import annotations
 
