@@ -309,6 +309,38 @@ def test_one_shot_generate(baseline):
     assert r.token_ids == baseline.token_ids
 
 
+def test_prompt_graphs_are_captured_after_the_last_token_unless_turned_off(monkeypatch,
+                                                                          baseline):
+    """generate() has the backend capture its pending prompt graphs once every token is
+    out (after the last streamed one), and not when the generation failed, when the engine
+    was made with prompt_graphs=False, or in the one-shot generate()."""
+    from megakernel.backends.torch_backend import TorchBackend
+
+    events = []
+    monkeypatch.setattr(TorchBackend, "capture_prompt_graphs",
+                        lambda self: events.append("capture"))
+    engine = megakernel.Engine.from_pretrained("random:tiny", device="cpu", backend="torch",
+                                               max_seq_len=128)
+    engine.generate("Hello", max_new_tokens=12, ignore_eos=True,
+                    stream=lambda token, piece: events.append(token))
+    assert events == baseline.token_ids + ["capture"]
+
+    def interrupt(token, piece):
+        raise KeyboardInterrupt
+
+    events.clear()
+    with pytest.raises(KeyboardInterrupt):
+        engine.generate("Hello", max_new_tokens=4, stream=interrupt)
+    assert events == []
+    off = megakernel.Engine.from_pretrained("random:tiny", device="cpu", backend="torch",
+                                            max_seq_len=128, prompt_graphs=False)
+    assert off.generate("Hello", max_new_tokens=12, ignore_eos=True).token_ids == \
+        baseline.token_ids
+    megakernel.generate("random:tiny", "Hello", max_new_tokens=4, device="cpu",
+                        backend="torch", max_seq_len=128)
+    assert events == []
+
+
 def test_megakernel_on_an_unsupported_gpu_is_a_clear_error(monkeypatch):
     """An sm_80 GPU (simulated): the megakernel backend is refused, naming both
     architectures, before anything is loaded."""
