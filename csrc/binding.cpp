@@ -53,6 +53,11 @@ void check_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype, i
   MK_CHECK(t.is_contiguous(), "megakernel: '", name, "' must be contiguous");
 }
 
+// Torch's current stream on `device`: every launch here goes on it.
+cudaStream_t current_stream(const at::Device& device) {
+  return c10::cuda::getCurrentCUDAStream(device.index()).stream();
+}
+
 template <typename T>
 T* ptr(const at::Tensor& t) {
   return static_cast<T*>(t.data_ptr());
@@ -298,16 +303,12 @@ void launch(const at::Tensor& instructions, at::Tensor counters, at::Tensor queu
 
   const c10::cuda::CUDAGuard guard(device);
   mk::check_device_supported();
-  mk::launch_megakernel(p, as_int(num_blocks, "num_blocks"),
-                        c10::cuda::getCurrentCUDAStream(device.index()).stream());
+  mk::launch_megakernel(p, as_int(num_blocks, "num_blocks"), current_stream(device));
 }
 
 // The prompt prefill's fused kernels (prefill_ops.h), on the tensors' device and its
 // current stream. Shapes are checked here; page indices are device data, skipped by the
 // kernel when outside the cache.
-cudaStream_t prefill_stream(const at::Device& device) {
-  return c10::cuda::getCurrentCUDAStream(device.index()).stream();
-}
 
 void prefill_rope_append(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
                          const at::Tensor& page_table_row, int64_t start,
@@ -345,7 +346,7 @@ void prefill_rope_append(const at::Tensor& qkv, const at::Tensor& cos, const at:
                          k_cache_layer.data_ptr(), v_cache_layer.data_ptr(), q_out.data_ptr(),
                          k_out.data_ptr(), as_int(T, "tokens"), as_int(nq, "query heads"),
                          as_int(nkv, "KV heads"), as_int(hd, "head_dim"),
-                         prefill_stream(device));
+                         current_stream(device));
   mk::check(cudaGetLastError(), "rope_append launch");
 }
 
@@ -357,7 +358,7 @@ void prefill_silu_mul(const at::Tensor& gate_up, at::Tensor out) {
            "megakernel: 'gate_up' must be [T, 2I] for 'out' [T, I]");
   const c10::cuda::CUDAGuard guard(device);
   mk::launch_silu_mul(gate_up.data_ptr(), out.data_ptr(), as_int(out.size(0), "tokens"),
-                      as_int(out.size(1), "intermediate size"), prefill_stream(device));
+                      as_int(out.size(1), "intermediate size"), current_stream(device));
   mk::check(cudaGetLastError(), "silu_mul launch");
 }
 
@@ -377,7 +378,7 @@ void prefill_add_rms_norm(at::Tensor x, const std::optional<at::Tensor>& delta,
   mk::launch_add_rms_norm(ptr<float>(x), delta ? delta->data_ptr() : nullptr,
                           ptr<const float>(weight), static_cast<float>(eps), out.data_ptr(),
                           as_int(x.size(0), "tokens"), as_int(x.size(1), "hidden size"),
-                          prefill_stream(device));
+                          current_stream(device));
   mk::check(cudaGetLastError(), "add_rms_norm launch");
 }
 

@@ -80,6 +80,20 @@ def _attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     return out[0].transpose(0, 1)
 
 
+def _context_pages(kv, context: int) -> torch.Tensor:
+    """The cache's pages of positions [0, context), as int64 indices (computed once per
+    chunk, read by every layer's _cached_kv)."""
+    return kv.page_table[0, :-(-context // kv.page_size)].long()
+
+
+def _cached_kv(kv, layer: int, pages: torch.Tensor, context: int):
+    """Keys and values [context, nkv, hd] of positions [0, context) of `layer`, as a decode
+    step reads them back (the cache's rounding)."""
+    shape = (-1,) + tuple(kv.k.shape[3:])
+    return (kv.k[layer, pages].reshape(shape)[:context],
+            kv.v[layer, pages].reshape(shape)[:context])
+
+
 # The extension's fused prefill kernels by device index, or None where they cannot run.
 _FUSED_OPS: dict[int, object] = {}
 
@@ -135,9 +149,8 @@ def prefill_chunk(backend, token_ids: torch.Tensor, start: int = 0,
     norms = {name: getattr(w, name).float() for name in ("attn_norm", "mlp_norm")}
     final_norm = w.final_norm.float()
     if start:
-        # The cache's pages of positions [0, start + T).
         context = start + T
-        pages = kv.page_table[0, :-(-context // ps)].long()
+        pages = _context_pages(kv, context)
 
     x = w.embed[token_ids].float()                                 # [T, H]
     with sdpa_kernel(ATTENTION_BACKENDS):
@@ -154,10 +167,8 @@ def prefill_chunk(backend, token_ids: torch.Tensor, start: int = 0,
             v_cached = qkv[:, c.q_size + c.kv_size:].to(kv.v.dtype).view(T, nkv, hd)
             kv.k[layer].index_put_((slot_page, slot_offset), k_cached)
             kv.v[layer].index_put_((slot_page, slot_offset), v_cached)
-            # The keys and values as a decode step reads them back (the cache's rounding).
             if start:
-                k_cached = kv.k[layer, pages].reshape(-1, nkv, hd)[:context]
-                v_cached = kv.v[layer, pages].reshape(-1, nkv, hd)[:context]
+                k_cached, v_cached = _cached_kv(kv, layer, pages, context)
             attn = _attention(q, k_cached, v_cached, c.group_size).reshape(T, c.q_size)
             # A float32 tensor plus one of the weights' dtype adds in float32 (the other
             # upcast exactly): the same sums as .float() first, without its own kernel.
@@ -183,7 +194,7 @@ def _prefill_chunk_fused(backend, ops, token_ids: torch.Tensor, start: int,
     final_norm = w.final_norm.float()
     if start:
         context = start + T
-        pages = kv.page_table[0, :-(-context // kv.page_size)].long()
+        pages = _context_pages(kv, context)
 
     x = w.embed[token_ids].float()                                 # [T, H] residual stream
     xn = torch.empty(T, c.hidden_size, dtype=dt, device=device)    # its norm, for a matmul
@@ -197,8 +208,7 @@ def _prefill_chunk_fused(backend, ops, token_ids: torch.Tensor, start: int,
             ops.prefill_rope_append(qkv, cos, sin, kv.page_table[0], start, kv.k[layer],
                                     kv.v[layer], q, k)
             if start:
-                keys = kv.k[layer, pages].reshape(-1, c.num_kv_heads, hd)[:context]
-                values = kv.v[layer, pages].reshape(-1, c.num_kv_heads, hd)[:context]
+                keys, values = _cached_kv(kv, layer, pages, context)
             else:
                 keys = k
                 values = qkv[:, c.q_size + c.kv_size:].view(T, c.num_kv_heads, hd)
