@@ -325,11 +325,11 @@ class Engine:
             total_ms=(t_end - t_start) * 1000, backend=self.backend.name)
         if self.prompt_graphs:
             # After the last token (streamed already) and outside the stats: no time to
-            # first token ever includes a capture.
+            # first token ever includes a capture. Waited for only when one was queued.
             try:
-                self.backend.capture_prompt_graphs()
-                synchronize_or_raise(self.device, self.readback.timeout_s,
-                                     "the prompt graphs' capture")
+                if self.backend.capture_prompt_graphs():
+                    synchronize_or_raise(self.device, self.readback.timeout_s,
+                                         "the prompt graphs' capture")
             except BaseException:
                 self._recover()
                 raise

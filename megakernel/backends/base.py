@@ -107,11 +107,12 @@ class Backend:
         that a process's first use of the device libraries is paid at load. Nothing to run
         here."""
 
-    def capture_prompt_graphs(self) -> None:
+    def capture_prompt_graphs(self) -> int:
         """Capture the CUDA graphs of the prompt chunks that ran without one since the last
-        call (prompt_graphs.py). The engine calls it after a generation's last token, when
-        the cache's contents are no longer needed: the captures write K/V. Nothing to
-        capture here."""
+        call (prompt_graphs.py) and return how many were captured. The engine calls it
+        after a generation's last token, when the cache's contents are no longer needed:
+        the captures write K/V. Nothing to capture here."""
+        return 0
 
     def prepare(self, sampling=None) -> None:
         """Build ahead whatever decode_steps(..., sampling) will launch, so the first

@@ -536,9 +536,10 @@ class MegakernelBackend(Backend):
         if self.prefill_mode == "torch":
             self._prompt_backend().warm_up(num_tokens)
 
-    def capture_prompt_graphs(self) -> None:
-        if self._prefill_backend is not None:
-            self._prefill_backend.capture_prompt_graphs()
+    def capture_prompt_graphs(self) -> int:
+        if self._prefill_backend is None:
+            return 0
+        return self._prefill_backend.capture_prompt_graphs()
 
     def _prompt_backend(self):
         if self._prefill_backend is None:

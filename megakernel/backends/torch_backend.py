@@ -101,9 +101,10 @@ class TorchBackend(Backend):
         prefill_chunk(self, torch.zeros(num_tokens, dtype=torch.int64,
                                         device=self.kv_cache.device))
 
-    def capture_prompt_graphs(self) -> None:
-        if self._prompt_graphs is not None:
-            self._prompt_graphs.capture_pending()
+    def capture_prompt_graphs(self) -> int:
+        if self._prompt_graphs is None:
+            return 0
+        return self._prompt_graphs.capture_pending()
 
     def prefill(self, token_ids: torch.Tensor, start_position: int) -> StepOutput:
         """Tokens [T] at positions start_position.. in chunks of PREFILL_CHUNK, each in few
