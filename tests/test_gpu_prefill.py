@@ -48,24 +48,38 @@ def test_buckets():
 
 
 def test_a_bucket_is_pending_after_its_first_prompt_and_replays_match(engine):
+    """A bucket's first prompt runs the plain path padded and leaves the bucket pending;
+    later ones replay its graph. Both match the unpadded plain path."""
     graphs = PromptGraphs(engine.backend, max_tokens=512)
     for i, n in enumerate([5, 12, 16, 9, 20, 31]):     # buckets 16, 16, 16, 16, 32, 32
         ids = prompt(n, seed=i)
         want = prefill(engine, lambda: prefill_chunk(engine.backend, ids), n)
         got = prefill(engine, lambda: graphs.run(ids), n)
         first_of_bucket = i in (0, 4)
-        assert (got[0] is None) == first_of_bucket
         assert graphs.pending == ({(0, bucket_of(n))} if first_of_bucket else set())
         assert graphs.capture_pending() == (1 if first_of_bucket else 0)
         assert graphs.captures == (1 if i < 4 else 2) and not graphs.pending
-        if not first_of_bucket:
-            for g, w in zip(got, want):
-                assert relative_error(g, w) < BF16
+        for g, w in zip(got, want):
+            assert relative_error(g, w) < BF16
+
+
+def test_a_bucket_s_first_prompt_gets_the_bits_of_its_replays(engine):
+    """The padded plain path runs the kernels the graph captures, on the same shapes: the
+    first prompt of a bucket and a replay of it give identical logits and K/V."""
+    graphs = PromptGraphs(engine.backend, max_tokens=512)
+    ids = prompt(37, seed=12)                            # bucket 64
+    first = prefill(engine, lambda: graphs.run(ids), 37)
+    assert graphs.pending == {(0, 64)} and graphs.capture_pending() == 1
+    replay = prefill(engine, lambda: graphs.run(ids), 37)
+    assert graphs.captures == 1 and not graphs.pending
+    for a, b in zip(first, replay):
+        assert torch.equal(a, b)
 
 
 def test_later_chunks_have_graphs_of_their_own(engine):
     """A chunk after 48 cached positions: captured after its first use of (start, bucket),
-    its replays equal the plain path; a chunk whose bucket runs past the pages gets none."""
+    its padded runs equal the plain path; a chunk whose bucket runs past the pages runs
+    unpadded (None here) and gets no graph."""
     graphs = PromptGraphs(engine.backend, max_tokens=512)
     before = prompt(48, seed=11)
     for i, n in enumerate([20, 30, 25]):                 # bucket 32 at start 48
@@ -73,12 +87,11 @@ def test_later_chunks_have_graphs_of_their_own(engine):
         want = prefill(engine, lambda: prefill_chunk(engine.backend, ids, 48), 48 + n,
                        before=before)
         got = prefill(engine, lambda: graphs.run(ids, 48), 48 + n, before=before)
-        assert (got[0] is None) == (i == 0)
+        assert graphs.pending == ({(48, 32)} if i == 0 else set())
         graphs.capture_pending()
         assert graphs.captures == 1
-        if i:
-            for g, w in zip(got, want):
-                assert relative_error(g, w) < BF16
+        for g, w in zip(got, want):
+            assert relative_error(g, w) < BF16
     ids, before = prompt(20, seed=30), prompt(52, seed=31)
     for _ in range(3):                                   # pages for [0, 80), bucket [52, 84)
         assert prefill(engine, lambda: graphs.run(ids, 52), 72, reserve=72,
@@ -99,8 +112,8 @@ def test_a_graph_is_captured_again_when_a_weight_moves(engine):
     weights.down = original.clone()
     try:
         want = prefill(engine, lambda: prefill_chunk(engine.backend, ids), 10)
-        assert prefill(engine, lambda: graphs.run(ids), 10)[0] is None
-        assert graphs.capture_pending() == 1
+        prefill(engine, lambda: graphs.run(ids), 10)
+        assert graphs.pending == {(0, 16)} and graphs.capture_pending() == 1
         got = prefill(engine, lambda: graphs.run(ids), 10)
     finally:
         weights.down = original
@@ -147,9 +160,10 @@ def test_an_engine_without_prompt_graphs_captures_none():
 
 @pytest.mark.parametrize("backend", ["torch", "megakernel"])
 def test_the_warm_up_at_load_leaves_no_trace(backend):
-    """Engine.from_pretrained runs one dummy prompt on the GPU (a process's first library
-    use, ~1 s, paid at load). It captures no graph, holds no page, and a poisoned cache is
-    all NaN again; the first generation then matches a second one."""
+    """Engine.from_pretrained runs a dummy prompt per bucket on the GPU (a process's first
+    library use, ~1 s, and its matmul shapes, paid at load). It captures no graph, holds
+    no page, and a poisoned cache is all NaN again; the first generation then matches a
+    second one."""
     engine = megakernel.Engine.from_pretrained("random:tiny", device="cuda", backend=backend,
                                                max_seq_len=256, page_size=16,
                                                poison_cache=True)

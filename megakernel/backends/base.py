@@ -101,11 +101,13 @@ class Backend:
         return StepsOutput(logits=out.logits.reshape(1, -1), last_token=out.greedy_token,
                            tokens_host=host)
 
-    def warm_up(self, num_tokens: int) -> None:
-        """Run the prompt path once on num_tokens dummy tokens at position 0 (their pages
-        reserved by the caller, their K/V left behind), outside any graph bookkeeping, so
-        that a process's first use of the device libraries is paid at load. Nothing to run
-        here."""
+    def warm_up(self, num_tokens: int) -> torch.Tensor | None:
+        """Run the prompt path on dummy prompts of up to num_tokens tokens at position 0
+        (positions [0, num_tokens) have pages reserved by the caller; their K/V is left
+        behind), outside any graph bookkeeping, so that a process's first use of the device
+        libraries, and of each matmul shape its prompts will use, is paid at load. Returns
+        the last prompt's logits [V], or None where nothing ran (nothing here)."""
+        return None
 
     def capture_prompt_graphs(self) -> int:
         """Capture the CUDA graphs of the prompt chunks that ran without one since the last

@@ -532,9 +532,10 @@ class MegakernelBackend(Backend):
             return out
         return self._prompt_backend().prefill(token_ids, start_position)
 
-    def warm_up(self, num_tokens: int) -> None:
+    def warm_up(self, num_tokens: int) -> torch.Tensor | None:
         if self.prefill_mode == "torch":
-            self._prompt_backend().warm_up(num_tokens)
+            return self._prompt_backend().warm_up(num_tokens)
+        return None
 
     def capture_prompt_graphs(self) -> int:
         if self._prefill_backend is None:

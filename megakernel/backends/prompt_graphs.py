@@ -8,12 +8,16 @@ with token 0, and the logits come from the last real token. The padding's K/V la
 positions past the chunk, which later chunks or the decode steps overwrite before any
 step attends to them; only a bucket whose positions all have pages in the cache is used.
 
-A chunk with no graph runs the plain path and leaves its (start, bucket) pending;
-capture_pending() captures those graphs. The engine calls it after a generation's last
-token (Engine.generate), so a capture (on an H100 ~30 ms, 80-110 for a process's first)
-falls inside no time to first token: a bucket's first prompt runs the plain path, every
-later one a replay (benchmarks/RESULTS.md, entry 72). A graph holds the addresses of the
-weights, the cache and the RoPE tables: it is pending again if any of them moved. All
+A chunk with no graph runs the plain path on the same padded tokens and leaves its
+(start, bucket) pending; capture_pending() captures those graphs. The engine calls it
+after a generation's last token (Engine.generate), so a capture (on an H100 ~30 ms,
+80-110 for a process's first) falls inside no time to first token: a bucket's first
+prompt runs the plain path, every later one a replay (benchmarks/RESULTS.md, entry 72).
+The plain path runs padded because cuBLAS pays ~3 ms the first time a process multiplies
+a new shape, four shapes per prompt length: padded, a process sees only the buckets'
+shapes, which the backend's warm-up runs at load (warm_up_buckets), and the first prompt
+of a bucket gets the same bits its replays will (entry 78). A graph holds the addresses of
+the weights, the cache and the RoPE tables: it is pending again if any of them moved. All
 graphs share one memory pool (their replays never overlap).
 """
 from __future__ import annotations
@@ -29,6 +33,35 @@ def bucket_of(num_tokens: int) -> int:
     """The padded length of a prompt of num_tokens: the next power of two, at least
     MIN_BUCKET."""
     return max(MIN_BUCKET, 1 << (num_tokens - 1).bit_length())
+
+
+def prefill_padded(backend, token_ids: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """prefill_chunk() of token_ids (int64 [T] on the device) padded with token 0 to its
+    bucket, as a graph of it runs: the logits [V] of the last real token. Positions
+    [start, start + bucket) must have pages; the padding's K/V lands past the chunk."""
+    n = token_ids.shape[0]
+    padded = torch.zeros(bucket_of(n), dtype=torch.int64, device=token_ids.device)
+    padded[:n].copy_(token_ids)
+    last_index = torch.full((1,), n - 1, dtype=torch.int64, device=token_ids.device)
+    return prefill_chunk(backend, padded, start, last_index)
+
+
+def warm_up_buckets(max_tokens: int) -> list[int]:
+    """The buckets of at most max_tokens tokens, smallest first: the prompt lengths a
+    backend's warm-up runs so that no prompt's first prefill meets a new matmul shape."""
+    buckets, bucket = [], MIN_BUCKET
+    while bucket <= max_tokens:
+        buckets.append(bucket)
+        bucket *= 2
+    return buckets
+
+
+def padded_prompt_end(num_tokens: int, chunk: int) -> int:
+    """The position after a prompt of num_tokens prefilled in chunks of `chunk` tokens
+    (a bucket) with its last chunk padded to its bucket: the positions that need pages for
+    that chunk to run padded, or from a graph."""
+    last_start = (num_tokens - 1) // chunk * chunk
+    return last_start + bucket_of(num_tokens - last_start)
 
 
 class _Graph:
@@ -55,9 +88,11 @@ class PromptGraphs:
 
     def run(self, token_ids: torch.Tensor, start: int = 0) -> torch.Tensor | None:
         """The logits [V] of the chunk token_ids (int64 [T] on the device) prefilled at
-        positions start.. through a graph, or None where no graph serves it (the caller
-        then prefills without one; its (start, bucket) is left pending when a graph could
-        serve it). The logits live in the graph's buffer until its next replay."""
+        positions start.. padded to its bucket: through a graph, or, where the graph is not
+        captured yet, through the plain path on the same padded tokens, which leaves its
+        (start, bucket) pending. None where the bucket runs past the longest chunk or the
+        pages (the caller then prefills the chunk unpadded). The logits live in the graph's
+        buffer until its next replay."""
         n = token_ids.shape[0]
         bucket = bucket_of(n)
         if bucket > self.max_tokens or start + bucket > self.backend.kv_cache.capacity():
@@ -66,7 +101,7 @@ class PromptGraphs:
         entry = self._graphs.get(key)
         if entry is None or entry.addresses != self._addresses():
             self.pending.add(key)
-            return None
+            return prefill_padded(self.backend, token_ids, start)
         entry.token_ids[:n].copy_(token_ids)
         entry.token_ids[n:].zero_()
         entry.last_index.fill_(n - 1)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from megakernel.instructions.base import rms_norm
 
 from .base import Backend, StepOutput
-from .prompt_graphs import PromptGraphs
+from .prompt_graphs import PromptGraphs, prefill_padded, warm_up_buckets
 from .prompt_prefill import prefill_chunk
 
 # Prompt tokens per prefill chunk: bounds the [chunk, context] attention scores in memory.
@@ -97,9 +97,16 @@ class TorchBackend(Backend):
         out = torch.einsum("tkgs,skd->tkgd", probs, values)
         return out.reshape(T, c.q_size)
 
-    def warm_up(self, num_tokens: int) -> None:
-        prefill_chunk(self, torch.zeros(num_tokens, dtype=torch.int64,
-                                        device=self.kv_cache.device))
+    def warm_up(self, num_tokens: int) -> torch.Tensor | None:
+        """Every prompt bucket of at most num_tokens (and PREFILL_CHUNK) tokens once,
+        through the padded path that a chunk without a graph takes (prompt_graphs.py), so
+        that its matmul shapes and its kernels have all been met: a first use cost ~3 ms
+        per new matmul shape and ~45 ms for the index of the last token's row."""
+        logits = None
+        for bucket in warm_up_buckets(min(num_tokens, PREFILL_CHUNK)):
+            logits = prefill_padded(self, torch.zeros(bucket, dtype=torch.int64,
+                                                      device=self.kv_cache.device))
+        return logits
 
     def capture_prompt_graphs(self) -> int:
         if self._prompt_graphs is None:
@@ -108,8 +115,8 @@ class TorchBackend(Backend):
 
     def prefill(self, token_ids: torch.Tensor, start_position: int) -> StepOutput:
         """Tokens [T] at positions start_position.. in chunks of PREFILL_CHUNK, each in few
-        launches (prompt_prefill.py) or, on CUDA, replayed from a graph captured after an
-        earlier generation (prompt_graphs.py)."""
+        launches (prompt_prefill.py); on CUDA padded to its bucket and, where an earlier
+        generation captured its graph, replayed from it (prompt_graphs.py)."""
         device = self.kv_cache.device
         token_ids = token_ids.to(device)
         logits = None
