@@ -23,7 +23,7 @@ constexpr int kThreads = kComputeThreads + kWarpSize;
 // Named barrier for the compute warps only (barrier 0 is __syncthreads).
 constexpr int kComputeBarrier = 1;
 // Static shared scratch: [0, 2 * kWarpSize) for compute_reduce and write_block_argmax,
-// then stage_rms_gained's per-warp sums of squares, which no other use overwrites.
+// then finish_rms_gained's per-warp sums of squares, which no other use overwrites.
 constexpr int kScratchNormPartials = 2 * kWarpSize;
 constexpr int kScratchFloats = kScratchNormPartials + kWarpSize;
 
@@ -269,33 +269,32 @@ __device__ __forceinline__ void stage_gain(float* dst, const __nv_bfloat16* gain
   for (int i = threadIdx.x; i < n; i += kComputeThreads) dst[i] = load_bf16_ro(gain + i);
 }
 
-// Copy a float vector written during this launch (n % 4 == 0) into shared memory with
+// Copies a float vector written during this launch (n % 4 == 0) into shared memory with
 // the compute threads: every thread's copies are issued at once, register-free (cp.async),
 // so the vector costs one L2 round trip at any length. Loads used as they came took two to
 // four dependent round trips where a thread had more than two float4 (1B's down_proj
 // input, every 8B input), and a batch of them held in registers spilled
-// (benchmarks/RESULTS.md, entry 64). This thread's copies have landed on return; the
-// other threads' after a barrier.
-__device__ __forceinline__ void stage_vector(float* dst, const float* src, int n) {
+// (benchmarks/RESULTS.md, entry 64). Only issues them: after copy_async_wait_all() this
+// thread's copies have landed, the other threads' after a barrier as well.
+__device__ __forceinline__ void issue_vector_copies(float* dst, const float* src, int n) {
   for (int i = threadIdx.x; i < n / 4; i += kComputeThreads)
     copy16_async(reinterpret_cast<float4*>(dst) + i, reinterpret_cast<const float4*>(src) + i,
                  16);
-  copy_async_wait_all();
 }
 
 // RMSNorm (instructions.base.rms_norm: x * rsqrt(mean(x^2) + eps) * gain) with its
-// scalar factored out of the mat-vec that follows: dst = src * gain (gain already staged,
-// stage_gain), and the returned rsqrt(mean(src^2) + eps) multiplies each dot product
-// instead, W (x * r * g) = r * W (x * g). The mat-vec can then start after one barrier,
-// not after the reduction's two and the normalizing pass's one (benchmarks/RESULTS.md,
-// entry 62). scratch: kScratchFloats; its norm slots are read by every thread after the
-// barrier and written by nothing else. Returns after that barrier: dst is complete.
-__device__ __forceinline__ float stage_rms_gained(float* dst, const float* src,
-                                                  const float* gain_s, int n, float eps,
-                                                  float* scratch) {
+// scalar factored out of the mat-vec that follows, on a vector whose copies into dst
+// issue_vector_copies() issued: dst = src * gain (gain already staged, stage_gain), and
+// the returned rsqrt(mean(src^2) + eps) multiplies each dot product instead, W (x * r * g)
+// = r * W (x * g). The mat-vec can then start after one barrier, not after the reduction's
+// two and the normalizing pass's one (benchmarks/RESULTS.md, entry 62). scratch:
+// kScratchFloats; its norm slots are read by every thread after the barrier and written
+// by nothing else. Returns after that barrier: dst is complete.
+__device__ __forceinline__ float finish_rms_gained(float* dst, const float* gain_s, int n,
+                                                   float eps, float* scratch) {
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   float* partials = scratch + kScratchNormPartials;
-  stage_vector(dst, src, n);
+  copy_async_wait_all();
   float sq = 0.0f;
   for (int i = threadIdx.x; i < n / 4; i += kComputeThreads) {  // this thread's copies
     float4 x = reinterpret_cast<float4*>(dst)[i];
@@ -393,23 +392,45 @@ namespace mk {
 // A block's mat-vec, cut into groups of up to kRowsPerPass rows; warp w runs groups w,
 // w + kComputeWarps, ... Groups provides count(i) (rows in group i, 0 past the end, never
 // growing again), row(i, r) (row r's weights) and emit(i, out, count) (out in every lane).
-// After ctx.ready(), stage() fills the input vector in shared memory (ending in
-// compute_sync) and returns it. kSite: the op's number for ctx.ready().
+// After ctx.ready(), issue() issues the input vector's copies into shared memory and
+// stage() completes it (ending in a compute barrier) and returns it. kSite: the op's
+// number for ctx.ready().
 //
-// The first weights are not loaded into registers before the wait: holding them across the
-// barrier made ptxas spill heavily once several ops share the kernel. The controller's L2
-// prefetch of the instruction's first weight bytes covers most of that latency instead.
-template <int kSite, typename Groups, typename Stage>
-__device__ __forceinline__ bool run_matvec(const OpContext& ctx, Groups& g, int k, Stage stage) {
+// kEarly: each warp issues its first group's weight loads between issue() and stage(), so
+// their latency overlaps the input's round trip and the norm instead of following them
+// (rms_qkv_rope and rms_gate_up_silu: -14 us per 1B token; o_proj, down and the LM head
+// lost ~1 us per stage that way, benchmarks/RESULTS.md, entry 79). The first group starts
+// for every warp, with count 0 loading nothing: started only where count > 0, the loaded
+// registers were spilled right after their loads, which made every early load wait for
+// its data (entry 77's loss). Issued before the wait instead, they lost (entry 79).
+template <int kSite, bool kEarly, typename Groups, typename Issue, typename Stage>
+__device__ __forceinline__ bool run_matvec(const OpContext& ctx, Groups& g, int k, Issue issue,
+                                           Stage stage) {
   const int warp = threadIdx.x / kWarpSize;
   WarpRows<kRowsPerPass> rows;
   if (!ctx.template ready<kSite>()) return false;
-  const float* x = stage();
-  for (int i = warp, count = g.count(i); count > 0; i += kComputeWarps, count = g.count(i)) {
-    rows.start_group(g, i, count, k, ctx.policy);
-    float out[kRowsPerPass];
-    rows.finish(x, ctx.policy, out);
-    g.emit(i, out, count);
+  issue();
+  if constexpr (kEarly) {
+    int i = warp, count = g.count(i);
+    rows.start_group(g, i, count, k, ctx.policy);  // count 0: loads nothing
+    const float* x = stage();
+    while (true) {
+      float out[kRowsPerPass];
+      rows.finish(x, ctx.policy, out);
+      if (count > 0) g.emit(i, out, count);
+      i += kComputeWarps;
+      count = g.count(i);
+      if (count <= 0) break;
+      rows.start_group(g, i, count, k, ctx.policy);
+    }
+  } else {
+    const float* x = stage();
+    for (int i = warp, count = g.count(i); count > 0; i += kComputeWarps, count = g.count(i)) {
+      rows.start_group(g, i, count, k, ctx.policy);
+      float out[kRowsPerPass];
+      rows.finish(x, ctx.policy, out);
+      g.emit(i, out, count);
+    }
   }
   return true;
 }

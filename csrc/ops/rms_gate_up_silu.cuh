@@ -18,7 +18,7 @@ __device__ __forceinline__ bool op_rms_gate_up_silu(const OpContext& ctx) {
     int64_t up_offset;
     int n, H;
     float* act;
-    float norm_scale = 1.0f;  // the RMSNorm's rsqrt (stage_rms_gained)
+    float norm_scale = 1.0f;  // the RMSNorm's rsqrt (finish_rms_gained)
     __device__ int count(int i) const { return i < n ? 2 : 0; }
     __device__ const __nv_bfloat16* row(int i, int r) const {
       return gate + static_cast<int64_t>(i) * H + (r == 0 ? 0 : up_offset);
@@ -33,11 +33,12 @@ __device__ __forceinline__ bool op_rms_gate_up_silu(const OpContext& ctx) {
   float* xn = ctx.smem;
   float* gain = xn + H;
   stage_gain(gain, bf16_ptr(p.mlp_norm) + static_cast<int64_t>(l) * H, H);
-  return run_matvec<kOpRmsGateUpSilu>(ctx, g, H, [&] {
-    g.norm_scale = stage_rms_gained(xn, p.hidden + static_cast<int64_t>(t) * H, gain, H,
-                                    p.rms_norm_eps, ctx.scratch);
-    return static_cast<const float*>(xn);
-  });
+  return run_matvec<kOpRmsGateUpSilu, true>(
+      ctx, g, H, [&] { issue_vector_copies(xn, p.hidden + static_cast<int64_t>(t) * H, H); },
+      [&] {
+        g.norm_scale = finish_rms_gained(xn, gain, H, p.rms_norm_eps, ctx.scratch);
+        return static_cast<const float*>(xn);
+      });
 }
 
 }  // namespace mk

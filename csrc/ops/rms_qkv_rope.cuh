@@ -30,7 +30,7 @@ __device__ __forceinline__ bool op_rms_qkv_rope(const OpContext& ctx) {
     const __nv_bfloat16* qkv;    // the layer's fused QKV weights
     int first_pair, n, half, hd, H;
     float* rows_out;
-    float norm_scale = 1.0f;  // the RMSNorm's rsqrt (stage_rms_gained)
+    float norm_scale = 1.0f;  // the RMSNorm's rsqrt (finish_rms_gained)
     __device__ const __nv_bfloat16* row(int i, int r) const {
       const int j = row_index(i, r);
       const int pair = first_pair + (j < n ? j : j - n);
@@ -62,11 +62,12 @@ __device__ __forceinline__ bool op_rms_qkv_rope(const OpContext& ctx) {
     }
     if (my_head >= nq) page = p.page_table[pos / p.page_size];
   }
-  const bool go = run_matvec<kOpRmsQkvRope>(ctx, g, H, [&] {
-    g.norm_scale = stage_rms_gained(xn, p.hidden + static_cast<int64_t>(t) * H, gain, H,
-                                    p.rms_norm_eps, ctx.scratch);
-    return static_cast<const float*>(xn);
-  });
+  const bool go = run_matvec<kOpRmsQkvRope, true>(
+      ctx, g, H, [&] { issue_vector_copies(xn, p.hidden + static_cast<int64_t>(t) * H, H); },
+      [&] {
+        g.norm_scale = finish_rms_gained(xn, gain, H, p.rms_norm_eps, ctx.scratch);
+        return static_cast<const float*>(xn);
+      });
   if (!go) return false;
   compute_sync();
 

@@ -43,7 +43,7 @@ __device__ __forceinline__ bool op_row_pair_matvec(const OpContext& ctx) {
     const float* hidden_s;
     float best_v;
     int best_i;
-    float norm_scale = 1.0f;  // the LM head's RMSNorm rsqrt (stage_rms_gained); else 1
+    float norm_scale = 1.0f;  // the LM head's RMSNorm rsqrt (finish_rms_gained); else 1
     __device__ const __nv_bfloat16* row(int i, int r) const {
       return w + static_cast<int64_t>(row_index(i, r)) * K;
     }
@@ -68,24 +68,32 @@ __device__ __forceinline__ bool op_row_pair_matvec(const OpContext& ctx) {
       -CUDART_INF_F,
       INT_MAX};
   if (lm_head) stage_gain(aux_s, bf16_ptr(p.final_norm), H);
-  if (!run_matvec<kOpOProjResidual>(ctx, g, K, [&] {
-        if (lm_head) {
-          g.norm_scale = stage_rms_gained(x_s, p.hidden + static_cast<int64_t>(t) * H, aux_s,
-                                          H, p.rms_norm_eps, ctx.scratch);
-        } else {
-          // The block's residual rows are loaded before the input vector's copies are
-          // issued and stored after they land: one L2 round trip for both, not two.
-          const float* hidden = p.hidden + static_cast<int64_t>(t) * H + r0;
-          const bool has_row = static_cast<int>(threadIdx.x) < n;
-          const float row = has_row ? load_act(hidden + threadIdx.x) : 0.0f;
-          stage_vector(x_s, (down ? p.mlp_act : p.attn_out) + static_cast<int64_t>(t) * K, K);
-          if (has_row) aux_s[threadIdx.x] = row;
-          for (int i = threadIdx.x + kComputeThreads; i < n; i += kComputeThreads)
-            aux_s[i] = load_act(hidden + i);  // blocks of more rows than threads
-          compute_sync();
-        }
-        return static_cast<const float*>(x_s);
-      }))
+  // The block's residual rows are loaded before the input vector's copies are issued and
+  // stored after they land: one L2 round trip for both, not two. The first weights load
+  // after the staging (run_matvec's kEarly off): loaded during it, these three ops lost.
+  const float* hidden = p.hidden + static_cast<int64_t>(t) * H;
+  const float* input =
+      lm_head ? hidden : (down ? p.mlp_act : p.attn_out) + static_cast<int64_t>(t) * K;
+  const bool has_row = !lm_head && static_cast<int>(threadIdx.x) < n;
+  float row = 0.0f;
+  if (!run_matvec<kOpOProjResidual, false>(
+          ctx, g, K,
+          [&] {
+            if (has_row) row = load_act(hidden + r0 + threadIdx.x);
+            issue_vector_copies(x_s, input, K);
+          },
+          [&] {
+            if (lm_head) {
+              g.norm_scale = finish_rms_gained(x_s, aux_s, H, p.rms_norm_eps, ctx.scratch);
+            } else {
+              copy_async_wait_all();
+              if (has_row) aux_s[threadIdx.x] = row;
+              for (int i = threadIdx.x + kComputeThreads; i < n; i += kComputeThreads)
+                aux_s[i] = load_act(hidden + r0 + i);  // blocks of more rows than threads
+              compute_sync();
+            }
+            return static_cast<const float*>(x_s);
+          }))
     return false;
   if (!lm_head) return true;
 
