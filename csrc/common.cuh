@@ -398,11 +398,12 @@ namespace mk {
 //
 // kEarly: each warp issues its first group's weight loads between issue() and stage(), so
 // their latency overlaps the input's round trip and the norm instead of following them
-// (rms_qkv_rope and rms_gate_up_silu: -14 us per 1B token; o_proj, down and the LM head
-// lost ~1 us per stage that way, benchmarks/RESULTS.md, entry 79). The first group starts
-// for every warp, with count 0 loading nothing: started only where count > 0, the loaded
-// registers were spilled right after their loads, which made every early load wait for
-// its data (entry 77's loss). Issued before the wait instead, they lost (entry 79).
+// (rms_qkv_rope and rms_gate_up_silu: -14 us per 1B token; o_proj and down lost ~1 us
+// per stage that way and the LM head ~3, benchmarks/RESULTS.md, entry 79). The first
+// group starts for every warp, with count 0 loading nothing: started only where count >
+// 0, the loaded registers were spilled right after their loads, which made every early
+// load wait for its data (entry 77's loss). Issued before the wait instead, they lost
+// (entry 79).
 template <int kSite, bool kEarly, typename Groups, typename Issue, typename Stage>
 __device__ __forceinline__ bool run_matvec(const OpContext& ctx, Groups& g, int k, Issue issue,
                                            Stage stage) {
