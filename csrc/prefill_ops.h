@@ -17,13 +17,13 @@ namespace mk {
 // rotate-half), writes the rotated q heads to q_out (bf16 [T, nq, hd]), the rotated k
 // heads to k_out (bf16 [T, nkv, hd]), and those k heads and the v heads to the token's
 // slot of the cache layer (bf16 [num_pages, page_size, nkv, hd]) through page_table_row
-// (int32; pages outside [0, num_pages) are skipped). Rounded as the PyTorch expression it replaces: float32 products and sums, each
-// rounded on its own, then bf16.
+// (int32; pages outside [0, num_pages) are skipped). Rounded as the PyTorch expression it
+// replaces: float32 products and sums, each rounded on its own, then bf16.
 void launch_rope_append(const void* qkv, const float* cos, const float* sin,
                         const int32_t* page_table_row, int start, int page_size, int num_pages,
                         void* k_cache_layer, void* v_cache_layer, void* q_out, void* k_out,
-                        int tokens,
-                        int num_heads, int num_kv_heads, int head_dim, cudaStream_t stream);
+                        int tokens, int num_heads, int num_kv_heads, int head_dim,
+                        cudaStream_t stream);
 
 // out[t, j] = bf16(silu(gate) * up) for gate = gate_up[t, j], up = gate_up[t, I + j]
 // (bf16 [T, 2I] in, bf16 [T, I] out), in float32: silu(x) = x / (1 + exp(-x)).
