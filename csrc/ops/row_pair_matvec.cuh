@@ -70,7 +70,8 @@ __device__ __forceinline__ bool op_row_pair_matvec(const OpContext& ctx) {
   if (lm_head) stage_gain(aux_s, bf16_ptr(p.final_norm), H);
   // The block's residual rows are loaded before the input vector's copies are issued and
   // stored after they land: one L2 round trip for both, not two. The first weights load
-  // after the staging (run_matvec's kEarly off): loaded during it, these three ops lost.
+  // after the staging (run_matvec's kEarly off): loaded during it, these three ops lost,
+  // o_proj and down each on its own too (benchmarks/RESULTS.md, entries 79 and 80).
   const float* hidden = p.hidden + static_cast<int64_t>(t) * H;
   const float* input =
       lm_head ? hidden : (down ? p.mlp_act : p.attn_out) + static_cast<int64_t>(t) * K;
