@@ -73,8 +73,13 @@ def test_bytes_and_bandwidth_are_consistent(cpu_run):
     from megakernel.presets import PRESETS
 
     cfg = PRESETS["tiny"]
-    copy_bw = results["copy_bandwidth"]["bytes_per_s"]
-    assert copy_bw > 0
+    bandwidth = results["bandwidth"]
+    copy_bw, read_bw = bandwidth["copy"]["bytes_per_s"], bandwidth["read"]["bytes_per_s"]
+    assert copy_bw > 0 and read_bw > 0
+    # The floor is at the faster probe: the best rate the device moved bytes at.
+    floor_bw = bandwidth["floor_bytes_per_s"]
+    assert floor_bw == max(copy_bw, read_bw)
+    assert bandwidth["floor_probe"] == ("read" if read_bw >= copy_bw else "copy")
     row = _row(results, "torch")
     weights = cfg.weight_bytes_per_token(4)                  # float32 on the CPU
     mean_ctx = PROMPT_LEN + NEW_TOKENS / 2
@@ -83,9 +88,10 @@ def test_bytes_and_bandwidth_are_consistent(cpu_run):
     assert row["bytes_per_token"] == int(weights + kv)
     achieved = row["bytes_per_token"] / (row["ms_per_token"]["median"] / 1e3)
     assert row["achieved_bytes_per_s"] == pytest.approx(achieved)
-    assert row["copy_bandwidth_fraction"] == pytest.approx(achieved / copy_bw)
+    assert row["floor_bandwidth_fraction"] == pytest.approx(achieved / floor_bw)
     floor = results["floor_ms_per_token"][str(PROMPT_LEN)]
-    assert floor == pytest.approx(row["bytes_per_token"] / copy_bw * 1e3)
+    assert floor == pytest.approx(row["bytes_per_token"] / floor_bw * 1e3)
+    assert row["x_floor"] == pytest.approx(row["ms_per_token"]["median"] / floor)
 
 
 def test_speedups_and_token_check(cpu_run):
