@@ -31,8 +31,6 @@ from typing import Callable, Sequence
 import torch
 
 from .backends.base import Backend, check_step_count
-from .backends.prompt_graphs import padded_prompt_end
-from .backends.torch_backend import PREFILL_CHUNK
 from .detokenize import IncrementalDecoder
 from .errors import BackendUnavailableError, DeviceHungError, InvalidRequestError
 from .instructions import MAX_TOP_K, Sampling
@@ -235,11 +233,11 @@ class Engine:
         self._check_device_idle()
         # The last step's K/V lands at position len(ids) + max_new_tokens - 1 at most;
         # the pipelined extra step may write one further position, which must exist.
-        # Pages also for the prompt's last chunk padded to its bucket, where max_seq_len
-        # allows, so that it runs padded or from a graph (prompt_graphs.py).
+        # Pages also for the positions the backend's prompt path may write past the prompt
+        # (its last chunk padded to a bucket), where max_seq_len allows.
         self.kv_cache.release()
         self.kv_cache.reserve(min(max(len(ids) + max_new_tokens + 1,
-                                      padded_prompt_end(len(ids), PREFILL_CHUNK)),
+                                      self.backend.prompt_positions(len(ids))),
                                   self.max_seq_len))
         self.backend.reset()
         self.readback.reset()     # a stop token may have left the step after it unread
@@ -354,15 +352,17 @@ class Engine:
         if sampling is not None:
             self.backend.prepare(sampling)
 
-    def _warm_up(self, num_tokens: int = PREFILL_CHUNK) -> None:
+    def _warm_up(self) -> None:
         """Dummy prompts through the backend's prompt path at load, one per prompt bucket
-        up to num_tokens, and the first token's selection and readback as generate() does
-        them. A process's first use of the attention and GEMM libraries (and their lazily
+        up to its warm_up_tokens, and the first token's selection and readback as
+        generate() does them. A process's first use of the attention and GEMM libraries (and their lazily
         loaded kernels) took ~1 s, each new matmul shape ~3 ms more and the argmax's first
         use ~6 ms, inside its first generation's time to first token (benchmarks/RESULTS.md,
         entry 78). The pages they wrote get their initial contents back, so a poisoned cache
         stays poisoned."""
-        num_tokens = min(num_tokens, self.max_seq_len)
+        num_tokens = min(self.backend.warm_up_tokens, self.max_seq_len)
+        if num_tokens == 0:
+            return
         self.kv_cache.reserve(num_tokens)
         pages = self.kv_cache.pages()
         logits = self.backend.warm_up(num_tokens)

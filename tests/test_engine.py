@@ -351,3 +351,15 @@ def test_megakernel_on_an_unsupported_gpu_is_a_clear_error(monkeypatch):
     with pytest.raises(BackendUnavailableError, match="sm_80"):
         megakernel.Engine.from_pretrained("random:tiny", backend="megakernel",
                                           device="cuda")
+
+
+@pytest.mark.parametrize("backend, pages", [("torch", 4), ("reference", 3)])
+def test_generate_reserves_the_pages_its_backend_s_prompt_path_writes(backend, pages):
+    """33 prompt tokens + 2 new need positions [0, 36): 3 pages of 16. The torch prompt path
+    runs its last chunk padded to the 64-token bucket, so it gets pages up to 64; the
+    reference path writes the prompt's own positions only."""
+    eng = megakernel.Engine.from_pretrained("random:tiny", device="cpu", backend=backend,
+                                            max_seq_len=128)
+    assert eng.kv_cache.page_size == 16
+    eng.generate(list(range(3, 36)), max_new_tokens=2, ignore_eos=True)
+    assert len(eng.kv_cache.pages()) == pages

@@ -101,6 +101,17 @@ class Backend:
         return StepsOutput(logits=out.logits.reshape(1, -1), last_token=out.greedy_token,
                            tokens_host=host)
 
+    # Tokens of the longest dummy prompt warm_up() runs; the engine reserves their pages
+    # (0: warm_up() runs nothing).
+    warm_up_tokens = 0
+
+    def prompt_positions(self, num_tokens: int) -> int:
+        """The position after the last one that a prompt of num_tokens tokens at position
+        0 may write K/V to through prefill(): num_tokens, or more where the prompt path
+        pads its last chunk. The engine reserves pages up to it where max_seq_len allows
+        (beyond that the path must run unpadded)."""
+        return num_tokens
+
     def warm_up(self, num_tokens: int) -> torch.Tensor | None:
         """Run the prompt path on dummy prompts of up to num_tokens tokens at position 0
         (positions [0, num_tokens) have pages reserved by the caller; their K/V is left

@@ -532,6 +532,15 @@ class MegakernelBackend(Backend):
             return out
         return self._prompt_backend().prefill(token_ids, start_position)
 
+    @property
+    def warm_up_tokens(self) -> int:
+        return self._prompt_backend().warm_up_tokens if self.prefill_mode == "torch" else 0
+
+    def prompt_positions(self, num_tokens: int) -> int:
+        if self.prefill_mode == "torch":
+            return self._prompt_backend().prompt_positions(num_tokens)
+        return num_tokens
+
     def warm_up(self, num_tokens: int) -> torch.Tensor | None:
         if self.prefill_mode == "torch":
             return self._prompt_backend().warm_up(num_tokens)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from megakernel.instructions.base import rms_norm
 
 from .base import Backend, StepOutput
-from .prompt_graphs import PromptGraphs, prefill_padded, warm_up_buckets
+from .prompt_graphs import PromptGraphs, padded_prompt_end, prefill_padded, warm_up_buckets
 from .prompt_prefill import prefill_chunk
 
 # Prompt tokens per prefill chunk: bounds the [chunk, context] attention scores in memory.
@@ -96,6 +96,12 @@ class TorchBackend(Backend):
         probs = torch.softmax(scores, dim=-1)
         out = torch.einsum("tkgs,skd->tkgd", probs, values)
         return out.reshape(T, c.q_size)
+
+    warm_up_tokens = PREFILL_CHUNK
+
+    def prompt_positions(self, num_tokens: int) -> int:
+        """The last chunk runs padded to its bucket (prompt_graphs.py)."""
+        return padded_prompt_end(num_tokens, PREFILL_CHUNK)
 
     def warm_up(self, num_tokens: int) -> torch.Tensor | None:
         """Every prompt bucket of at most num_tokens (and PREFILL_CHUNK) tokens once,
