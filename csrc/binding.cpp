@@ -16,6 +16,7 @@
 #include "instruction_layout.h"
 #include "launcher.h"
 #include "prefill_ops.h"
+#include "read_probe.h"
 
 namespace {
 
@@ -396,6 +397,24 @@ at::Tensor alloc_host_status() {
 // Number of SMs of the current CUDA device (the grid size of a launch).
 int64_t sm_count() { return mk::device_sm_count(); }
 
+// Reads buf's bytes from DRAM once per SM's share (read_probe.h) on the current stream;
+// returns how many bytes it reads, for the caller's timing.
+int64_t read_probe(const at::Tensor& buf) {
+  MK_CHECK(buf.is_cuda(), "megakernel: 'buf' must be a CUDA tensor");
+  MK_CHECK(buf.is_contiguous(), "megakernel: 'buf' must be contiguous");
+  const c10::cuda::CUDAGuard guard(buf.device());
+  const int blocks = mk::device_sm_count();
+  const int64_t bytes = buf.numel() * buf.element_size();
+  const int64_t read = mk::read_probe_bytes(bytes, blocks);
+  MK_CHECK(read > 0, "megakernel: 'buf' must hold at least ",
+           mk::kReadProbeChunk * blocks, " bytes (one 32 KB chunk per SM), got ", bytes);
+  MK_CHECK(reinterpret_cast<uintptr_t>(buf.data_ptr()) % 16 == 0,
+           "megakernel: 'buf' must be 16-byte aligned");
+  mk::launch_read_probe(buf.data_ptr(), bytes, blocks, current_stream(buf.device()));
+  mk::check(cudaGetLastError(), "read probe launch");
+  return read;
+}
+
 // Raises RuntimeError unless the current device is sm_90 (H100 / H200).
 void check_device() { mk::check_device_supported(); }
 
@@ -438,6 +457,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("alloc_host_status", &alloc_host_status,
         "Zeroed int64 CPU tensor in mapped pinned memory for launch(host_status=...).");
   m.def("sm_count", &sm_count, "Number of SMs of the current CUDA device.");
+  m.def("read_probe", &read_probe,
+        "Read a CUDA tensor's bytes from DRAM by bulk copies, one block per SM, on the "
+        "current stream; returns the bytes read (whole 32 KB chunks per SM).",
+        py::arg("buf"));
   m.def("check_device", &check_device, "Raise RuntimeError unless the current device is sm_90.");
   m.def("profiling_compiled", &mk::profiling_compiled,
         "Whether the kernel was built with MEGAKERNEL_PROFILE (per-instruction timestamps).");
