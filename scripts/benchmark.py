@@ -67,8 +67,8 @@ BASELINES = {"torch": "x torch", "torch-graph": "x graph", "torch-compile": "x c
 GPU_DEFAULT_MODEL = "random:llama-3.2-1b"
 CPU_DEFAULT_MODEL = "random:tiny"
 DEFAULT_PAGE_SIZE = 16
-# Bytes of the bandwidth probes' buffer: far beyond L2 (50 MB on H100), so they stream
-# HBM; on the CPU, small enough to keep tests fast.
+# Bytes of each side of the copy probe (the read probe reads both sides): far beyond L2
+# (50 MB on H100), so the probes stream HBM; on the CPU, small enough to keep tests fast.
 PROBE_BYTES = {"cuda": 1 << 30, "cpu": 64 << 20}
 PROBE_ITERS = {"cuda": 20, "cpu": 5}
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -264,17 +264,19 @@ def measure_bandwidth(device: torch.device) -> dict:
     the best rate this device was seen to move bytes at in this run."""
     nbytes = PROBE_BYTES[device.type]
     iters = PROBE_ITERS[device.type]
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
-    dst = torch.empty_like(src)
+    # The copy's two sides are the halves of one buffer that the read probe reads whole:
+    # the longer the stream, the less its start and end weigh in its rate.
+    both = torch.empty(2 * nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    src, dst = both[:nbytes // 4], both[nbytes // 4:]
     copy_ms = _median_probe_ms(device, lambda: dst.copy_(src), iters)
     if device.type == "cuda" and megakernel_available()[0]:
         from megakernel import _C
-        read_bytes = _C.read_probe(src)
-        read_ms = _median_probe_ms(device, lambda: _C.read_probe(src), iters)
+        read_bytes = _C.read_probe(both)
+        read_ms = _median_probe_ms(device, lambda: _C.read_probe(both), iters)
         what = "bulk copies into shared memory, one block per SM, read only"
     else:
-        read_bytes = nbytes
-        read_ms = _median_probe_ms(device, lambda: src.sum(), iters)
+        read_bytes = 2 * nbytes
+        read_ms = _median_probe_ms(device, lambda: both.sum(), iters)
         what = f"{device.type} float32 sum, read only"
     copy = {"bytes_each_side": nbytes, "median_ms": copy_ms,
             "bytes_per_s": 2 * nbytes / (copy_ms / 1e3),
@@ -944,7 +946,8 @@ def run(args) -> dict:
     copy, read = bandwidth["copy"], bandwidth["read"]
     print(f"bandwidth: copy {copy['bytes_per_s'] / 1e12:.3f} TB/s ({copy['what']}), read "
           f"{read['bytes_per_s'] / 1e12:.3f} TB/s ({read['what']}), "
-          f"{PROBE_BYTES[device.type] >> 20} MiB buffer; floors at the "
+          f"{PROBE_BYTES[device.type] >> 20} MiB each side, {read['bytes'] >> 20} MiB read; "
+          f"floors at the "
           f"{bandwidth['floor_probe']}'s")
     if device.type == "cuda" and megakernel_available()[0]:
         from megakernel import _C
