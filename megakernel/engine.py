@@ -355,11 +355,11 @@ class Engine:
     def _warm_up(self) -> None:
         """Dummy prompts through the backend's prompt path at load, one per prompt bucket
         up to its warm_up_tokens, and the first token's selection and readback as
-        generate() does them. A process's first use of the attention and GEMM libraries (and their lazily
-        loaded kernels) took ~1 s, each new matmul shape ~3 ms more and the argmax's first
-        use ~6 ms, inside its first generation's time to first token (benchmarks/RESULTS.md,
-        entry 78). The pages they wrote get their initial contents back, so a poisoned cache
-        stays poisoned."""
+        generate() does them. A process's first use of the attention and GEMM libraries
+        (and their lazily loaded kernels) took ~1 s, each new matmul shape ~3 ms more and
+        the argmax's first use ~6 ms, inside its first generation's time to first token
+        (benchmarks/RESULTS.md, entry 78). The pages they wrote get their initial contents
+        back, so a poisoned cache stays poisoned."""
         num_tokens = min(self.backend.warm_up_tokens, self.max_seq_len)
         if num_tokens == 0:
             return

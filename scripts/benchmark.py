@@ -26,9 +26,9 @@ token) / (new tokens - 1), the clock read after a device synchronize. Bytes per 
 the weights a step must read (ModelConfig.weight_bytes_per_token) + K/V of the mean
 context over the timed steps; the floor is those bytes at the faster of two probes timed
 in the same process, a device-to-device copy (read + write bytes counted) and a read-only
-sum. Without a GPU the script runs the
-torch / reference / hf paths on random:tiny and names every backend it skipped, with the
-reason.
+stream (the extension's bulk-copy reads; a sum where it is not built). Without a GPU the
+script runs the torch / reference / hf paths on random:tiny and names every backend it
+skipped, with the reason.
 """
 from __future__ import annotations
 
@@ -947,8 +947,7 @@ def run(args) -> dict:
     print(f"bandwidth: copy {copy['bytes_per_s'] / 1e12:.3f} TB/s ({copy['what']}), read "
           f"{read['bytes_per_s'] / 1e12:.3f} TB/s ({read['what']}), "
           f"{PROBE_BYTES[device.type] >> 20} MiB each side, {read['bytes'] >> 20} MiB read; "
-          f"floors at the "
-          f"{bandwidth['floor_probe']}'s")
+          f"floors at the {bandwidth['floor_probe']}'s")
     if device.type == "cuda" and megakernel_available()[0]:
         from megakernel import _C
         if _C.profiling_compiled():
