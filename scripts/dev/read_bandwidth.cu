@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cuda_runtime.h>
 
+#include "bulk_copy.cuh"
 #include "common.cuh"
 
 #define CHECK(x)                                                                   \
@@ -31,11 +32,15 @@
     }                                                                              \
   } while (0)
 
-// The kernel's own weight loads, L2 policy and dot products (csrc/common.cuh).
+// The kernel's own weight loads, L2 policy and dot products (csrc/common.cuh), and the
+// read probe's bulk copies (csrc/bulk_copy.cuh).
+using mk::bulk_copy;
 using mk::dot8;
 using mk::evict_first_policy;
+using mk::init_barriers;
 using mk::load_weight;
 using mk::smem_address;
+using mk::wait_parity;
 
 template <int U>
 __global__ void __launch_bounds__(512) ldg_read(const uint4* buf, size_t per_block16,
@@ -54,51 +59,6 @@ __global__ void __launch_bounds__(512) ldg_read(const uint4* buf, size_t per_blo
     for (int u = 0; u < U; ++u) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
   }
   if (acc == 0x9e3779b9u) sink[0] = acc;  // keeps the loads
-}
-
-// mbarriers [0, n) with `count` arrivals each, visible to the copy engine.
-__device__ __forceinline__ void init_barriers(uint64_t* bars, int n, int count) {
-  for (int s = 0; s < n; ++s)
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_address(&bars[s])),
-                 "r"(count));
-  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-}
-
-// `bytes` from global src to shared dst by the copy engine, completing on mbarrier bar
-// (this thread's arrival carries the expected bytes); with an L2 cache-hint policy unless
-// it is 0.
-__device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t bytes,
-                                          uint64_t* bar, uint64_t policy) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_address(bar)),
-               "r"(bytes)
-               : "memory");
-  if (policy != 0)
-    asm volatile(
-        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint"
-        " [%0], [%1], %2, [%3], %4;" ::"r"(smem_address(dst)),
-        "l"(src), "r"(bytes), "r"(smem_address(bar)), "l"(policy)
-        : "memory");
-  else
-    asm volatile(
-        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-        ::"r"(smem_address(dst)), "l"(src), "r"(bytes), "r"(smem_address(bar))
-        : "memory");
-}
-
-// Until mbarrier bar completes the phase of this parity; a copy that never lands traps
-// (fails the run) rather than hangs.
-__device__ __forceinline__ void wait_parity(uint64_t* bar, uint32_t parity) {
-  uint32_t done = 0;
-  for (uint32_t tries = 0; !done; ++tries) {
-    if (tries > (1u << 26)) __trap();
-    asm volatile(
-        "{ .reg .pred q; mbarrier.try_wait.parity.shared::cta.b64 q, [%1], %2; "
-        "selp.u32 %0, 1, 0, q; }"
-        : "=r"(done)
-        : "r"(smem_address(bar)), "r"(parity)
-        : "memory");
-  }
 }
 
 __global__ void __launch_bounds__(32) bulk_read(const char* buf, size_t per_block, int stages,
