@@ -8,7 +8,7 @@
 #       scripts/dev/structure_bounds.sh            (from the repository root, on a GPU)
 #
 # A variant is `base` or patches joined by `+`:
-#   R     every counter signalled with red.relaxed: no release fence anywhere
+#   R     every counter signalled with red.relaxed: no release fence on any signal
 #   RF    R, and the controller leader runs fence.acq_rel right after barrier A (off the
 #         op's path: a signal then releases everything before its instruction)
 #   W0    no instruction waits on a counter: the stream runs as fast as the SMs claim it
