@@ -117,8 +117,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="write a PNG of ms/token vs context per backend (needs matplotlib)")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="write per-instruction timelines of one decode step to DIR: "
-                        "measured (megakernel built with MEGAKERNEL_PROFILE=1) and modeled "
-                        "(program cost model at the measured floor bandwidth)")
+                        "measured (megakernel built with MEGAKERNEL_PROFILE=1; the middle "
+                        "step of one launch, at --steps-per-launch when it names one value) "
+                        "and modeled (program cost model at the measured floor bandwidth)")
     return p
 
 
@@ -840,10 +841,11 @@ def write_plot(path: str, rows: list[dict], floors: dict[int, float], title: str
 # Profile ----------------------------------------------------------------------------------
 
 def run_profile(out_dir: str, weights, tokenizer, device, prompt: list[int], max_seq_len: int,
-                page_size: int, seed: int, floor_bw: float) -> dict:
+                page_size: int, seed: int, floor_bw: float,
+                steps_per_launch: int | None = None) -> dict:
     """Timelines of one decode step: measured (profiling build of the megakernel; the
-    middle step of a launch of the engine's chained steps) and modeled (the program's cost
-    model at the measured floor bandwidth). Returns a summary
+    middle step of a launch of steps_per_launch chained steps, None: the engine's) and
+    modeled (the program's cost model at the measured floor bandwidth). Returns a summary
     dict; writes trace_*.json (Chrome / Perfetto) and timeline_*.png into out_dir."""
     from megakernel import profiling
     from megakernel.scheduler import build_program
@@ -860,10 +862,12 @@ def run_profile(out_dir: str, weights, tokenizer, device, prompt: list[int], max
         ok, reason = False, f"the megakernel runs bfloat16 weights, not {weights.dtype}"
     if ok:
         try:
+            options = {} if steps_per_launch is None else {"steps_per_launch": steps_per_launch}
             runner = EngineRunner("megakernel", weights, tokenizer, max_seq_len, page_size,
-                                  seed, profile=True)
+                                  seed, profile=True, **options)
             backend = runner.engine.backend
             steps = backend.steps_per_launch
+            result["steps_per_launch"] = steps
             # The prefill's token, then exactly one launch of the engine's chained steps,
             # whose record remains: its middle step is the one a generation mostly runs.
             runner.run(prompt, 1 + steps)
@@ -1052,8 +1056,12 @@ def run(args) -> dict:
         prompt = make_prompt(contexts[0], cfg, args.seed)
         for runner in runners:                   # free the timed backends' memory first
             runner.release()
+        # One --steps-per-launch value sets the profiled launch's too; several leave the
+        # engine's default, the launch a generation runs.
+        profile_steps = megakernel_steps[0] if len(megakernel_steps) == 1 else None
         results["profile"] = run_profile(args.profile, weights, tokenizer, device, prompt,
-                                         max_seq_len, args.page_size, args.seed, floor_bw)
+                                         max_seq_len, args.page_size, args.seed, floor_bw,
+                                         profile_steps)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

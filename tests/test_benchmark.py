@@ -237,3 +237,26 @@ def test_bf16_tokens_are_compared_with_the_float32_model(tmp_path):
     assert vs_fp32["reference"] == 48
     assert vs_fp32["reference"] >= vs_fp32["torch"]
     assert "vs the float32 model" in text.getvalue()
+
+
+@pytest.mark.parametrize("steps_arg, profiled_steps", [("1", 1), ("1,8", None), (None, None)])
+def test_profile_takes_the_one_steps_per_launch_value(monkeypatch, tmp_path, steps_arg,
+                                                      profiled_steps):
+    # One --steps-per-launch value sets the profiled launch's chain too (a one-step launch
+    # profiles without a chain); several, or none, leave the engine's default.
+    seen = []
+
+    def fake_run_profile(out_dir, weights, tokenizer, device, prompt, max_seq_len, page_size,
+                         seed, floor_bw, steps_per_launch=None):
+        seen.append(steps_per_launch)
+        return {"dir": out_dir}
+
+    monkeypatch.setattr(bench, "run_profile", fake_run_profile)
+    argv = ["--device", "cpu", "--model", "random:tiny", "--prompt-len", "4", "--new-tokens",
+            "2", "--repeats", "1", "--warmup", "0", "--backends", "torch",
+            "--profile", str(tmp_path / "profile")]
+    if steps_arg is not None:
+        argv += ["--steps-per-launch", steps_arg]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert bench.main(argv) == 0
+    assert seen == [profiled_steps]
