@@ -39,19 +39,23 @@ __device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t b
         : "memory");
 }
 
+// Whether mbarrier bar has completed the phase of this parity (one bounded try).
+__device__ __forceinline__ bool try_wait_parity(uint64_t* bar, uint32_t parity) {
+  uint32_t done;
+  asm volatile(
+      "{ .reg .pred q; mbarrier.try_wait.parity.shared::cta.b64 q, [%1], %2; "
+      "selp.u32 %0, 1, 0, q; }"
+      : "=r"(done)
+      : "r"(smem_address(bar)), "r"(parity)
+      : "memory");
+  return done != 0;
+}
+
 // Until mbarrier bar completes the phase of this parity. Bounded: a copy that never lands
 // (2^26 polls) traps, failing the launch, instead of hanging.
 __device__ __forceinline__ void wait_parity(uint64_t* bar, uint32_t parity) {
-  uint32_t done = 0;
-  for (uint32_t tries = 0; !done; ++tries) {
+  for (uint32_t tries = 0; !try_wait_parity(bar, parity); ++tries)
     if (tries > (1u << 26)) __trap();
-    asm volatile(
-        "{ .reg .pred q; mbarrier.try_wait.parity.shared::cta.b64 q, [%1], %2; "
-        "selp.u32 %0, 1, 0, q; }"
-        : "=r"(done)
-        : "r"(smem_address(bar)), "r"(parity)
-        : "memory");
-  }
 }
 
 }  // namespace mk

@@ -20,27 +20,7 @@
 #include <algorithm>
 #include <cuda_runtime.h>
 
-#include "bulk_copy.cuh"
-#include "common.cuh"
-
-#define CHECK(x)                                                                   \
-  do {                                                                             \
-    cudaError_t e = (x);                                                           \
-    if (e != cudaSuccess) {                                                        \
-      std::fprintf(stderr, "%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e)); \
-      std::exit(1);                                                                \
-    }                                                                              \
-  } while (0)
-
-// The kernel's own weight loads, L2 policy and dot products (csrc/common.cuh), and the
-// read probe's bulk copies (csrc/bulk_copy.cuh).
-using mk::bulk_copy;
-using mk::dot8;
-using mk::evict_first_policy;
-using mk::init_barriers;
-using mk::load_weight;
-using mk::smem_address;
-using mk::wait_parity;
+#include "dev_cuda.h"
 
 template <int U>
 __global__ void __launch_bounds__(512) ldg_read(const uint4* buf, size_t per_block16,
@@ -207,22 +187,7 @@ __global__ void __launch_bounds__(512) rows_ring(const char* buf, size_t rows_pe
 
 template <typename Launch>
 double median_tbps(Launch launch, size_t bytes) {
-  cudaEvent_t a, b;
-  CHECK(cudaEventCreate(&a));
-  CHECK(cudaEventCreate(&b));
-  std::vector<float> ms;
-  for (int i = 0; i < 13; ++i) {
-    CHECK(cudaEventRecord(a));
-    launch();
-    CHECK(cudaEventRecord(b));
-    CHECK(cudaEventSynchronize(b));
-    CHECK(cudaGetLastError());
-    float t;
-    CHECK(cudaEventElapsedTime(&t, a, b));
-    if (i >= 3) ms.push_back(t);
-  }
-  std::sort(ms.begin(), ms.end());
-  return bytes / (ms[ms.size() / 2] * 1e-3) / 1e12;
+  return bytes / (median_ms(launch, 10) * 1e-3) / 1e12;
 }
 
 int main(int argc, char** argv) {

@@ -42,26 +42,7 @@
 #include <string>
 #include <vector>
 
-#include "bulk_copy.cuh"
-#include "common.cuh"
-
-#define CHECK(x)                                                                     \
-  do {                                                                               \
-    cudaError_t e = (x);                                                             \
-    if (e != cudaSuccess) {                                                          \
-      std::fprintf(stderr, "%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e)); \
-      std::exit(1);                                                                  \
-    }                                                                                \
-  } while (0)
-
-using mk::bulk_copy;
-using mk::dot8;
-using mk::evict_first_policy;
-using mk::init_barriers;
-using mk::load_weight;
-using mk::smem_address;
-using mk::wait_parity;
-using mk::warp_sum;
+#include "dev_cuda.h"
 
 constexpr int kComputeWarps = 15;
 constexpr int kComputeThreads = kComputeWarps * 32;
@@ -115,17 +96,9 @@ __device__ __forceinline__ void row_block(int rows, int& r0, int& r1) {
 // The loader's wait for a free slot; false once a compute thread has recorded a timeout
 // (its block's compute warps then free no slot again).
 __device__ bool loader_wait(uint64_t* bar, uint32_t parity, const int* error) {
-  for (uint32_t tries = 1;; ++tries) {
-    uint32_t done;
-    asm volatile(
-        "{ .reg .pred q; mbarrier.try_wait.parity.shared::cta.b64 q, [%1], %2; "
-        "selp.u32 %0, 1, 0, q; }"
-        : "=r"(done)
-        : "r"(smem_address(bar)), "r"(parity)
-        : "memory");
-    if (done) return true;
+  for (uint32_t tries = 1; !try_wait_parity(bar, parity); ++tries)
     if (tries % 256 == 0 && *reinterpret_cast<const volatile int*>(error) != 0) return false;
-  }
+  return true;
 }
 
 // One warp's 2 KB span (one row's, 16-byte chunks lane, lane + 32, ...) dotted with x.
@@ -369,26 +342,6 @@ struct Model {
   const char* name;
   int hidden, heads, kv_heads, head_dim, intermediate, layers, vocab;
 };
-
-template <typename Launch>
-double median_ms(Launch launch, int reps) {
-  cudaEvent_t a, b;
-  CHECK(cudaEventCreate(&a));
-  CHECK(cudaEventCreate(&b));
-  std::vector<float> ms;
-  for (int i = 0; i < reps + 3; ++i) {
-    CHECK(cudaEventRecord(a));
-    launch();
-    CHECK(cudaEventRecord(b));
-    CHECK(cudaEventSynchronize(b));
-    CHECK(cudaGetLastError());
-    float t;
-    CHECK(cudaEventElapsedTime(&t, a, b));
-    if (i >= 3) ms.push_back(t);
-  }
-  std::sort(ms.begin(), ms.end());
-  return ms[ms.size() / 2];
-}
 
 int main(int argc, char** argv) {
   const Model models[] = {{"1b", 2048, 32, 8, 64, 8192, 16, 128256},
