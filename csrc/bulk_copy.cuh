@@ -1,6 +1,6 @@
 // Bulk copies from global into shared memory through the copy engine (cp.async.bulk),
-// each completing on an mbarrier: the read probe's stream (read_probe.cu) and the load-path
-// microbenchmark's (scripts/dev/read_bandwidth.cu).
+// each completing on an mbarrier: the read probe's stream (read_probe.cu) and the
+// microbenchmarks' in scripts/dev (read_bandwidth.cu, stream_chain.cu).
 #pragma once
 
 #include <cstdint>

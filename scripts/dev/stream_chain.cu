@@ -50,7 +50,7 @@ constexpr int kThreads = kComputeThreads + 32;  // + the loader warp (idle in ld
 constexpr int kSpanBytes = 2048;  // one warp's share of a slot, in one row: 4 chunks per lane
 constexpr int kSlotBytes = kComputeWarps * kSpanBytes;  // 30 KB
 constexpr int kMaxSlots = 8;
-constexpr int kLdgSpansInFlight = 4;            // 16 loads per lane in flight
+constexpr int kLdgSpansInFlight = 4;  // 16 loads per lane in flight
 
 // One stage: rows x k bf16 weights (none for the attention stage), its input and output.
 enum InputKind : int { kPlain = 0, kSiluMul = 1, kCopy = 2 };
