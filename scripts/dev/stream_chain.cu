@@ -27,10 +27,11 @@
 // only the time counts), the signal as red.release or red.relaxed (no release fence: the
 // outputs may be read before they land, only the time counts), the ring's depth, and
 // (hold) the ring's loader kept from the next stage's weights until its block signalled.
-// The floor is the step's weight bytes at the rate the same run reads them with large
-// bulk copies and no dependency (`probe`).
+// The floor is the step's weight bytes at the rate the same run reads them with the
+// benchmark's read probe (csrc/read_probe.cu: bulk copies, no dependency).
 //
-//   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -I../../csrc stream_chain.cu -o sc
+//   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -I../../csrc stream_chain.cu \
+//       ../../csrc/read_probe.cu -o sc
 //   ./sc [1b|3b|8b] [steps per launch, default 8]          (benchmarks/RESULTS.md, entry 84)
 #include <cuda_runtime.h>
 
@@ -43,10 +44,14 @@
 #include <vector>
 
 #include "dev_cuda.h"
+#include "read_probe.h"
 
-constexpr int kComputeWarps = 15;
-constexpr int kComputeThreads = kComputeWarps * 32;
-constexpr int kThreads = kComputeThreads + 32;  // + the loader warp (idle in ldg)
+// The megakernel's block shape (common.cuh): 15 compute warps, + the loader warp in the
+// controller's place (idle in ldg).
+using mk::compute_sync;
+using mk::kComputeThreads;
+using mk::kComputeWarps;
+constexpr int kThreads = mk::kThreads;
 constexpr int kSpanBytes = 2048;  // one warp's share of a slot, in one row: 4 chunks per lane
 constexpr int kSlotBytes = kComputeWarps * kSpanBytes;  // 30 KB
 constexpr int kMaxSlots = 8;
@@ -82,10 +87,6 @@ __device__ __forceinline__ uint64_t now_ns() {
   uint64_t t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
   return t;
-}
-
-__device__ __forceinline__ void compute_sync() {
-  asm volatile("barrier.sync 1, %0;" ::"n"(kComputeThreads) : "memory");
 }
 
 __device__ __forceinline__ void row_block(int rows, int& r0, int& r1) {
@@ -315,28 +316,15 @@ __global__ void __launch_bounds__(kThreads, 1) chain(const Params p) {
     }
 }
 
-// The floor's rate: every block streams its contiguous share of the weights with
-// 2 x 32 KB bulk copies and no dependency (the read probe's way).
-__global__ void __launch_bounds__(32) probe(const char* buf, size_t per_block, int* sink) {
-  extern __shared__ __align__(128) char slots[];
-  __shared__ __align__(8) uint64_t full[2];
-  if (threadIdx.x != 0) return;
-  init_barriers(full, 2, 1);
-  constexpr int kChunk = 32 * 1024;
-  const char* src = buf + blockIdx.x * per_block;
-  const int chunks = static_cast<int>(per_block / kChunk);
-  for (int i = 0; i < 2 && i < chunks; ++i)
-    bulk_copy(slots + i * kChunk, src + static_cast<size_t>(i) * kChunk, kChunk, &full[i], 0);
-  int acc = 0;
-  for (int i = 0; i < chunks; ++i) {
-    wait_parity(&full[i % 2], (i / 2) & 1);
-    acc += slots[(i % 2) * kChunk];
-    if (i + 2 < chunks)
-      bulk_copy(slots + (i % 2) * kChunk, src + static_cast<size_t>(i + 2) * kChunk, kChunk,
-                &full[i % 2], 0);
-  }
-  if (acc == 123456789) sink[0] = acc;
+// The read probe's launch reports its errors through the launcher's hook, which the
+// extension defines in interpreter.cu; here it ends the run.
+namespace mk {
+void check(cudaError_t err, const char* what) {
+  if (err == cudaSuccess) return;
+  std::fprintf(stderr, "%s: %s\n", what, cudaGetErrorString(err));
+  std::exit(1);
 }
+}  // namespace mk
 
 struct Model {
   const char* name;
@@ -407,11 +395,10 @@ int main(int argc, char** argv) {
   CHECK(cudaMemset(error, 0, sizeof(int)));
 
   // The floor's rate.
-  const size_t per_block = total / sms / (32 * 1024) * (32 * 1024);
-  CHECK(cudaFuncSetAttribute(probe, cudaFuncAttributeMaxDynamicSharedMemorySize, 64 * 1024));
-  const double probe_ms =
-      median_ms([&] { probe<<<sms, 32, 64 * 1024>>>(weights, per_block, error); }, 10);
-  const double probe_tbps = per_block * sms / (probe_ms * 1e-3) / 1e12;
+  const int64_t probe_bytes = mk::read_probe_bytes(static_cast<int64_t>(total), sms);
+  const double probe_ms = median_ms(
+      [&] { mk::launch_read_probe(weights, static_cast<int64_t>(total), sms, nullptr); }, 10);
+  const double probe_tbps = probe_bytes / (probe_ms * 1e-3) / 1e12;
   const double floor_us = total / (probe_tbps * 1e12) * 1e6;
   std::printf("%s: %d SMs, %.3f GB of weights per step, %d stages per step, %d steps per "
               "launch\nprobe %.3f TB/s: floor %.1f us per step\n",
