@@ -12,12 +12,18 @@
 #   RF    R, and the controller leader runs fence.acq_rel right after barrier A (off the
 #         op's path: a signal then releases everything before its instruction)
 #   W0    no instruction waits on a counter: the stream runs as fast as the SMs claim it
+#   Wq Wa Wo Wg Wd Wl   only the instructions of one opcode wait on no counter (rms_qkv_rope,
+#         attention_partial, o_proj_residual, rms_gate_up_silu, down_proj_residual,
+#         rms_lm_head): what that one stage boundary costs, at most
+#   F<pct> every wait holds once pct% of its target has signalled (rounded up: a wait on
+#         one producer still waits for it), as if consumers started on their first inputs
 #   A0    attention_partial does nothing after its barrier (its carried prefetch stays)
 #   O0    o_proj_residual does nothing after its barrier
 #   P0    no hand-over L2 prefetch (the launch's default prefetch_bytes 0)
 #   C0    no carried L2 prefetch
 #   S<n>  programs built for n SMs (block sizes and counts), launched on every SM
 # BENCH: scripts/benchmark.py's arguments (default: 1B, 1 and 8 steps per launch).
+# REUSE=1: run the builds a call before this one left in $WORK (a warm machine) again.
 set -uo pipefail
 export MAX_JOBS=${MAX_JOBS:-5} PYTHONUNBUFFERED=1
 VARIANTS=${VARIANTS:-"base W0"}
@@ -34,6 +40,10 @@ patch_tree() {  # patch_tree DIR PATCH
     RF) patch_tree "$d" R
         sed -i 's|      if (!go\[slot\]) break;|&\n      if (leader) asm volatile("fence.acq_rel.gpu;" ::: "memory");|' "$f" ;;
     W0) sed -i 's|    if (counter == kNoCounter) continue;|    if (counter == kNoCounter \|\| true) continue;|' "$f" ;;
+    W[qaogdl]) declare -A ops=([q]=kOpRmsQkvRope [a]=kOpAttentionPartial [o]=kOpOProjResidual
+                              [g]=kOpRmsGateUpSilu [d]=kOpDownProjResidual [l]=kOpRmsLmHead)
+        sed -i "s|    if (counter == kNoCounter|& \|\| op == ${ops[${2#W}]}|" "$f" ;;
+    F[0-9]*) sed -i "s|    const uint64_t goal = static_cast<uint64_t>(words\[word::kWait0Target + 2 \* w\]) \* p.epoch;|    const uint64_t target = static_cast<uint64_t>(words[word::kWait0Target + 2 * w]);\n    const uint64_t goal = target * (p.epoch - 1) + (target * ${2#F} + 99) / 100;|" "$f" ;;
     A0) sed -i 's|    case kOpAttentionPartial: return op_attention_partial(ctx);|    case kOpAttentionPartial: return ctx.ready<777>();|' "$f" ;;
     O0) sed -i 's|    case kOpOProjResidual:$|    case kOpOProjResidual: return ctx.ready<778>();|' "$f" ;;
     P0) sed -i 's|kDefaultPrefetchBytes = 64 \* 1024;|kDefaultPrefetchBytes = 0;|' "$d/csrc/launcher.h" ;;
@@ -46,6 +56,7 @@ patch_tree() {  # patch_tree DIR PATCH
 
 for v in $VARIANTS; do
   d=$WORK/$v
+  [ "${REUSE:-0}" = 1 ] && [ -d "$d" ] && continue
   rm -rf "$d" && mkdir -p "$d"
   cp -r csrc megakernel scheduler instructions scripts setup.py "$d/"
   (cd "$d/megakernel" && ln -sfn ../scheduler scheduler && ln -sfn ../instructions instructions)
