@@ -17,6 +17,10 @@
 #         rms_lm_head): what that one stage boundary costs, at most
 #   F<pct> every wait holds once pct% of its target has signalled (rounded up: a wait on
 #         one producer still waits for it), as if consumers started on their first inputs
+#   G<k>  in each stage but the LM head only blocks 0..k-1, the first claimed, signal the
+#         stage's counter (the others a counter nothing waits on): consumers start once the
+#         first k producers in claim order are done, the best case of inputs consumed in
+#         a fixed order
 #   A0    attention_partial does nothing after its barrier (its carried prefetch stays)
 #   O0    o_proj_residual does nothing after its barrier
 #   P0    no hand-over L2 prefetch (the launch's default prefetch_bytes 0)
@@ -44,6 +48,29 @@ patch_tree() {  # patch_tree DIR PATCH
                               [g]=kOpRmsGateUpSilu [d]=kOpDownProjResidual [l]=kOpRmsLmHead)
         sed -i "s|    if (counter == kNoCounter|& \|\| op == ${ops[${2#W}]}|" "$f" ;;
     F[0-9]*) sed -i "s|    const uint64_t goal = static_cast<uint64_t>(words\[word::kWait0Target + 2 \* w\]) \* p.epoch;|    const uint64_t target = static_cast<uint64_t>(words[word::kWait0Target + 2 * w]);\n    const uint64_t goal = target * (p.epoch - 1) + (target * ${2#F} + 99) / 100;|" "$f" ;;
+    G[0-9]*) python3 - "$d/scheduler/program.py" "${2#G}" <<'PY' || return 1
+import sys
+path, k = sys.argv[1], sys.argv[2]
+src = open(path).read()
+counter_old = '''        names.append(name)
+        targets.append(0)
+        return len(names) - 1
+'''
+counter_new = '''        names.append(name)
+        targets.append(0)
+        names.append(name + ".late")
+        targets.append(0)
+        return len(names) - 2
+'''
+emit_old = '''    def emit(spec, layer: int, waits, signal: int, block_index: int, **args):
+'''
+emit_new = emit_old + f'''        if block_index >= {k} and spec is not RMS_LM_HEAD:
+            signal += 1
+'''
+assert src.count(counter_old) == 1 and src.count(emit_old) == 1
+open(path, "w").write(src.replace(counter_old, counter_new).replace(emit_old, emit_new))
+PY
+        ;;
     A0) sed -i 's|    case kOpAttentionPartial: return op_attention_partial(ctx);|    case kOpAttentionPartial: return ctx.ready<777>();|' "$f" ;;
     O0) sed -i 's|    case kOpOProjResidual:$|    case kOpOProjResidual: return ctx.ready<778>();|' "$f" ;;
     P0) sed -i 's|kDefaultPrefetchBytes = 64 \* 1024;|kDefaultPrefetchBytes = 0;|' "$d/csrc/launcher.h" ;;
@@ -62,7 +89,8 @@ for v in $VARIANTS; do
   (cd "$d/megakernel" && ln -sfn ../scheduler scheduler && ln -sfn ../instructions instructions)
   for p in ${v//+/ }; do patch_tree "$d" "$p" || exit 1; done
   # Every patch must have matched: a sed that finds nothing changes nothing.
-  changed=$(diff -r csrc "$d/csrc"; diff megakernel/backends "$d/megakernel/backends")
+  changed=$(diff -r csrc "$d/csrc"; diff megakernel/backends "$d/megakernel/backends"
+           diff -r scheduler "$d/scheduler")
   [ "$v" = base ] || [ -n "$changed" ] || { echo "variant $v changed nothing" >&2; exit 1; }
   (cd "$d" && MEGAKERNEL_PROFILE=${PROFILE:-0} python3 setup.py -q build_ext --inplace \
        > build.log 2>&1 || { tail -20 build.log; echo "build failed: $v"; }) &
