@@ -30,8 +30,8 @@ import torch
 
 from megakernel.instructions import (
     ARGMAX_REDUCE, ATTENTION_PARTIAL, ATTENTION_REDUCE, DOWN_PROJ_RESIDUAL, EMBED,
-    HEADER_FIELDS, L2_PREFETCH_FIELDS, L2_PREFETCH_WORD, NO_COUNTER, O_PROJ_RESIDUAL, OPCODES,
-    RMS_GATE_UP_SILU, RMS_LM_HEAD, RMS_QKV_ROPE, WORDS, Instruction, L2Prefetch,
+    HEADER_FIELDS, L2_PREFETCH_FIELDS, L2_PREFETCH_WORD, MAX_WAITS, NO_COUNTER, O_PROJ_RESIDUAL,
+    OPCODES, RMS_GATE_UP_SILU, RMS_LM_HEAD, RMS_QKV_ROPE, WORDS, Instruction, L2Prefetch,
 )
 
 # Fixed cost of one instruction (claim, waits, signal, pipeline fill), in bytes of weight
@@ -200,6 +200,43 @@ def split_qkv(cfg, num_sms: int, row_bytes: int) -> list[tuple[int, int, int]]:
                                    loads_per_row=2)]
 
 
+# An attention block of KV head g can wait on the qkv blocks that feed its KV group instead
+# of the whole qkv stage: a counter per group, which each qkv block signals for the group of
+# its first head. A block that runs on into the next heads also feeds their group, so the
+# attention of group g waits on every counter that one of its feeders signals; with blocks
+# of at most two heads that is group g's and the group before it in head order (MAX_WAITS).
+# On an H100 (benchmarks/RESULTS.md, entry 87) that takes 12-14 us off a llama-3.1-8b
+# token and 6-8 off llama-3.2-3b (head_dim 128). On llama-3.2-1b (head_dim 64, a lighter
+# attention stage) even waiting on its own group's counter alone, wrongly, gained only
+# ~1 us: from head_dim 128 up.
+KV_GROUP_WAITS_MIN_HEAD_DIM = 128
+
+
+def qkv_block_kv_groups(cfg, head: int, pair_begin: int, pair_count: int) -> list[int]:
+    """The KV groups whose attention reads a qkv block's outputs, in the order of its
+    heads: group g is query heads [g * group_size, (g + 1) * group_size), key head g and
+    value head g."""
+    half = cfg.head_dim // 2
+    first = head * half + pair_begin
+    groups = [h // cfg.group_size if h < cfg.num_heads
+              else (h - cfg.num_heads) % cfg.num_kv_heads
+              for h in range(first // half, (first + pair_count - 1) // half + 1)]
+    return list(dict.fromkeys(groups))
+
+
+def qkv_wait_groups(cfg, qkv_blocks) -> list[list[int]] | None:
+    """For each KV group g, the groups whose qkv counters its attention waits on (the
+    first groups of the blocks that feed g), or None where some group would need more than
+    MAX_WAITS of them."""
+    feeds = [[] for _ in range(cfg.num_kv_heads)]
+    for block in qkv_blocks:
+        groups = qkv_block_kv_groups(cfg, *block)
+        for g in groups:
+            feeds[g].append(groups[0])
+    waits = [sorted(set(f), key=lambda c, g=g: (c != g, c)) for g, f in enumerate(feeds)]
+    return waits if max(map(len, waits)) <= MAX_WAITS else None
+
+
 def attention_partitions(cfg, num_sms: int, max_seq_len: int, page_size: int) -> int:
     """Partitions per KV head: nkv * P fills the SMs in one wave (never more than one
     wave, which would double the attention time), and never more than the pages."""
@@ -348,7 +385,8 @@ def decode_programs(max_seq_len: int, whole_context_positions: int,
 def build_program(cfg, num_sms: int, page_size: int, max_seq_len: int,
                   num_tokens: int = 1, dtype_bytes: int = 2,
                   whole_context_attention: bool = False,
-                  early_gate_up: bool = True, late_gate_up: bool = False) -> Program:
+                  early_gate_up: bool = True, late_gate_up: bool = False,
+                  kv_group_waits: bool | None = None) -> Program:
     """Compile one decode step for `cfg` on a GPU with `num_sms` SMs.
 
     num_tokens is the number of tokens the step serves (1 for decode); max_seq_len bounds
@@ -357,6 +395,8 @@ def build_program(cfg, num_sms: int, page_size: int, max_seq_len: int,
     early_gate_up_limit()), and where o_proj's blocks fit the hand-over prefetch the qkv
     instructions carry o_proj's; late_gate_up: the split program's reduce and, where their
     blocks fit the hand-over prefetch, o_proj instructions do (for positions beyond it).
+    kv_group_waits: each attention block waits on its KV group's qkv blocks alone (None:
+    from KV_GROUP_WAITS_MIN_HEAD_DIM up).
     """
     if num_sms < 1:
         raise ValueError("num_sms must be >= 1")
@@ -385,6 +425,11 @@ def build_program(cfg, num_sms: int, page_size: int, max_seq_len: int,
         return (c, targets[c])
 
     qkv_blocks = split_qkv(cfg, num_sms, H * dtype_bytes)
+    if kv_group_waits is None:
+        kv_group_waits = cfg.head_dim >= KV_GROUP_WAITS_MIN_HEAD_DIM
+    # qkv_wait[g]: the groups whose counters the attention of KV group g waits on; None: one
+    # counter for the whole qkv stage.
+    qkv_wait = qkv_wait_groups(cfg, qkv_blocks) if kv_group_waits else None
     parts = 1 if whole_context_attention else attention_partitions(cfg, num_sms, max_seq_len,
                                                                    page_size)
     slices = whole_context_dim_slices(cfg, num_sms, dtype_bytes)
@@ -445,10 +490,20 @@ def build_program(cfg, num_sms: int, page_size: int, max_seq_len: int,
     for layer in range(min(L, 2)):
         if layer == 1:
             layer1_instruction, layer1_counter = len(instrs), len(names)
-        c_qkv = counter(f"L{layer}.qkv")
+        if qkv_wait:
+            c_qkv = [counter(f"L{layer}.qkv.kv{g}") for g in range(cfg.num_kv_heads)]
+        else:
+            c_qkv = [counter(f"L{layer}.qkv")] * cfg.num_kv_heads
         for b, (head, p0, n) in enumerate(qkv_blocks):
-            emit(RMS_QKV_ROPE, layer, [done(prev)], c_qkv, b, head=head, pair_begin=p0,
-                 pair_count=n, l2_prefetch=o_proj_prefetch(layer, b))
+            first_group = qkv_block_kv_groups(cfg, head, p0, n)[0]
+            emit(RMS_QKV_ROPE, layer, [done(prev)], c_qkv[first_group], b, head=head,
+                 pair_begin=p0, pair_count=n, l2_prefetch=o_proj_prefetch(layer, b))
+
+        def qkv_done(kv_head: int) -> list[tuple[int, int]]:
+            """The waits of an attention block of kv_head on the qkv stage."""
+            if not qkv_wait:
+                return [done(c_qkv[0])]
+            return [done(c_qkv[g]) for g in qkv_wait[kv_head]]
         c_attn = counter(f"L{layer}.attention")
         b = 0
         for kv_head in range(cfg.num_kv_heads):
@@ -457,14 +512,14 @@ def build_program(cfg, num_sms: int, page_size: int, max_seq_len: int,
                 # heads anyway) and writes one head's slice of dims.
                 for head in range(cfg.group_size):
                     for d0, nd in slices:
-                        emit(ATTENTION_PARTIAL, layer, [done(c_qkv)], c_attn, b,
+                        emit(ATTENTION_PARTIAL, layer, qkv_done(kv_head), c_attn, b,
                              kv_head=kv_head, partition=0, num_partitions=1, head_begin=head,
                              head_count=1, dim_begin=d0, dim_count=nd,
                              l2_prefetch=gate_up_prefetch("attention", layer, b))
                         b += 1
                 continue
             for part in range(parts):
-                emit(ATTENTION_PARTIAL, layer, [done(c_qkv)], c_attn, b, kv_head=kv_head,
+                emit(ATTENTION_PARTIAL, layer, qkv_done(kv_head), c_attn, b, kv_head=kv_head,
                      partition=part, num_partitions=parts, head_begin=0,
                      head_count=cfg.group_size, dim_begin=0, dim_count=cfg.head_dim,
                      l2_prefetch=gate_up_prefetch("attention", layer, b))

@@ -159,6 +159,33 @@ def test_carried_gate_up_prefetches_change_no_result():
     assert torch.equal(a.logits, b.logits)
 
 
+def test_kv_group_waits_change_no_result():
+    """On the 1B shape (8 KV groups, qkv blocks running on across heads and groups): with
+    each attention block waiting on its KV group's qkv blocks alone, a generation across the
+    whole-context and split programs gives, bit for bit, the logits of the stage-wide wait."""
+    def engine(grouped):
+        return megakernel.Engine.from_pretrained(
+            "random:llama-3.2-1b", device="cuda", backend="megakernel", max_seq_len=512,
+            kv_group_waits=grouped)
+
+    def attention_waits(backend, position):
+        return {i.waits for i in backend.program_for(position).instruction_list()
+                if i.spec.name == "attention_partial" and i.layer == 3}
+
+    from megakernel.scheduler import whole_context_limit
+
+    grouped, staged = engine(True), engine(False)
+    whole_end = whole_context_limit(grouped.config)
+    for position in (0, whole_end):
+        assert len(attention_waits(grouped.backend, position)) == 8
+        assert len(attention_waits(staged.backend, position)) == 1
+    prompt = [1000 + i for i in range(whole_end - 40)]
+    a = grouped.generate(prompt, max_new_tokens=100, ignore_eos=True, output_logits=True)
+    b = staged.generate(prompt, max_new_tokens=100, ignore_eos=True, output_logits=True)
+    assert a.token_ids == b.token_ids
+    assert torch.equal(a.logits, b.logits)
+
+
 @pytest.mark.parametrize("steps_per_launch,launches", [(1, 16), (8, 2), (5, 4)])
 def test_one_launch_per_chain_of_decode_steps(checkpoint, steps_per_launch, launches):
     path, _ = checkpoint

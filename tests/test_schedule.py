@@ -416,6 +416,74 @@ def test_qkv_blocks_fill_every_sm_once_at_the_1b_shape():
     assert sum(n for _, _, n in blocks) == (cfg.num_heads + 2 * cfg.num_kv_heads) * 32
 
 
+def _kv_groups_of_rows(cfg, rows: torch.Tensor) -> set[int]:
+    """The KV groups whose attention reads these fused-QKV rows."""
+    heads = rows // cfg.head_dim
+    return {int(h) // cfg.group_size if h < cfg.num_heads
+            else (int(h) - cfg.num_heads) % cfg.num_kv_heads for h in heads}
+
+
+@pytest.mark.parametrize("cfg, num_sms", [
+    (PRESETS["llama-3.2-1b"], 132), (PRESETS["llama-3.1-8b"], 132),
+    (small_config(**CONFIGS["gqa2-hd64"]), 5), (small_config(**CONFIGS["gqa2-hd64"]), 7)])
+@pytest.mark.parametrize("whole", [True, False])
+def test_attention_waits_only_on_the_qkv_blocks_of_its_kv_group(cfg, num_sms, whole):
+    """Each attention block waits on exactly the counters that the qkv blocks writing its KV
+    group's query, key and value rows signal, for all of their producers; each qkv block
+    signals one counter, and another group's counter is one only blocks of that group and
+    the blocks running on from it signal."""
+    program = build_program(cfg, num_sms=num_sms, page_size=16, max_seq_len=4096,
+                            whole_context_attention=whole, kv_group_waits=True)
+    instrs = [i for i in program.instruction_list() if i.layer == 1]
+    qkv = [i for i in instrs if i.spec.name == "rms_qkv_rope"]
+    feeders: dict[int, set[int]] = {}     # KV group -> counters of the blocks that feed it
+    for i in qkv:
+        rows = block_rows(cfg, i.args["head"], i.args["pair_begin"], i.args["pair_count"])
+        for g in _kv_groups_of_rows(cfg, rows):
+            feeders.setdefault(g, set()).add(i.signal)
+    assert len({i.signal for i in qkv}) == cfg.num_kv_heads          # a counter per group
+    assert max(map(len, feeders.values())) == 2                      # blocks run on
+    for i in instrs:
+        if i.spec.name == "attention_partial":
+            assert {c for c, _ in i.waits} == feeders[i.args["kv_head"]]
+            assert all(t == program.counter_targets[c] for c, t in i.waits)
+
+
+def test_kv_group_waits_by_default_from_head_dim_128():
+    for name, grouped in (("llama-3.2-1b", False), ("llama-3.2-3b", True),
+                          ("llama-3.1-8b", True)):
+        program = build_program(PRESETS[name], num_sms=132, page_size=16, max_seq_len=4096)
+        counters = {i.signal for i in program.instruction_list()
+                    if i.spec.name == "rms_qkv_rope" and i.layer == 0}
+        assert len(counters) == (PRESETS[name].num_kv_heads if grouped else 1), name
+    # Blocks of three heads (one SM: blocks of head_dim pairs) would feed some group from
+    # three counters, one more than an instruction's waits: the stage keeps one counter.
+    cfg = small_config(num_heads=4, num_kv_heads=4, head_dim=64)
+    program = build_program(cfg, num_sms=1, page_size=4, max_seq_len=64, kv_group_waits=True)
+    assert len({i.signal for i in program.instruction_list()
+                if i.spec.name == "rms_qkv_rope" and i.layer == 0}) == 1
+
+
+def test_random_order_catches_an_attention_wait_on_its_own_group_alone():
+    """Drop the wait on the group before it from an attention block whose group a block of
+    that group runs on into: some random order runs it before those rows exist."""
+    weights = random_weights(small_config(**CONFIGS["gqa2-hd64"]), seed=3, init_std=0.1)
+    program = build_program(weights.config, num_sms=5, page_size=4, max_seq_len=32,
+                            dtype_bytes=4, kv_group_waits=True)
+    instrs = program.instruction_list()
+    victim = next(n for n, i in enumerate(instrs)
+                  if i.spec.name == "attention_partial" and len(i.waits) == 2
+                  and i.layer == weights.config.num_layers - 1)
+    rows = program.instructions.clone()
+    rows[victim] = torch.tensor(dataclasses.replace(instrs[victim],
+                                                    waits=instrs[victim].waits[:1]).encode())
+    broken = dataclasses.replace(program, instructions=rows, decoded=[])
+    expected = run_tokens(weights, PROMPT[:6], program=program)
+    assert any(not torch.equal(run_tokens(weights, PROMPT[:6], order_seed=seed,
+                                          program=broken), expected)
+               for seed in range(8)), "the attention ran before a block feeding its group"
+
+
 def test_blocks_scale_with_sm_count():
     cfg = small_config(**CONFIGS["gqa2-hd64"])
     few = build_program(cfg, num_sms=2, page_size=4, max_seq_len=64)

@@ -329,8 +329,9 @@ class MegakernelBackend(Backend):
     attention and o_proj instructions prefetch gate_up's weights into L2; None takes the
     scheduler's early_gate_up_limit(), 0 never does. late_gate_up: the split program beyond
     them has its reduce stage (and o_proj, where its blocks are small) carry those
-    prefetches instead; False: it carries none. A given `program` is used at every
-    position.
+    prefetches instead; False: it carries none. kv_group_waits: each attention block waits
+    on the qkv blocks of its KV group alone; None takes the scheduler's choice for the model
+    (KV_GROUP_WAITS_MIN_HEAD_DIM). A given `program` is used at every position.
     prefill_mode: "torch" (default) runs the prompt through TorchBackend in chunks;
     "decode" runs it through the kernel one token at a time (slow for long prompts, but
     every K/V then comes from the same float32-activation math as the reference
@@ -344,6 +345,7 @@ class MegakernelBackend(Backend):
                  program=None, profile: bool = False, prefetch_bytes: int | None = None,
                  prefill_mode: str = "torch", whole_context_positions: int | None = None,
                  early_gate_up_positions: int | None = None, late_gate_up: bool = True,
+                 kv_group_waits: bool | None = None,
                  steps_per_launch: int = DEFAULT_STEPS_PER_LAUNCH):
         super().__init__(weights, kv_cache)
         if prefill_mode not in ("torch", "decode"):
@@ -390,7 +392,8 @@ class MegakernelBackend(Backend):
             return build_program(self.config, num_sms=self.num_sms,
                                  page_size=kv_cache.page_size, max_seq_len=max_seq_len,
                                  dtype_bytes=2, whole_context_attention=whole,
-                                 early_gate_up=early, late_gate_up=late)
+                                 early_gate_up=early, late_gate_up=late,
+                                 kv_group_waits=kv_group_waits)
 
         plan = decode_programs(max_seq_len, whole_context_positions, early_gate_up_positions,
                                attention_partitions(self.config, self.num_sms, max_seq_len,
