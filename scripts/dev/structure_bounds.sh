@@ -21,9 +21,6 @@
 #         stage's counter (the others a counter nothing waits on): consumers start once the
 #         first k producers in claim order are done, the best case of inputs consumed in
 #         a fixed order
-#   KG    a counter per KV group for the qkv stage: each qkv block signals its first
-#         head's group, and each attention block waits on its KV head's (a block that
-#         runs on into the next group is not waited for there: a bound, not a design)
 #   A0    attention_partial does nothing after its barrier (its carried prefetch stays)
 #   O0    o_proj_residual does nothing after its barrier
 #   P0    no hand-over L2 prefetch (the launch's default prefetch_bytes 0)
@@ -72,28 +69,6 @@ emit_new = emit_old + f'''        if block_index >= {k} and spec is not RMS_LM_H
 '''
 assert src.count(counter_old) == 1 and src.count(emit_old) == 1
 open(path, "w").write(src.replace(counter_old, counter_new).replace(emit_old, emit_new))
-PY
-        ;;
-    KG) python3 - "$d/scheduler/program.py" <<'PY' || return 1
-import sys
-path = sys.argv[1]
-src = open(path).read()
-swaps = [
-    ('''        c_qkv = counter(f"L{layer}.qkv")
-        for b, (head, p0, n) in enumerate(qkv_blocks):
-            emit(RMS_QKV_ROPE, layer, [done(prev)], c_qkv, b,''',
-     '''        c_qkv = [counter(f"L{layer}.qkv{g}") for g in range(cfg.num_kv_heads)]
-        def kv_group(h):
-            return (h // cfg.group_size if h < cfg.num_heads
-                    else (h - cfg.num_heads) % cfg.num_kv_heads)
-        for b, (head, p0, n) in enumerate(qkv_blocks):
-            emit(RMS_QKV_ROPE, layer, [done(prev)], c_qkv[kv_group(head)], b,'''),
-    ("[done(c_qkv)]", "[done(c_qkv[kv_head])]"),
-]
-for old, new in swaps:
-    assert src.count(old) >= 1, old
-    src = src.replace(old, new)
-open(path, "w").write(src)
 PY
         ;;
     A0) sed -i 's|    case kOpAttentionPartial: return op_attention_partial(ctx);|    case kOpAttentionPartial: return ctx.ready<777>();|' "$f" ;;
