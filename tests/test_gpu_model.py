@@ -163,6 +163,8 @@ def test_kv_group_waits_change_no_result():
     """On the 1B shape (8 KV groups, qkv blocks running on across heads and groups): with
     each attention block waiting on its KV group's qkv blocks alone, a generation across the
     whole-context and split programs gives, bit for bit, the logits of the stage-wide wait."""
+    from megakernel.scheduler import whole_context_limit
+
     def engine(grouped):
         return megakernel.Engine.from_pretrained(
             "random:llama-3.2-1b", device="cuda", backend="megakernel", max_seq_len=512,
@@ -171,8 +173,6 @@ def test_kv_group_waits_change_no_result():
     def attention_waits(backend, position):
         return {i.waits for i in backend.program_for(position).instruction_list()
                 if i.spec.name == "attention_partial" and i.layer == 3}
-
-    from megakernel.scheduler import whole_context_limit
 
     grouped, staged = engine(True), engine(False)
     whole_end = whole_context_limit(grouped.config)

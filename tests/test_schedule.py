@@ -428,10 +428,9 @@ def _kv_groups_of_rows(cfg, rows: torch.Tensor) -> set[int]:
     (small_config(**CONFIGS["gqa2-hd64"]), 5), (small_config(**CONFIGS["gqa2-hd64"]), 7)])
 @pytest.mark.parametrize("whole", [True, False])
 def test_attention_waits_only_on_the_qkv_blocks_of_its_kv_group(cfg, num_sms, whole):
-    """Each attention block waits on exactly the counters that the qkv blocks writing its KV
-    group's query, key and value rows signal, for all of their producers; each qkv block
-    signals one counter, and another group's counter is one only blocks of that group and
-    the blocks running on from it signal."""
+    """Each qkv block signals one counter (its first head's KV group's), and each attention
+    block waits on exactly the counters of the qkv blocks that write its KV group's query,
+    key and value rows, for all of their producers."""
     program = build_program(cfg, num_sms=num_sms, page_size=16, max_seq_len=4096,
                             whole_context_attention=whole, kv_group_waits=True)
     instrs = [i for i in program.instruction_list() if i.layer == 1]
