@@ -22,6 +22,7 @@ blocks sized from the SM count so that every SM has work and the last wave is fu
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -131,8 +132,8 @@ class Program:
         lines.append(f"  bytes moved per step (weights + activations): {total:,} "
                      f"({total / 1e9:.3f} GB); KV adds {self.kv_bytes_per_step(1):,} "
                      f"bytes per token of context")
-        lines.append("  counters (per-step target): " + ", ".join(
-            f"{n}={t}" for n, t in zip(self.counter_names, self.counter_targets)))
+        lines.append("  counters (per-step target): "
+                     + counter_summary(self.counter_names, self.counter_targets))
         return "\n".join(lines)
 
     def without_wait(self, index: int) -> "Program":
@@ -142,6 +143,43 @@ class Program:
             rows[index, 2 + 2 * w] = -1
             rows[index, 3 + 2 * w] = 0
         return Program(**{**self.__dict__, "instructions": rows, "decoded": []})
+
+
+_LAYER_COUNTER = re.compile(r"(?P<prefix>(?:step\d+\.)?)L(?P<layer>\d+)\.(?P<stage>.+)")
+
+
+def counter_summary(names: list[str], targets: list[int]) -> str:
+    """Counters as `name=target`, with the runs of layers whose counters have the same
+    stages and targets written once ("L1-L31 each: qkv=128, ..."), in stream order."""
+    parts: list[list] = []       # [prefix, first layer, last layer, stages] or [text]
+    for name, target in zip(names, targets):
+        m = _LAYER_COUNTER.fullmatch(name)
+        if m is None:
+            parts.append([f"{name}={target}"])
+            continue
+        prefix, layer, stage = m["prefix"], int(m["layer"]), f"{m['stage']}={target}"
+        last = parts[-1] if parts else None
+        if last and len(last) == 4 and last[0] == prefix and last[2] == layer:
+            last[3].append(stage)
+        else:
+            parts.append([prefix, layer, layer, [stage]])
+    merged: list[list] = []
+    for part in parts:
+        prev = merged[-1] if merged else None
+        if (len(part) == 4 and prev and len(prev) == 4 and prev[0] == part[0]
+                and prev[2] + 1 == part[1] and prev[3] == part[3]):
+            prev[2] = part[2]
+        else:
+            merged.append(part)
+    text = []
+    for part in merged:
+        if len(part) == 1:
+            text.append(part[0])
+            continue
+        prefix, first, last, stages = part
+        layers = f"{prefix}L{first}" + (f"-L{last} each" if last > first else "")
+        text.append(f"{layers}: {', '.join(stages)}")
+    return "; ".join(text)
 
 
 def block_cost(rows: int, row_bytes: int, rows_per_pass: int, loads_per_row: int) -> int:

@@ -70,6 +70,8 @@ def test_program_subcommand():
     assert r.returncode == 0, r.stderr
     assert "rms_qkv_rope" in r.stdout and "argmax_reduce" in r.stdout
     assert "bytes moved per step" in r.stdout
+    # The 16 layers' counters, alike, are written once.
+    assert "L0-L15 each: qkv=" in r.stdout and "L1." not in r.stdout
     r = run_cli("program", "--model", "random:tiny", "--num-sms", "4", "--list")
     assert r.returncode == 0 and r.stdout.count("rms_lm_head") >= 2
     assert "attention_reduce" in r.stdout and "positions from 192 on" in r.stdout

@@ -16,7 +16,8 @@ from megakernel.presets import PRESETS, random_weights
 from megakernel.scheduler import (build_program, chain_prefix, chain_steps, decode_programs,
                                   program_kind, split_qkv, whole_context_limit,
                                   with_sampled_tokens)
-from megakernel.scheduler.program import EARLY_GATE_UP_L2_BYTES, early_gate_up_limit
+from megakernel.scheduler.program import (EARLY_GATE_UP_L2_BYTES, counter_summary,
+                                          early_gate_up_limit)
 from tolerances import RELATIVE_TOLERANCE, relative_error
 
 CONFIGS = {
@@ -481,6 +482,15 @@ def test_random_order_catches_an_attention_wait_on_its_own_group_alone():
     assert any(not torch.equal(run_tokens(weights, PROMPT[:6], order_seed=seed,
                                           program=broken), expected)
                for seed in range(8)), "the attention ran before a block feeding its group"
+
+
+def test_counter_summary_writes_alike_layers_once():
+    names = ["embed", "L0.qkv", "L0.down", "L1.qkv", "L1.down", "L2.qkv", "L2.down", "lm_head"]
+    assert counter_summary(names, [1, 8, 8, 8, 8, 8, 9, 4]) == (
+        "embed=1; L0-L1 each: qkv=8, down=8; L2: qkv=8, down=9; lm_head=4")
+    chained = [f"step{t}.{n}" for t in range(2) for n in ("embed", "L0.qkv", "L1.qkv")]
+    assert counter_summary(chained, [1, 8, 8] * 2) == (
+        "step0.embed=1; step0.L0-L1 each: qkv=8; step1.embed=1; step1.L0-L1 each: qkv=8")
 
 
 def test_blocks_scale_with_sm_count():
