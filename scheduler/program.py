@@ -148,38 +148,46 @@ class Program:
 _LAYER_COUNTER = re.compile(r"(?P<prefix>(?:step\d+\.)?)L(?P<layer>\d+)\.(?P<stage>.+)")
 
 
+@dataclass
+class _LayerRun:
+    """Consecutive layers [first, last] (of one chained step: prefix) whose counters have
+    the same stages and targets."""
+    prefix: str
+    first: int
+    last: int
+    stages: list[str]
+
+    def __str__(self) -> str:
+        layers = f"{self.prefix}L{self.first}" + (
+            f"-L{self.last} each" if self.last > self.first else "")
+        return f"{layers}: {', '.join(self.stages)}"
+
+
 def counter_summary(names: list[str], targets: list[int]) -> str:
     """Counters as `name=target`, with the runs of layers whose counters have the same
     stages and targets written once ("L1-L31 each: qkv=128, ..."), in stream order."""
-    parts: list[list] = []       # [prefix, first layer, last layer, stages] or [text]
+    layers: list[_LayerRun | str] = []     # one entry per layer, or a counter of no layer
     for name, target in zip(names, targets):
         m = _LAYER_COUNTER.fullmatch(name)
         if m is None:
-            parts.append([f"{name}={target}"])
+            layers.append(f"{name}={target}")
             continue
         prefix, layer, stage = m["prefix"], int(m["layer"]), f"{m['stage']}={target}"
-        last = parts[-1] if parts else None
-        if last and len(last) == 4 and last[0] == prefix and last[2] == layer:
-            last[3].append(stage)
+        last = layers[-1] if layers else None
+        if isinstance(last, _LayerRun) and (last.prefix, last.first) == (prefix, layer):
+            last.stages.append(stage)
         else:
-            parts.append([prefix, layer, layer, [stage]])
-    merged: list[list] = []
-    for part in parts:
-        prev = merged[-1] if merged else None
-        if (len(part) == 4 and prev and len(prev) == 4 and prev[0] == part[0]
-                and prev[2] + 1 == part[1] and prev[3] == part[3]):
-            prev[2] = part[2]
+            layers.append(_LayerRun(prefix, layer, layer, [stage]))
+    runs: list[_LayerRun | str] = []
+    for entry in layers:
+        last = runs[-1] if runs else None
+        if (isinstance(entry, _LayerRun) and isinstance(last, _LayerRun)
+                and (last.prefix, last.last + 1, last.stages)
+                == (entry.prefix, entry.first, entry.stages)):
+            last.last = entry.last
         else:
-            merged.append(part)
-    text = []
-    for part in merged:
-        if len(part) == 1:
-            text.append(part[0])
-            continue
-        prefix, first, last, stages = part
-        layers = f"{prefix}L{first}" + (f"-L{last} each" if last > first else "")
-        text.append(f"{layers}: {', '.join(stages)}")
-    return "; ".join(text)
+            runs.append(entry)
+    return "; ".join(map(str, runs))
 
 
 def block_cost(rows: int, row_bytes: int, rows_per_pass: int, loads_per_row: int) -> int:
@@ -253,7 +261,8 @@ KV_GROUP_WAITS_MIN_HEAD_DIM = 128
 def qkv_block_kv_groups(cfg, head: int, pair_begin: int, pair_count: int) -> list[int]:
     """The KV groups whose attention reads a qkv block's outputs, in the order of its
     heads: group g is query heads [g * group_size, (g + 1) * group_size), key head g and
-    value head g."""
+    value head g. The heads are block_pairs()'s (instructions/rms_qkv_rope.py), worked out
+    without its per-pair tensors, which cost ~9 ms per 8B program."""
     half = cfg.head_dim // 2
     first = head * half + pair_begin
     groups = [h // cfg.group_size if h < cfg.num_heads
@@ -262,13 +271,12 @@ def qkv_block_kv_groups(cfg, head: int, pair_begin: int, pair_count: int) -> lis
     return list(dict.fromkeys(groups))
 
 
-def qkv_wait_groups(cfg, qkv_blocks) -> list[list[int]] | None:
+def qkv_wait_groups(cfg, block_groups: list[list[int]]) -> list[list[int]] | None:
     """For each KV group g, the groups whose qkv counters its attention waits on (the
-    first groups of the blocks that feed g), or None where some group would need more than
-    MAX_WAITS of them."""
+    first groups of the blocks that feed g; block_groups: qkv_block_kv_groups() of each
+    block), or None where some group would need more than MAX_WAITS of them."""
     feeds = [[] for _ in range(cfg.num_kv_heads)]
-    for block in qkv_blocks:
-        groups = qkv_block_kv_groups(cfg, *block)
+    for groups in block_groups:
         for g in groups:
             feeds[g].append(groups[0])
     waits = [sorted(set(f), key=lambda c, g=g: (c != g, c)) for g, f in enumerate(feeds)]
@@ -465,9 +473,10 @@ def build_program(cfg, num_sms: int, page_size: int, max_seq_len: int,
     qkv_blocks = split_qkv(cfg, num_sms, H * dtype_bytes)
     if kv_group_waits is None:
         kv_group_waits = cfg.head_dim >= KV_GROUP_WAITS_MIN_HEAD_DIM
+    qkv_groups = [qkv_block_kv_groups(cfg, *block) for block in qkv_blocks]
     # qkv_wait[g]: the groups whose counters the attention of KV group g waits on; None: one
     # counter for the whole qkv stage.
-    qkv_wait = qkv_wait_groups(cfg, qkv_blocks) if kv_group_waits else None
+    qkv_wait = qkv_wait_groups(cfg, qkv_groups) if kv_group_waits else None
     parts = 1 if whole_context_attention else attention_partitions(cfg, num_sms, max_seq_len,
                                                                    page_size)
     slices = whole_context_dim_slices(cfg, num_sms, dtype_bytes)
@@ -533,8 +542,7 @@ def build_program(cfg, num_sms: int, page_size: int, max_seq_len: int,
         else:
             c_qkv = [counter(f"L{layer}.qkv")] * cfg.num_kv_heads
         for b, (head, p0, n) in enumerate(qkv_blocks):
-            first_group = qkv_block_kv_groups(cfg, head, p0, n)[0]
-            emit(RMS_QKV_ROPE, layer, [done(prev)], c_qkv[first_group], b, head=head,
+            emit(RMS_QKV_ROPE, layer, [done(prev)], c_qkv[qkv_groups[b][0]], b, head=head,
                  pair_begin=p0, pair_count=n, l2_prefetch=o_proj_prefetch(layer, b))
 
         def qkv_done(kv_head: int) -> list[tuple[int, int]]:
