@@ -26,6 +26,9 @@
 #   P0    no hand-over L2 prefetch (the launch's default prefetch_bytes 0)
 #   C0    no carried L2 prefetch
 #   S<n>  programs built for n SMs (block sizes and counts), launched on every SM
+#   B2    two blocks per SM, each of 7 compute warps and a controller (128 registers a
+#         thread still fit): programs built for and launched on 2 x the SMs, so one
+#         block's hand-over and tail overlap its sibling's streaming (the math stays right)
 # BENCH: scripts/benchmark.py's arguments (default: 1B, 1 and 8 steps per launch).
 # REUSE=1: run the builds a call before this one left in $WORK (a warm machine) again.
 set -uo pipefail
@@ -77,6 +80,11 @@ PY
     C0) sed -i 's|  if (end <= begin \|\| begin < 0) return;|  if (true) return;|' "$f" ;;
     S[0-9]*) sed -i "s|            self.num_sms = ext.sm_count()|            self.num_sms = ${2#S}|" \
                  "$d/megakernel/backends/megakernel_backend.py" ;;
+    B2) sed -i 's/__launch_bounds__(kThreads, 1)/__launch_bounds__(kThreads, 2)/; s/  const int blocks = num_blocks > 0 ? num_blocks : sms;/  const int blocks = num_blocks > 0 ? num_blocks : 2 * sms;/' "$f"
+        sed -i 's/^constexpr int kComputeWarps = 15;/constexpr int kComputeWarps = 7;/' "$d/csrc/common.cuh"
+        sed -i 's/^MATVEC_WARPS = 15$/MATVEC_WARPS = 7/' "$d/scheduler/program.py"
+        sed -i "s|            self.num_sms = ext.sm_count()|            self.num_sms = 2 * ext.sm_count()|" \
+            "$d/megakernel/backends/megakernel_backend.py" ;;
     *) echo "unknown patch $2" >&2; return 1 ;;
   esac
 }
