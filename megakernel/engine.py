@@ -16,6 +16,11 @@ through host memory the kernel writes or a pinned copy, and an event behind laun
 (readback.TokenReadback), so the host never leaves the GPU idle between launches. Tokens
 a launch decoded past a stop token are dropped.
 
+generate(..., reuse_prefix=True) keeps the K/V of the longest common prefix of its prompt
+and the last generation's tokens (its prompt and every new token but the last) and
+prefills only the rest: a conversation's next turn prefills only its new messages
+(ChatSession, chat.py).
+
 Every wait for the device is bounded. A launch that does not finish within the readback's
 timeout (one that no kernel watchdog ended) raises DeviceHungError; the engine then marks
 itself hung rather than block on the device, refuses new work while the launch runs, and
@@ -43,6 +48,7 @@ BACKENDS = ("megakernel", "torch", "reference")
 # How long recovery after an error waits for the device before it calls it hung.
 RECOVER_TIMEOUT_S = 10.0
 DEFAULT_PAGE_SIZE = 16
+DEFAULT_MAX_NEW_TOKENS = 128
 
 
 @dataclass
@@ -54,9 +60,11 @@ class GenerationStats:
     tokens_per_s: float       # 1000 / ms_per_token
     total_ms: float
     backend: str
+    reused_tokens: int = 0    # prompt tokens whose K/V came from the last generation's
 
     def line(self) -> str:
-        return (f"[{self.backend}] prompt {self.prompt_tokens} tok, generated "
+        reused = f" ({self.reused_tokens} cached)" if self.reused_tokens else ""
+        return (f"[{self.backend}] prompt {self.prompt_tokens} tok{reused}, generated "
                 f"{self.new_tokens} tok | TTFT {self.ttft_ms:.2f} ms | "
                 f"{self.ms_per_token:.3f} ms/token | {self.tokens_per_s:.1f} tok/s")
 
@@ -99,6 +107,9 @@ class Engine:
         # Capture each prompt bucket's prefill graph after the generation that first ran
         # it without one (prompt_graphs.py); off for a one-generation process.
         self.prompt_graphs = True
+        # The tokens whose K/V the cache holds at positions 0.. after the last generation
+        # (empty after an error, or once a graph capture has written over them).
+        self._cached_ids: list[int] = []
 
     @property
     def backend_name(self) -> str:
@@ -199,18 +210,25 @@ class Engine:
         return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
 
     # Generation ------------------------------------------------------------------------
-    def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 128,
+    def generate(self, prompt: str | Sequence[int],
+                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                  seed: int | None = None, stop_token_ids: Sequence[int] | None = None,
                  ignore_eos: bool = False, output_logits: bool = False,
                  stream: Callable[[int, str], None] | None = None,
-                 chat: bool = False) -> GenerationResult:
+                 chat: bool = False, reuse_prefix: bool = False) -> GenerationResult:
         """Generate up to max_new_tokens after `prompt` (text or token ids).
 
         temperature 0 is greedy; sampling with a seed is reproducible. stream(token_id,
         text_piece) is called once per new token, in order. Generation stops at the
         model's EOS (unless ignore_eos) or any of stop_token_ids; that token is included
         in token_ids.
+
+        reuse_prefix: keep the K/V of the prompt's longest common prefix with the last
+        generation's tokens (its prompt and its new tokens but the last) and prefill only
+        the rest (stats.reused_tokens counts the kept ones). The prompt then runs in other
+        matmul shapes than a whole prefill would, so logits may differ in the last bits,
+        and no prompt graph is captured after it (a capture writes K/V).
         """
         validate_sampling(temperature, top_p, top_k)
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -231,13 +249,15 @@ class Engine:
                 stops |= set(self.tokenizer.eos_token_ids)
 
         self._check_device_idle()
+        reused = self._reusable_prefix(ids) if reuse_prefix else 0
+        self._cached_ids = []       # until this generation has ended well
         # The last step's K/V lands at position len(ids) + max_new_tokens - 1 at most;
         # the pipelined extra step may write one further position, which must exist.
         # Pages also for the positions the backend's prompt path may write past the prompt
         # (its last chunk padded to a bucket), where max_seq_len allows.
-        self.kv_cache.release()
-        self.kv_cache.reserve(min(max(len(ids) + max_new_tokens + 1,
-                                      self.backend.prompt_positions(len(ids))),
+        self.kv_cache.truncate(reused)
+        prompt_end = reused + self.backend.prompt_positions(len(ids) - reused)
+        self.kv_cache.reserve(min(max(len(ids) + max_new_tokens + 1, prompt_end),
                                   self.max_seq_len))
         self.backend.reset()
         self.readback.reset()     # a stop token may have left the step after it unread
@@ -279,8 +299,8 @@ class Engine:
         t_start = time.perf_counter()
         finish = None
         try:
-            prompt_tensor = torch.tensor(ids, dtype=torch.int64, device=self.device)
-            out = self.backend.prefill(prompt_tensor, 0)
+            prompt_tensor = torch.tensor(ids[reused:], dtype=torch.int64, device=self.device)
+            out = self.backend.prefill(prompt_tensor, reused)
             pending, host = choose(out)             # device tensor, not yet read
             ticket, unread = self.readback.push(pending, host), 1
             if output_logits:
@@ -326,21 +346,33 @@ class Engine:
         stats = GenerationStats(
             prompt_tokens=len(ids), new_tokens=n, ttft_ms=ttft_ms, ms_per_token=ms_per_token,
             tokens_per_s=1000.0 / ms_per_token if n > 1 and ms_per_token > 0 else float("nan"),
-            total_ms=(t_end - t_start) * 1000, backend=self.backend.name)
-        if self.prompt_graphs:
+            total_ms=(t_end - t_start) * 1000, backend=self.backend.name,
+            reused_tokens=reused)
+        captured = 0
+        if self.prompt_graphs and not reuse_prefix:
             # After the last token (streamed already) and outside the stats: no time to
             # first token ever includes a capture. Waited for only when one was queued.
             try:
-                if self.backend.capture_prompt_graphs():
+                captured = self.backend.capture_prompt_graphs()
+                if captured:
                     synchronize_or_raise(self.device, self.readback.timeout_s,
                                          "the prompt graphs' capture")
             except BaseException:
                 self._recover()
                 raise
+        # The last new token was never fed to the model: its K/V is not in the cache.
+        self._cached_ids = [] if captured else ids + new_tokens[:-1]
         return GenerationResult(
             token_ids=new_tokens, text=self.decode_text(new_tokens), prompt_token_ids=ids,
             finish_reason=finish, stats=stats,
             logits=torch.stack(logits[:n]) if output_logits else None)
+
+    def chat_session(self, system: str | None = None):
+        """A multi-turn conversation on this engine whose history stays in the KV cache
+        (chat.ChatSession); needs a tokenizer with a chat template. One engine runs one
+        sequence: a generate() between two turns makes the next turn prefill it all."""
+        from .chat import ChatSession
+        return ChatSession(self, system)
 
     def prepare(self, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0) -> None:
         """Build ahead what generate() with these sampling settings launches, so that its
@@ -388,6 +420,16 @@ class Engine:
                             float(top_p))
         return None
 
+    def _reusable_prefix(self, ids: list[int]) -> int:
+        """How many leading tokens of `ids` keep their K/V from the last generation: their
+        common prefix with its tokens, short of the last prompt token at least (the prompt
+        path must run one token for the first new token's logits)."""
+        cached, n = self._cached_ids, 0
+        limit = min(len(ids) - 1, len(cached))
+        while n < limit and ids[n] == cached[n]:
+            n += 1
+        return n
+
     def _check_device_idle(self) -> None:
         """Refuse new work while a launch that did not finish in time still runs; once the
         device is idle again, recover and go on."""
@@ -414,6 +456,7 @@ class Engine:
         self.backend.reset()
         self.readback.reset()
         self.kv_cache.release()
+        self._cached_ids = []
 
 
 def make_backend(name: str, weights, kv_cache, max_seq_len: int, **options) -> Backend:

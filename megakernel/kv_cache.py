@@ -85,6 +85,13 @@ class PagedKVCache:
         self._pages[seq].extend(new)
         self.page_table[seq, first:first + need] = torch.tensor(new, dtype=torch.int32)
 
+    def truncate(self, seq_len: int, seq: int = 0) -> None:
+        """Keep the pages of positions [0, seq_len) of sequence `seq` (and their data) and
+        return the others to the pool."""
+        keep = -(-seq_len // self.page_size)
+        self.allocator.release(self._pages[seq][keep:])
+        self._pages[seq] = self._pages[seq][:keep]
+
     def release(self, seq: int = 0) -> None:
         """Return sequence `seq`'s pages to the pool (the data is left in place)."""
         self.allocator.release(self._pages[seq])
