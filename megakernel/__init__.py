@@ -6,6 +6,7 @@
 """
 __version__ = "0.1.0"
 
+from .chat import ChatSession
 from .config import ModelConfig
 from .engine import (BACKENDS, Engine, GenerationResult, GenerationStats, generate,
                      megakernel_available)
@@ -14,7 +15,7 @@ from .errors import (BackendUnavailableError, CheckpointError, DeviceHungError,
                      MegakernelError, UnsupportedModelError)
 
 __all__ = [
-    "BACKENDS", "Engine", "GenerationResult", "GenerationStats", "ModelConfig", "generate",
+    "BACKENDS", "ChatSession", "Engine", "GenerationResult", "GenerationStats", "ModelConfig", "generate",
     "megakernel_available", "BackendUnavailableError", "CheckpointError", "DeviceHungError",
     "InvalidRequestError", "KernelFaultError", "KVCacheExhaustedError", "MegakernelError",
     "UnsupportedModelError",

@@ -1,6 +1,8 @@
-"""Command line: low-latency single-prompt decoding and program inspection.
+"""Command line: low-latency single-prompt decoding, a chat whose history stays in the KV
+cache, and program inspection.
 
     megakernel generate --model random:tiny --prompt "Hello" --max-new-tokens 32
+    megakernel chat --model ./llama-1b --system "You are terse."
     megakernel program --model random:llama-3.2-1b --num-sms 132
 
 Errors the user can fix print one line on stderr and exit with status 2 (1 for faults
@@ -15,19 +17,12 @@ import time
 DEFAULT_MODEL = "random:tiny"
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="megakernel",
-                                description="Llama decoding in one persistent CUDA kernel")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    g = sub.add_parser("generate", help="generate text from one prompt, streaming it")
+def _add_decoding_args(g: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    """The model, engine and sampling options that generate and chat share."""
     g.add_argument("--model", default=DEFAULT_MODEL,
                    help="checkpoint dir, hub id, or random:<tiny|llama-3.2-1b|llama-3.2-3b|"
                         "llama-3.1-8b> (default: %(default)s)")
-    prompt = g.add_mutually_exclusive_group(required=True)
-    prompt.add_argument("--prompt", help="prompt text")
-    prompt.add_argument("--prompt-ids", help="prompt as comma-separated token ids")
-    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
@@ -38,8 +33,6 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     g.add_argument("--dtype", default=None, help="bfloat16 | float16 | float32 "
                    "(default: bfloat16 on CUDA, float32 on CPU)")
-    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's "
-                   "chat template")
     g.add_argument("--max-seq-len", type=int, default=4096)
     g.add_argument("--page-size", type=int, default=None)
     g.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS")
@@ -47,6 +40,25 @@ def _parser() -> argparse.ArgumentParser:
                    help="decode steps chained in one kernel launch, greedy or sampled "
                         "(top-k up to 64), 1-16 (default: the backend's, 8 for megakernel)")
     g.add_argument("--quiet", action="store_true", help="print only the generated text")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megakernel",
+                                description="Llama decoding in one persistent CUDA kernel")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text from one prompt, streaming it")
+    prompt = g.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="prompt text")
+    prompt.add_argument("--prompt-ids", help="prompt as comma-separated token ids")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's "
+                   "chat template")
+    _add_decoding_args(g, max_new_tokens=128)
+
+    c = sub.add_parser("chat", help="a conversation read line by line from stdin; earlier "
+                       "turns stay in the KV cache")
+    c.add_argument("--system", default=None, help="system message")
+    _add_decoding_args(c, max_new_tokens=512)
 
     pr = sub.add_parser("program", help="print the compiled instruction stream of a model")
     pr.add_argument("--model", default=DEFAULT_MODEL)
@@ -61,16 +73,11 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _generate(args) -> int:
+def _load_engine(args, prompt_graphs: bool):
+    """Engine.from_pretrained with the command's options, progress on stderr, and the
+    sampling kind prepared."""
     import megakernel
 
-    ids = None
-    if args.prompt_ids is not None:
-        try:
-            ids = [int(t) for t in args.prompt_ids.replace(" ", "").split(",") if t]
-        except ValueError:
-            raise megakernel.InvalidRequestError(
-                f"--prompt-ids must be comma-separated integers, got '{args.prompt_ids}'")
     quiet = args.quiet
     t0 = time.perf_counter()
     if not quiet:
@@ -85,27 +92,84 @@ def _generate(args) -> int:
         args.model, device=args.device, backend=args.backend, dtype=args.dtype,
         max_seq_len=args.max_seq_len, page_size=args.page_size, seed=args.seed,
         progress=progress, steps_per_launch=args.steps_per_launch,
-        prompt_graphs=False)     # one generation: a graph captured after it would go unused
+        prompt_graphs=prompt_graphs)
     engine.prepare(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     if not quiet:
         dtype = str(engine.weights.dtype).replace("torch.", "")
         print(f"loaded in {time.perf_counter() - t0:.1f} s: backend {engine.backend_name}, "
               f"device {engine.device}, {dtype}", file=sys.stderr, flush=True)
+    return engine
 
-    def stream(_token, piece):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
 
+def _stream(_token, piece):
+    sys.stdout.write(piece)
+    sys.stdout.flush()
+
+
+def _decoding_kwargs(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                ignore_eos=args.ignore_eos, stream=_stream)
+
+
+def _generate(args) -> int:
+    import megakernel
+
+    ids = None
+    if args.prompt_ids is not None:
+        try:
+            ids = [int(t) for t in args.prompt_ids.replace(" ", "").split(",") if t]
+        except ValueError:
+            raise megakernel.InvalidRequestError(
+                f"--prompt-ids must be comma-separated integers, got '{args.prompt_ids}'")
+    # One generation: a prompt graph captured after it would go unused.
+    engine = _load_engine(args, prompt_graphs=False)
     try:
-        result = engine.generate(
-            ids if ids is not None else args.prompt, max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-            ignore_eos=args.ignore_eos, stream=stream, chat=args.chat)
+        result = engine.generate(ids if ids is not None else args.prompt, chat=args.chat,
+                                 **_decoding_kwargs(args))
     finally:
         sys.stdout.write("\n")
         sys.stdout.flush()
-    if not quiet:
+    if not args.quiet:
         print(result.stats.line(), flush=True)
+    return 0
+
+
+def _chat(args) -> int:
+    """One user message per line of stdin, each reply streamed; '/reset' starts the
+    conversation over, end of input ends it. A turn's bad input prints its error and the
+    conversation goes on without it."""
+    import megakernel
+
+    # Turns prefill at ever new positions: no prompt graph would be replayed.
+    engine = _load_engine(args, prompt_graphs=False)
+    session = engine.chat_session(system=args.system)
+    interactive = sys.stdin.isatty()
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        message = line.strip()
+        if not message:
+            continue
+        if message == "/reset":
+            session.reset()
+            print("(conversation cleared)", file=sys.stderr, flush=True)
+            continue
+        try:
+            result = session.send(message, **_decoding_kwargs(args))
+        except megakernel.InvalidRequestError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            continue
+        except BaseException:
+            sys.stdout.write("\n")     # end a reply cut short before the error's line
+            sys.stdout.flush()
+            raise
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        if not args.quiet:
+            print(result.stats.line(), file=sys.stderr, flush=True)
     return 0
 
 
@@ -151,6 +215,8 @@ def main(argv=None) -> int:
     try:
         if args.command == "generate":
             return _generate(args)
+        if args.command == "chat":
+            return _chat(args)
         return _program(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -25,7 +25,25 @@ class Tokenizer(Protocol):
 
     def decode(self, ids: Sequence[int]) -> str: ...
 
-    def apply_chat_template(self, user_message: str) -> list[int]: ...
+    def apply_chat_template(self, messages: str | Sequence[dict]) -> list[int]: ...
+
+
+ROLES = ("system", "user", "assistant")
+
+
+def chat_messages(messages) -> list[dict]:
+    """The conversation `messages` as a list of {"role", "content"} dicts: a string is one
+    user message. Raises InvalidRequestError on anything else."""
+    if isinstance(messages, str):
+        return [{"role": "user", "content": messages}]
+    out = []
+    for m in messages:
+        if (not isinstance(m, dict) or m.get("role") not in ROLES
+                or not isinstance(m.get("content"), str)):
+            raise InvalidRequestError(f"a chat message must be a dict with a role in "
+                                      f"{ROLES} and a string content, got {m!r}")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
 
 
 def _as_id_tuple(ids: int | Iterable[int] | None) -> tuple[int, ...]:
@@ -45,7 +63,8 @@ class ByteTokenizer:
 
     Chat: there is no chat template by default (apply_chat_template raises
     InvalidRequestError). Passing `chat_format`, a str.format pattern with a '{user}' field
-    (e.g. "User: {user}\\nAssistant: "), enables a trivial one: BOS + the formatted bytes.
+    (e.g. "User: {user}\\nAssistant: "), enables a trivial one: BOS, then each user message
+    formatted and each assistant message's bytes followed by EOS (no system role).
     """
 
     def __init__(self, bos_token_id: int | None = 256,
@@ -95,11 +114,20 @@ class ByteTokenizer:
             parts.append(run.decode("utf-8", errors="replace"))
         return "".join(parts)
 
-    def apply_chat_template(self, user_message: str) -> list[int]:
+    def apply_chat_template(self, messages: str | Sequence[dict]) -> list[int]:
         if self.chat_format is None:
             raise InvalidRequestError("this model's tokenizer has no chat template "
                                       "(random-weight byte tokenizer); use a plain prompt")
-        return self.encode(self.chat_format.format(user=user_message))
+        ids = [self.bos_token_id] if self.bos_token_id is not None else []
+        for m in chat_messages(messages):
+            if m["role"] == "system":
+                raise InvalidRequestError("the byte tokenizer's chat format has no system "
+                                          "role")
+            if m["role"] == "user":
+                ids += self.chat_format.format(user=m["content"]).encode("utf-8")
+            else:
+                ids += list(m["content"].encode("utf-8")) + list(self.eos_token_ids[:1])
+        return ids
 
 
 class HFTokenizer:
@@ -146,12 +174,17 @@ class HFTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
-    def apply_chat_template(self, user_message: str) -> list[int]:
+    def apply_chat_template(self, messages: str | Sequence[dict]) -> list[int]:
         if not self.has_chat_template:
             raise InvalidRequestError(f"the tokenizer in {self.path} has no chat template; "
                                       "use a plain prompt")
-        out = self._tok.apply_chat_template([{"role": "user", "content": user_message}],
-                                            add_generation_prompt=True, tokenize=True)
+        messages = chat_messages(messages)
+        try:
+            out = self._tok.apply_chat_template(messages, add_generation_prompt=True,
+                                                tokenize=True)
+        except Exception as e:  # the template's own checks (jinja raise_exception, ...)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise InvalidRequestError(f"the chat template refused the messages: {first}") from e
         # transformers >= 5 returns a BatchEncoding, older versions a list of ids.
         if not isinstance(out, list):
             out = out["input_ids"]

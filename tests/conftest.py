@@ -59,3 +59,23 @@ def write_hf_checkpoint(path, hf_config, seed=0, dtype=torch.float32, logit_scal
     # Reload rather than upcast: casting the module to bf16 also rounds its RoPE inverse
     # frequencies, an error that grows with position and is not in the checkpoint.
     return LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def make_hf_tokenizer(chat: bool):
+    """A small byte-level BPE tokenizer (BOS <s>, EOS </s>), with a chat template that
+    renders each message as <role>content<eot> when chat."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<eot>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    raw.train_from_iterator(["hello world, wörld, the quick brown fox"] * 20, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>")
+    if chat:
+        tok.chat_template = ("{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>"
+                             "{{ m['content'] }}<eot>{% endfor %}"
+                             "{% if add_generation_prompt %}<assistant>{% endif %}")
+    return tok

@@ -7,9 +7,9 @@ import sys
 import pytest
 
 
-def run_cli(*args, timeout=120):
+def run_cli(*args, timeout=120, stdin=None):
     return subprocess.run([sys.executable, "-m", "megakernel", *args], capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, input=stdin)
 
 
 def test_generate_reference_prints_text_and_stats():
@@ -101,3 +101,52 @@ def test_ctrl_c_stops_cleanly():
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
     assert "interrupted" in err and "Traceback" not in err
+
+
+def chat_checkpoint(path):
+    """random:tiny's weights with a tokenizer whose chat template is <role>content<eot>."""
+    from conftest import make_hf_tokenizer
+    from megakernel.loading import save_pretrained
+    from megakernel.presets import PRESETS, random_weights
+    from megakernel.tokenizer import HFTokenizer
+
+    make_hf_tokenizer(chat=True).save_pretrained(path / "tok")
+    return save_pretrained(random_weights(PRESETS["tiny"]), path / "ckpt",
+                           tokenizer=HFTokenizer(path / "tok"))
+
+
+def test_chat_keeps_earlier_turns_in_the_cache(tmp_path):
+    import megakernel
+
+    ckpt = chat_checkpoint(tmp_path)
+    r = run_cli("chat", "--model", ckpt, "--device", "cpu", "--max-new-tokens", "6",
+                "--ignore-eos", "--system", "be brief",
+                stdin="hello world\n\nthe quick fox\n/reset\nhello world\n")
+    assert r.returncode == 0, r.stderr
+    stats = [l for l in r.stderr.splitlines() if "ms/token" in l]
+    assert len(stats) == 3 and "cached" not in stats[0] and "cached" in stats[1]
+    assert "(conversation cleared)" in r.stderr
+    # The replies, each ended by a newline, are what the API's chat session gives; after
+    # /reset the first turn's again.
+    engine = megakernel.Engine.from_pretrained(ckpt, device="cpu")
+    chat = engine.chat_session(system="be brief")
+    first, second = (chat.send(m, max_new_tokens=6, ignore_eos=True).text
+                     for m in ["hello world", "the quick fox"])
+    assert r.stdout == f"{first}\n{second}\n{first}\n"
+
+
+def test_chat_errors():
+    r = run_cli("chat", "--model", "random:tiny", stdin="hi\n")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert [l for l in r.stderr.splitlines() if l.startswith("error:")] == [
+        "error: this model's tokenizer has no chat template: a chat session needs one"]
+
+
+def test_a_bad_chat_turn_prints_its_error_and_the_chat_goes_on(tmp_path):
+    ckpt = chat_checkpoint(tmp_path)
+    r = run_cli("chat", "--model", ckpt, "--device", "cpu", "--max-seq-len", "64",
+                "--max-new-tokens", "4", "--ignore-eos",
+                stdin="hello " * 40 + "\nhello\n")
+    assert r.returncode == 0, r.stderr
+    assert "error: the conversation" in r.stderr and "exceeds max_seq_len 64" in r.stderr
+    assert sum("ms/token" in l for l in r.stderr.splitlines()) == 1

@@ -346,6 +346,35 @@ def test_interrupt_and_bad_input_leave_the_kernel_usable(checkpoint):
     assert engine.generate([1, 2, 3], max_new_tokens=20, ignore_eos=True).token_ids == baseline
 
 
+def test_a_reused_prefix_gives_the_logits_of_the_whole_prompt(checkpoint):
+    """generate(..., reuse_prefix=True) on shuffled, NaN-poisoned pages: the kept K/V (a
+    prompt prefilled by the prompt path and tokens the kernel decoded) serve the next
+    prompt, whose logits match transformers' over the whole prompt; a prompt graph's
+    capture, which writes K/V, leaves nothing to reuse. (Each generation is checked on its
+    own tokens: a bf16 near-tie may pick another one where the K/V were rounded apart.)"""
+    path, model = checkpoint
+    engine = make_engine(path, max_seq_len=256)
+    prompt = [1, 5, 9, 33, 7, 70, 71, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 83]
+    first = engine.generate(prompt, max_new_tokens=40, ignore_eos=True, reuse_prefix=True)
+    follow = prompt + first.token_ids + [11, 12, 13]
+    kw = dict(max_new_tokens=24, ignore_eos=True, output_logits=True)
+    tolerance = MODEL_RELATIVE_TOLERANCE[torch.bfloat16]
+
+    def check(result, reused_tokens):
+        assert result.stats.reused_tokens == reused_tokens
+        ref = hf_logits(model, follow, result.token_ids)
+        assert relative_error(result.logits, ref) < tolerance
+
+    check(engine.generate(follow, reuse_prefix=True, **kw), len(prompt) + 40 - 1)
+    whole = engine.generate(follow, **kw)      # its bucket's graph is captured after it
+    check(whole, 0)
+    after_capture = engine.generate(follow, reuse_prefix=True, **kw)
+    assert after_capture.stats.reused_tokens == 0
+    assert after_capture.token_ids == whole.token_ids
+    torch.testing.assert_close(after_capture.logits, whole.logits, rtol=0, atol=0)
+    check(engine.generate(follow, reuse_prefix=True, **kw), len(follow) - 1)
+
+
 def test_step_token_from_the_device_or_the_host(checkpoint):
     """decode() takes the step's token as an int or as the device int64 a previous step
     left (the kernel reads either through its launch arguments; no copy runs between the

@@ -22,6 +22,7 @@ from megakernel.loading import (expected_tensor_shapes, load_model, resolve_mode
 from megakernel.presets import PRESETS, random_weights
 from megakernel.tokenizer import ByteTokenizer, HFTokenizer
 from megakernel.weights import Weights
+from conftest import make_hf_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = PRESETS["tiny"]
@@ -526,24 +527,6 @@ def test_byte_tokenizer_chat():
         ByteTokenizer(65, 257)
 
 
-def make_hf_tokenizer(chat: bool):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    raw = Tokenizer(models.BPE())
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<eot>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    raw.train_from_iterator(["hello world, wörld, the quick brown fox"] * 20, trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>")
-    if chat:
-        tok.chat_template = ("{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>"
-                             "{{ m['content'] }}<eot>{% endfor %}"
-                             "{% if add_generation_prompt %}<assistant>{% endif %}")
-    return tok
-
-
 def test_checkpoint_tokenizer(tmp_path):
     hf = make_hf_tokenizer(chat=True)
     hf.save_pretrained(tmp_path / "tok")
@@ -562,6 +545,16 @@ def test_checkpoint_tokenizer(tmp_path):
     assert tok.decode(ids + [1]) == "hello wörld"
     chat = tok.apply_chat_template("hello")
     assert chat[0] == 0 and tok._tok.decode(chat) == "<s><user>hello<eot><assistant>"
+    turns = tok.apply_chat_template([{"role": "system", "content": "be brief"},
+                                     {"role": "user", "content": "hello"},
+                                     {"role": "assistant", "content": "world"},
+                                     {"role": "user", "content": "fox"}])
+    assert tok._tok.decode(turns) == ("<s><system>be brief<eot><user>hello<eot>"
+                                      "<assistant>world<eot><user>fox<eot><assistant>")
+    # A template's own refusal is a one-line request error.
+    tok._tok.chat_template = "{{ raise_exception('roles must alternate') }}"
+    with pytest.raises(InvalidRequestError, match="refused the messages: roles must alternate"):
+        tok.apply_chat_template("hello")
 
 
 def test_tokenizer_without_chat_template(tmp_path):
