@@ -51,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     prompt = g.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text")
     prompt.add_argument("--prompt-ids", help="prompt as comma-separated token ids")
+    prompt.add_argument("--prompt-file", help="prompt text read from a file, as it is "
+                        "('-': stdin)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's "
                    "chat template")
     _add_decoding_args(g, max_new_tokens=128)
@@ -112,6 +114,19 @@ def _decoding_kwargs(args) -> dict:
                 ignore_eos=args.ignore_eos, stream=_stream)
 
 
+def _read_prompt_file(path: str) -> str:
+    from megakernel.errors import InvalidRequestError
+
+    if path == "-":
+        return sys.stdin.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise InvalidRequestError(f"cannot read --prompt-file '{path}': {reason}") from None
+
+
 def _generate(args) -> int:
     import megakernel
 
@@ -122,10 +137,11 @@ def _generate(args) -> int:
         except ValueError:
             raise megakernel.InvalidRequestError(
                 f"--prompt-ids must be comma-separated integers, got '{args.prompt_ids}'")
+    text = args.prompt if args.prompt_file is None else _read_prompt_file(args.prompt_file)
     # One generation: a prompt graph captured after it would go unused.
     engine = _load_engine(args, prompt_graphs=False)
     try:
-        result = engine.generate(ids if ids is not None else args.prompt, chat=args.chat,
+        result = engine.generate(ids if ids is not None else text, chat=args.chat,
                                  **_decoding_kwargs(args))
     finally:
         sys.stdout.write("\n")

@@ -33,8 +33,21 @@ def test_generate_matches_api():
     assert r.stdout == expected + "\n"
 
 
+def test_prompt_from_a_file_or_stdin(tmp_path):
+    prompt = "Hello,\nwörld"
+    (tmp_path / "p.txt").write_text(prompt, encoding="utf-8")
+    common = ["--max-new-tokens", "5", "--quiet", "--device", "cpu", "--ignore-eos"]
+    expected = run_cli("generate", "--prompt", prompt, *common)
+    assert expected.returncode == 0, expected.stderr
+    from_file = run_cli("generate", "--prompt-file", str(tmp_path / "p.txt"), *common)
+    from_stdin = run_cli("generate", "--prompt-file", "-", *common, stdin=prompt)
+    assert from_file.stdout == from_stdin.stdout == expected.stdout
+
+
 @pytest.mark.parametrize("args,message", [
     (["--prompt", ""], "empty"),
+    (["--prompt-file", "/no/such/file"], "cannot read --prompt-file '/no/such/file'"),
+    (["--prompt-file", "/dev/null"], "empty"),
     (["--prompt", "hi", "--model", "/no/such/dir"], "does not exist"),
     (["--prompt", "hi", "--model", "random:nope"], "nope"),
     (["--prompt-ids", "1,x"], "comma-separated"),
