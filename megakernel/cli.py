@@ -36,6 +36,8 @@ def _add_decoding_args(g: argparse.ArgumentParser, max_new_tokens: int) -> None:
     g.add_argument("--max-seq-len", type=int, default=4096)
     g.add_argument("--page-size", type=int, default=None)
     g.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS")
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop where the text contains TEXT, which is not printed (repeatable)")
     g.add_argument("--steps-per-launch", type=int, default=None,
                    help="decode steps chained in one kernel launch, greedy or sampled "
                         "(top-k up to 64), 1-16 (default: the backend's, 8 for megakernel)")
@@ -111,7 +113,7 @@ def _stream(_token, piece):
 def _decoding_kwargs(args) -> dict:
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                 top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                ignore_eos=args.ignore_eos, stream=_stream)
+                ignore_eos=args.ignore_eos, stop=args.stop, stream=_stream)
 
 
 def _read_prompt_file(path: str) -> str:

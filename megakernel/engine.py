@@ -36,13 +36,13 @@ from typing import Callable, Sequence
 import torch
 
 from .backends.base import Backend, check_step_count
-from .detokenize import IncrementalDecoder
 from .errors import BackendUnavailableError, DeviceHungError, InvalidRequestError
 from .instructions import MAX_TOP_K, Sampling
 from .kv_cache import PagedKVCache
 from .loading import load_model, resolve_device, resolve_dtype
 from .readback import TokenReadback, synchronize_or_raise, synchronize_within
 from .sampling import sample, validate_sampling
+from .stop_strings import StopStringText, check_stop_strings
 
 BACKENDS = ("megakernel", "torch", "reference")
 # How long recovery after an error waits for the device before it calls it hung.
@@ -216,13 +216,17 @@ class Engine:
                  seed: int | None = None, stop_token_ids: Sequence[int] | None = None,
                  ignore_eos: bool = False, output_logits: bool = False,
                  stream: Callable[[int, str], None] | None = None,
-                 chat: bool = False, reuse_prefix: bool = False) -> GenerationResult:
+                 chat: bool = False, reuse_prefix: bool = False,
+                 stop: str | Sequence[str] | None = None) -> GenerationResult:
         """Generate up to max_new_tokens after `prompt` (text or token ids).
 
         temperature 0 is greedy; sampling with a seed is reproducible. stream(token_id,
         text_piece) is called once per new token, in order. Generation stops at the
         model's EOS (unless ignore_eos) or any of stop_token_ids; that token is included
-        in token_ids.
+        in token_ids. It also stops once the text contains one of the `stop` strings: the
+        text ends before it (the streamed pieces too: text that may begin a stop string
+        is held back until the next token settles it), and token_ids end with the token
+        that completed it.
 
         reuse_prefix: keep the K/V of the prompt's longest common prefix with the last
         generation's tokens (its prompt and its new tokens but the last) and prefill only
@@ -242,6 +246,9 @@ class Engine:
             raise InvalidRequestError(
                 f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
                 f"max_seq_len {self.max_seq_len}")
+        stop_strings = check_stop_strings(stop)
+        if stop_strings and self.tokenizer is None:
+            raise InvalidRequestError("stop strings need a tokenizer; this model has none")
         stops = set(int(t) for t in (stop_token_ids or ()))
         if not ignore_eos:
             stops |= set(self.config.eos_token_ids)
@@ -295,7 +302,7 @@ class Engine:
 
         new_tokens: list[int] = []
         logits: list[torch.Tensor] = []
-        detokenizer = IncrementalDecoder(self.decode_text)
+        text = StopStringText(self.decode_text, stop_strings)
         t_start = time.perf_counter()
         finish = None
         try:
@@ -319,11 +326,13 @@ class Engine:
                 for i, token in enumerate(tokens):
                     new_tokens.append(token)
                     last = token in stops or (launched is None and i == len(tokens) - 1)
-                    if stream is not None:
-                        piece = detokenizer.push(token)
-                        stream(token, piece + detokenizer.flush() if last else piece)
+                    if stream is not None or stop_strings:
+                        piece = text.push(token, last)
+                        last = last or text.stopped
+                        if stream is not None:
+                            stream(token, piece)
                     if last:
-                        finish = "stop" if token in stops else "length"
+                        finish = "stop" if token in stops or text.stopped else "length"
                         break
                 if finish is None:
                     unread, pending, ticket, step_logits = launched
@@ -363,7 +372,9 @@ class Engine:
         # The last new token was never fed to the model: its K/V is not in the cache.
         self._cached_ids = [] if captured else ids + new_tokens[:-1]
         return GenerationResult(
-            token_ids=new_tokens, text=self.decode_text(new_tokens), prompt_token_ids=ids,
+            token_ids=new_tokens,
+            text=text.text if text.stopped else self.decode_text(new_tokens),
+            prompt_token_ids=ids,
             finish_reason=finish, stats=stats,
             logits=torch.stack(logits[:n]) if output_logits else None)
 

@@ -33,6 +33,18 @@ def test_generate_matches_api():
     assert r.stdout == expected + "\n"
 
 
+def test_stop_string_ends_the_text_before_it():
+    import megakernel
+
+    engine = megakernel.Engine.from_pretrained("random:tiny", device="cpu")
+    full = engine.generate("Hello", max_new_tokens=30, ignore_eos=True).text
+    stop = full[8:11]
+    r = run_cli("generate", "--prompt", "Hello", "--max-new-tokens", "30", "--quiet",
+                "--device", "cpu", "--ignore-eos", "--stop", "\x01never", "--stop", stop)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == full[:full.find(stop)] + "\n"
+
+
 def test_prompt_from_a_file_or_stdin(tmp_path):
     prompt = "Hello,\nwörld"
     (tmp_path / "p.txt").write_text(prompt, encoding="utf-8")

@@ -375,6 +375,27 @@ def test_a_reused_prefix_gives_the_logits_of_the_whole_prompt(checkpoint):
     check(engine.generate(follow, reuse_prefix=True, **kw), len(follow) - 1)
 
 
+def test_a_stop_string_drops_the_tokens_launches_decoded_past_it():
+    """8 greedy steps a launch: the text ends before the stop string, and the tokens end
+    with the one that completed it, whichever step of its launch that was."""
+    engine = megakernel.Engine.from_pretrained("random:tiny", device="cuda",
+                                               backend="megakernel", max_seq_len=256)
+    full = engine.generate("Hello", max_new_tokens=64, ignore_eos=True)
+    n = len(full.text)
+    for start in (n // 8, n // 2, n * 7 // 8):
+        stop = full.text[start:start + 3]
+        cut = full.text.find(stop)
+        pieces = []
+        r = engine.generate("Hello", max_new_tokens=64, ignore_eos=True, stop=stop,
+                            stream=lambda _token, piece: pieces.append(piece))
+        assert r.finish_reason == "stop" and r.text == "".join(pieces) == full.text[:cut]
+        assert r.token_ids == full.token_ids[:len(r.token_ids)]
+        assert stop in engine.decode_text(r.token_ids)
+        assert stop not in engine.decode_text(r.token_ids[:-1])
+    assert engine.generate("Hello", max_new_tokens=64, ignore_eos=True).token_ids == \
+        full.token_ids
+
+
 def test_step_token_from_the_device_or_the_host(checkpoint):
     """decode() takes the step's token as an int or as the device int64 a previous step
     left (the kernel reads either through its launch arguments; no copy runs between the
