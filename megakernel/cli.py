@@ -155,8 +155,9 @@ def _generate(args) -> int:
 
 def _chat(args) -> int:
     """One user message per line of stdin, each reply streamed; '/reset' starts the
-    conversation over, end of input ends it. A turn's bad input prints its error and the
-    conversation goes on without it."""
+    conversation over, end of input ends it. A turn's bad input prints its error, and
+    Ctrl-C during a reply stops it; either way the conversation goes on without that
+    turn."""
     import megakernel
 
     # Turns prefill at ever new positions: no prompt graph would be replayed.
@@ -179,6 +180,12 @@ def _chat(args) -> int:
             result = session.send(message, **_decoding_kwargs(args))
         except megakernel.InvalidRequestError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
+            continue
+        except KeyboardInterrupt:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            print("(reply interrupted; the conversation goes on without it)",
+                  file=sys.stderr, flush=True)
             continue
         except BaseException:
             sys.stdout.write("\n")     # end a reply cut short before the error's line

@@ -175,3 +175,31 @@ def test_a_bad_chat_turn_prints_its_error_and_the_chat_goes_on(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "error: the conversation" in r.stderr and "exceeds max_seq_len 64" in r.stderr
     assert sum("ms/token" in l for l in r.stderr.splitlines()) == 1
+
+
+def test_ctrl_c_stops_a_chat_reply_and_the_chat_goes_on(tmp_path):
+    import signal
+    import time
+
+    ckpt = chat_checkpoint(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "megakernel", "chat", "--model", ckpt,
+                             "--device", "cpu", "--max-new-tokens", "1500",
+                             "--max-seq-len", "4096", "--ignore-eos"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdin.write("hello world\n")
+    proc.stdin.flush()
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        if proc.stdout.read(1):      # the reply is streaming
+            break
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    out, err = proc.communicate("/reset\nhello world\n", timeout=120)
+    assert proc.returncode == 0, err
+    assert "reply interrupted" in err and "(conversation cleared)" in err
+    assert "Traceback" not in err
+    # The next turn runs whole: one stats line, 1500 tokens.
+    stats = [l for l in err.splitlines() if "ms/token" in l]
+    assert len(stats) == 1 and "generated 1500 tok" in stats[0]
