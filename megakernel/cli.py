@@ -6,7 +6,8 @@ cache, and program inspection.
     megakernel program --model random:llama-3.2-1b --num-sms 132
 
 Errors the user can fix print one line on stderr and exit with status 2 (1 for faults
-inside the engine, 130 on Ctrl-C); no traceback.
+inside the engine, 130 on Ctrl-C); no traceback. In a chat, a turn's error or a Ctrl-C
+during its reply ends that turn only.
 """
 from __future__ import annotations
 
