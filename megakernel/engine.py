@@ -49,6 +49,8 @@ BACKENDS = ("megakernel", "torch", "reference")
 RECOVER_TIMEOUT_S = 10.0
 DEFAULT_PAGE_SIZE = 16
 DEFAULT_MAX_NEW_TOKENS = 128
+# Where the load's warm-up decode launch runs: a short position, like most first steps.
+WARM_UP_DECODE_POSITION = 32
 
 
 @dataclass
@@ -410,7 +412,20 @@ class Engine:
         pages = self.kv_cache.pages()
         logits = self.backend.warm_up(num_tokens)
         if logits is not None:
-            self.readback.read(self.readback.push(torch.argmax(logits)))
+            token = torch.argmax(logits)
+            self.readback.read(self.readback.push(token))
+            # One greedy decode launch, queued and read back as generate() does it: a
+            # process's first launch of the decode path (its kernel's module loaded, its
+            # mapped results read) would otherwise fall inside the first time to first token.
+            steps = self.backend.steps_per_launch
+            position = min(WARM_UP_DECODE_POSITION, num_tokens - steps)
+            if position >= 0:
+                out = self.backend.decode_steps(token, position, steps)
+                tokens = self.readback.read_tokens(
+                    self.readback.push(out.last_token.reshape(()), out.tokens_host))
+                self.backend.check_error(min(tokens))
+                self.backend.reset()
+                self.readback.reset()
         self.kv_cache.wipe(pages)
         self.kv_cache.release()
         synchronize_or_raise(self.device, self.readback.timeout_s, "the warm-up prompt")

@@ -161,13 +161,15 @@ def test_an_engine_without_prompt_graphs_captures_none():
 @pytest.mark.parametrize("backend", ["torch", "megakernel"])
 def test_the_warm_up_at_load_leaves_no_trace(backend):
     """Engine.from_pretrained runs a dummy prompt per bucket on the GPU (a process's first
-    library use, ~1 s, and its matmul shapes, paid at load). It captures no graph, holds
-    no page, and a poisoned cache is all NaN again; the first generation then matches a
-    second one."""
+    library use, ~1 s, and its matmul shapes, paid at load) and one decode launch. It
+    captures no graph, holds no page, and a poisoned cache is all NaN again; the first
+    generation then matches a second one."""
     engine = megakernel.Engine.from_pretrained("random:tiny", device="cuda", backend=backend,
                                                max_seq_len=256, page_size=16,
                                                poison_cache=True)
     kv = engine.kv_cache
+    if backend == "megakernel":   # one decode launch at load, the process's first
+        assert engine.backend.launches == 1
     prompt_backend = engine.backend if backend == "torch" else engine.backend._prefill_backend
     assert prompt_backend is not None and prompt_backend._prompt_graphs is None
     assert kv.pages() == []
