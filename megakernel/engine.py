@@ -49,7 +49,8 @@ BACKENDS = ("megakernel", "torch", "reference")
 RECOVER_TIMEOUT_S = 10.0
 DEFAULT_PAGE_SIZE = 16
 DEFAULT_MAX_NEW_TOKENS = 128
-# Where the load's warm-up decode launch runs: a short position, like most first steps.
+# Where the load's warm-up decode launch runs: a short position, like most first steps'
+# (the warm-up prompt wrote the positions before it).
 WARM_UP_DECODE_POSITION = 32
 
 
@@ -391,11 +392,38 @@ class Engine:
         """Build ahead what generate() with these sampling settings launches, so that its
         first call's time to first token does not include it (greedy decoding is prepared
         at load; a sampling kind is otherwise built at its first use: +16 ms of TTFT on a
-        1B model, benchmarks/RESULTS.md entry 66)."""
+        1B model, benchmarks/RESULTS.md entry 66). On CUDA it also draws a token from dummy
+        logits as the prompt's token is drawn, and runs one decode launch of the kind where
+        the device draws the steps' tokens, so that a process's first use of those kernels
+        is not inside a time to first token (entry 90). The launch writes pages of its own:
+        what the cache kept for reuse_prefix is dropped."""
         validate_sampling(temperature, top_p, top_k)
+        if temperature == 0:
+            return
         sampling = self._device_sampling(temperature, top_p, top_k, self.seed)
         if sampling is not None:
             self.backend.prepare(sampling)
+        if self.device.type != "cuda":
+            return
+        self._check_device_idle()
+        self._cached_ids = []
+        self.kv_cache.release()
+        self.kv_cache.reserve(min(self.backend.steps_per_launch, self.max_seq_len))
+        pages = self.kv_cache.pages()
+        try:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(self.seed)
+            logits = torch.zeros(self.config.vocab_size, device=self.device)
+            token = sample(logits, temperature, top_k, top_p, generator)
+            self.readback.read(self.readback.push(token))
+            if sampling is not None:
+                # From position 0 a launch attends only to what it writes itself.
+                self._warm_decode_launch(token, 0, sampling)
+        except BaseException:
+            self._recover()
+            raise
+        self.kv_cache.wipe(pages)
+        self.kv_cache.release()
 
     def _warm_up(self) -> None:
         """Dummy prompts through the backend's prompt path at load, one per prompt bucket
@@ -414,21 +442,29 @@ class Engine:
         if logits is not None:
             token = torch.argmax(logits)
             self.readback.read(self.readback.push(token))
-            # One greedy decode launch, queued and read back as generate() does it: a
-            # process's first launch of the decode path (its kernel's module loaded, its
-            # mapped results read) would otherwise fall inside the first time to first token.
-            steps = self.backend.steps_per_launch
-            position = min(WARM_UP_DECODE_POSITION, num_tokens - steps)
-            if position >= 0:
-                out = self.backend.decode_steps(token, position, steps)
-                tokens = self.readback.read_tokens(
-                    self.readback.push(out.last_token.reshape(()), out.tokens_host))
-                self.backend.check_error(min(tokens))
-                self.backend.reset()
-                self.readback.reset()
+            self._warm_decode_launch(token, WARM_UP_DECODE_POSITION)
         self.kv_cache.wipe(pages)
         self.kv_cache.release()
         synchronize_or_raise(self.device, self.readback.timeout_s, "the warm-up prompt")
+
+    def _warm_decode_launch(self, token: torch.Tensor, position: int,
+                            sampling: Sampling | None = None) -> None:
+        """One decode launch (greedy, or drawn with `sampling`) from `token` at `position`
+        or before it, queued and read back as generate() does it (the caller reserved the
+        pages and wipes them after): a process's first launch of a kernel (its module
+        loaded, its mapped results read) would otherwise fall inside a time to first
+        token (benchmarks/RESULTS.md, entry 90)."""
+        steps = self.backend.steps_per_launch
+        limit = min(self.kv_cache.capacity(), self.max_seq_len)
+        position = min(position, limit - steps)
+        if position < 0:
+            return
+        out = self.backend.decode_steps(token, position, steps, sampling=sampling)
+        tokens = self.readback.read_tokens(
+            self.readback.push(out.last_token.reshape(()), out.tokens_host))
+        self.backend.check_error(min(tokens))
+        self.backend.reset()
+        self.readback.reset()
 
     def _device_sampling(self, temperature: float, top_p: float, top_k: int,
                          seed: int) -> Sampling | None:

@@ -229,15 +229,20 @@ def test_chained_steps_equal_one_step_per_launch(checkpoint, whole_context_posit
 
 def test_a_prepared_generation_builds_no_program(checkpoint, monkeypatch):
     """The greedy chains are built with the backend and a sampling kind's programs by
-    Engine.prepare, so a generation builds none inside its time to first token, also one
-    that crosses into the split program and ends on a shorter chain (a view of the longer
-    one). A kind not prepared is still built at its first use."""
+    Engine.prepare (which also launches one), so a generation builds none inside its time
+    to first token, also one that crosses into the split program and ends on a shorter
+    chain (a view of the longer one). A kind not prepared is still built at its first
+    use."""
     import megakernel.scheduler as scheduler
     from megakernel.scheduler import whole_context_limit
 
     path, _ = checkpoint
     engine = make_engine(path, max_seq_len=512)
+    before = engine.backend.launches
     engine.prepare(temperature=1.5, top_k=20)
+    # One launch of the kind, outside any generation; its pages are poisoned again.
+    assert engine.backend.launches == before + 1
+    assert engine.kv_cache.pages() == [] and torch.isnan(engine.kv_cache.k).all()
 
     def refuse(*_args, **_kwargs):
         raise AssertionError("a program was built inside generate()")
