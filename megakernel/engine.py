@@ -361,7 +361,9 @@ class Engine:
             total_ms=(t_end - t_start) * 1000, backend=self.backend.name,
             reused_tokens=reused)
         captured = 0
-        if self.prompt_graphs and not reuse_prefix:
+        if reuse_prefix:
+            self.backend.drop_pending_prompt_graphs()
+        elif self.prompt_graphs:
             # After the last token (streamed already) and outside the stats: no time to
             # first token ever includes a capture. Waited for only when one was queued.
             try:

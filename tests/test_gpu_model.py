@@ -354,8 +354,9 @@ def test_interrupt_and_bad_input_leave_the_kernel_usable(checkpoint):
 def test_a_reused_prefix_gives_the_logits_of_the_whole_prompt(checkpoint):
     """generate(..., reuse_prefix=True) on shuffled, NaN-poisoned pages: the kept K/V (a
     prompt prefilled by the prompt path and tokens the kernel decoded) serve the next
-    prompt, whose logits match transformers' over the whole prompt; a prompt graph's
-    capture, which writes K/V, leaves nothing to reuse. (Each generation is checked on its
+    prompt, whose logits match transformers' over the whole prompt; they leave no prompt
+    graph pending, and a prompt graph's capture, which writes K/V, leaves nothing to
+    reuse. (Each generation is checked on its
     own tokens: a bf16 near-tie may pick another one where the K/V were rounded apart.)"""
     path, model = checkpoint
     engine = make_engine(path, max_seq_len=256)
@@ -371,8 +372,12 @@ def test_a_reused_prefix_gives_the_logits_of_the_whole_prompt(checkpoint):
         assert relative_error(result.logits, ref) < tolerance
 
     check(engine.generate(follow, reuse_prefix=True, **kw), len(prompt) + 40 - 1)
+    graphs = engine.backend._prefill_backend._prompt_graphs
+    captures = graphs.captures
     whole = engine.generate(follow, **kw)      # its bucket's graph is captured after it
     check(whole, 0)
+    # Only its own: the chunks the kept-prefix generations ran left no graph pending.
+    assert graphs.captures == captures + 1
     after_capture = engine.generate(follow, reuse_prefix=True, **kw)
     assert after_capture.stats.reused_tokens == 0
     assert after_capture.token_ids == whole.token_ids

@@ -127,6 +127,12 @@ class Backend:
         the captures write K/V. Nothing to capture here."""
         return 0
 
+    def drop_pending_prompt_graphs(self) -> None:
+        """Forget the prompt chunks that ran without a graph since the last capture, so
+        that no capture is made for them (the engine calls it after a generation that
+        kept a prefix: its chunks start where that prefix ended, a position later prompts
+        rarely start at again). Nothing pending here."""
+
     def prepare(self, sampling=None) -> None:
         """Build ahead whatever decode_steps(..., sampling) will launch, so the first
         launch does not pay for it. Nothing to build here."""

@@ -554,6 +554,10 @@ class MegakernelBackend(Backend):
             return 0
         return self._prefill_backend.capture_prompt_graphs()
 
+    def drop_pending_prompt_graphs(self) -> None:
+        if self._prefill_backend is not None:
+            self._prefill_backend.drop_pending_prompt_graphs()
+
     def _prompt_backend(self):
         if self._prefill_backend is None:
             try:

@@ -119,6 +119,10 @@ class TorchBackend(Backend):
             return 0
         return self._prompt_graphs.capture_pending()
 
+    def drop_pending_prompt_graphs(self) -> None:
+        if self._prompt_graphs is not None:
+            self._prompt_graphs.pending.clear()
+
     def prefill(self, token_ids: torch.Tensor, start_position: int) -> StepOutput:
         """Tokens [T] at positions start_position.. in chunks of PREFILL_CHUNK, each in few
         launches (prompt_prefill.py); on CUDA padded to its bucket and, where an earlier
