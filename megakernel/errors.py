@@ -47,3 +47,10 @@ class DeviceHungError(KernelFaultError):
     The engine refuses new work until the device is idle again; a kernel that never ends
     only clears when the process exits.
     """
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): what a
+    one-line error quotes of a library's multi-line one."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

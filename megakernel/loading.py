@@ -26,7 +26,8 @@ from typing import Callable
 import torch
 
 from .config import ModelConfig
-from .errors import CheckpointError, InvalidRequestError, UnsupportedModelError
+from .errors import (CheckpointError, InvalidRequestError, UnsupportedModelError,
+                     first_line)
 from .presets import PRESETS, random_weights
 from .tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 from .weights import Weights, fuse_layer_tensors, unfuse_to_hf_tensors
@@ -339,7 +340,7 @@ def _read_safetensors_header(file: str) -> dict[str, tuple[tuple[int, ...], str]
             return out
     except Exception as e:  # SafetensorError, OSError, ...: one line naming the file
         raise CheckpointError(f"cannot read safetensors file '{file}' (corrupt or "
-                              f"truncated?): {_first_line(e)}") from e
+                              f"truncated?): {first_line(e)}") from e
 
 
 def _check_tensors(config: ModelConfig, path: str,
@@ -406,7 +407,7 @@ def _load_checkpoint_weights(config: ModelConfig, source: ModelSource, device: t
                                                               device="cpu"))
             except Exception as e:
                 raise CheckpointError(f"cannot open safetensors file '{file}': "
-                                      f"{_first_line(e)}") from e
+                                      f"{first_line(e)}") from e
 
         def get(name: str) -> torch.Tensor:
             file = source.tensor_files[name]
@@ -416,7 +417,7 @@ def _load_checkpoint_weights(config: ModelConfig, source: ModelSource, device: t
                 return handles[file].get_tensor(name)
             except Exception as e:
                 raise CheckpointError(f"cannot read tensor '{name}' from '{file}': "
-                                      f"{_first_line(e)}") from e
+                                      f"{first_line(e)}") from e
 
         return fuse_layer_tensors(config, get, dtype=dtype, device=device,
                                   max_positions=max_positions, progress=progress)
@@ -462,7 +463,7 @@ def _download_from_hub(repo_id: str) -> str:
         elif name == "RepositoryNotFoundError":
             reason = "no such repo on the Hub (or it is private: log in with `hf auth login`)"
         else:
-            reason = f"not in the local cache and the download failed ({_first_line(error)})"
+            reason = f"not in the local cache and the download failed ({first_line(error)})"
     raise CheckpointError(f"'{repo_id}' is not a local directory, and it cannot be had "
                           f"from the Hugging Face Hub: {reason}; {hint}") from error
 
@@ -527,8 +528,3 @@ def _write_json(file: str, obj) -> None:
     with open(file, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2)
         f.write("\n")
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Iterable, Protocol, Sequence, runtime_checkable
 
-from .errors import CheckpointError, InvalidRequestError
+from .errors import CheckpointError, InvalidRequestError, first_line
 
 
 @runtime_checkable
@@ -147,8 +147,8 @@ class HFTokenizer:
         try:
             self._tok = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
         except Exception as e:  # transformers raises many kinds; the user needs one line
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"cannot load the tokenizer in {self.path}: {first}") from e
+            raise CheckpointError(f"cannot load the tokenizer in {self.path}: "
+                                  f"{first_line(e)}") from e
         tok = self._tok
         # len() counts added special tokens, which vocab_size (base vocabulary) omits.
         self.vocab_size = len(tok)
@@ -183,8 +183,8 @@ class HFTokenizer:
             out = self._tok.apply_chat_template(messages, add_generation_prompt=True,
                                                 tokenize=True)
         except Exception as e:  # the template's own checks (jinja raise_exception, ...)
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise InvalidRequestError(f"the chat template refused the messages: {first}") from e
+            raise InvalidRequestError(f"the chat template refused the messages: "
+                                      f"{first_line(e)}") from e
         # transformers >= 5 returns a BatchEncoding, older versions a list of ids.
         if not isinstance(out, list):
             out = out["input_ids"]
