@@ -408,11 +408,8 @@ class Engine:
         if self.device.type != "cuda":
             return
         self._check_device_idle()
-        self._cached_ids = []
-        self.kv_cache.release()
-        self.kv_cache.reserve(min(self.backend.steps_per_launch, self.max_seq_len))
-        pages = self.kv_cache.pages()
-        try:
+
+        def draw_and_launch():
             generator = torch.Generator(device=self.device)
             generator.manual_seed(self.seed)
             logits = torch.zeros(self.config.vocab_size, device=self.device)
@@ -421,11 +418,13 @@ class Engine:
             if sampling is not None:
                 # From position 0 a launch attends only to what it writes itself.
                 self._warm_decode_launch(token, 0, sampling)
+
+        try:
+            self._on_scratch_pages(min(self.backend.steps_per_launch, self.max_seq_len),
+                                   draw_and_launch)
         except BaseException:
             self._recover()
             raise
-        self.kv_cache.wipe(pages)
-        self.kv_cache.release()
 
     def _warm_up(self) -> None:
         """Dummy prompts through the backend's prompt path at load, one per prompt bucket
@@ -438,16 +437,28 @@ class Engine:
         num_tokens = min(self.backend.warm_up_tokens, self.max_seq_len)
         if num_tokens == 0:
             return
-        self.kv_cache.reserve(num_tokens)
+
+        def prompts_and_launch():
+            logits = self.backend.warm_up(num_tokens)
+            if logits is not None:
+                token = torch.argmax(logits)
+                self.readback.read(self.readback.push(token))
+                self._warm_decode_launch(token, WARM_UP_DECODE_POSITION)
+
+        self._on_scratch_pages(num_tokens, prompts_and_launch)
+        synchronize_or_raise(self.device, self.readback.timeout_s, "the warm-up prompt")
+
+    def _on_scratch_pages(self, positions: int, work: Callable[[], None]) -> None:
+        """work() on pages for positions [0, positions) of its own, which then get their
+        initial contents back (a poisoned cache stays poisoned) and go back to the pool.
+        What the cache kept for reuse_prefix is dropped."""
+        self._cached_ids = []
+        self.kv_cache.release()
+        self.kv_cache.reserve(positions)
         pages = self.kv_cache.pages()
-        logits = self.backend.warm_up(num_tokens)
-        if logits is not None:
-            token = torch.argmax(logits)
-            self.readback.read(self.readback.push(token))
-            self._warm_decode_launch(token, WARM_UP_DECODE_POSITION)
+        work()
         self.kv_cache.wipe(pages)
         self.kv_cache.release()
-        synchronize_or_raise(self.device, self.readback.timeout_s, "the warm-up prompt")
 
     def _warm_decode_launch(self, token: torch.Tensor, position: int,
                             sampling: Sampling | None = None) -> None:

@@ -94,8 +94,7 @@ class PagedKVCache:
 
     def release(self, seq: int = 0) -> None:
         """Return sequence `seq`'s pages to the pool (the data is left in place)."""
-        self.allocator.release(self._pages[seq])
-        self._pages[seq] = []
+        self.truncate(0, seq)
 
     def wipe(self, pages: list[int]) -> None:
         """Give `pages` their initial contents again (zeros, or NaN in a poisoned cache)."""
