@@ -39,7 +39,9 @@ from .backends.base import Backend, check_step_count
 from .errors import BackendUnavailableError, DeviceHungError, InvalidRequestError
 from .instructions import MAX_TOP_K, Sampling
 from .kv_cache import PagedKVCache
-from .loading import load_model, resolve_device, resolve_dtype
+from .loading import (load_tokenizer, load_weights, resolve_device, resolve_dtype,
+                      resolve_model)
+from .memory_check import check_model_fits
 from .readback import TokenReadback, synchronize_or_raise, synchronize_within
 from .sampling import sample, validate_sampling
 from .stop_strings import StopStringText, check_stop_strings
@@ -48,6 +50,9 @@ BACKENDS = ("megakernel", "torch", "reference")
 # How long recovery after an error waits for the device before it calls it hung.
 RECOVER_TIMEOUT_S = 10.0
 DEFAULT_PAGE_SIZE = 16
+# max_seq_len when none is given, for models trained on longer contexts: the KV cache is
+# allocated whole at load, and 4096 tokens of it take 128 MiB on Llama-3.2-1B, 512 MiB on 8B in bf16.
+DEFAULT_MAX_SEQ_LEN = 4096
 DEFAULT_MAX_NEW_TOKENS = 128
 # Where the load's warm-up decode launch runs: a short position, like most first steps'
 # (the warm-up prompt wrote the positions before it).
@@ -121,7 +126,8 @@ class Engine:
     # Construction ------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, model: str, device=None, backend: str | None = None,
-                        dtype=None, max_seq_len: int = 4096, page_size: int | None = None,
+                        dtype=None, max_seq_len: int | None = None,
+                        page_size: int | None = None,
                         seed: int = 0, progress: Callable[[int, int], None] | None = None,
                         steps_per_launch: int | None = None, prompt_graphs: bool = True,
                         **backend_options) -> "Engine":
@@ -134,7 +140,10 @@ class Engine:
         megakernel). prompt_graphs: on CUDA, after a generation whose prompt (or a chunk
         of it) had no CUDA graph of its length bucket, capture one (tens of ms, after the
         last token), which later prompts of that bucket replay; pass False in a process
-        that generates once."""
+        that generates once. max_seq_len: the longest prompt plus new tokens, which sizes
+        the KV cache (default: the model's max_position_embeddings, at most
+        DEFAULT_MAX_SEQ_LEN); larger than the model's max_position_embeddings, or than the
+        device's free memory holds beside the weights, it is refused before loading."""
         device = resolve_device(device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise BackendUnavailableError("device 'cuda' requested but CUDA is not available")
@@ -156,7 +165,7 @@ class Engine:
                                           "pass dtype=torch.bfloat16")
         if backend == "reference" and device.type != "cpu":
             raise InvalidRequestError("backend 'reference' runs on the CPU; pass device='cpu'")
-        if not isinstance(max_seq_len, int) or max_seq_len < 2:
+        if max_seq_len is not None and (not isinstance(max_seq_len, int) or max_seq_len < 2):
             raise InvalidRequestError(f"max_seq_len must be an integer >= 2, got {max_seq_len}")
         if steps_per_launch is not None:
             check_step_count(steps_per_launch, "steps_per_launch")
@@ -169,9 +178,12 @@ class Engine:
         if not isinstance(page_size, int) or page_size < 1:
             raise InvalidRequestError(f"page_size must be a positive integer, got {page_size}")
 
-        weights, tokenizer = load_model(model, device=device, dtype=dtype,
-                                        max_positions=max_seq_len, seed=seed,
-                                        progress=progress)
+        config, source = resolve_model(model)
+        max_seq_len = resolve_max_seq_len(max_seq_len, config)
+        check_model_fits(config, max_seq_len, page_size, dtype, device)
+        weights = load_weights(config, source, device=device, dtype=dtype,
+                               max_positions=max_seq_len, seed=seed, progress=progress)
+        tokenizer = load_tokenizer(config, source)
         kv_cache = PagedKVCache(weights.config, max_seq_len=max_seq_len, page_size=page_size,
                                 dtype=dtype, device=device,
                                 shuffle_seed=backend_options.pop("shuffle_pages_seed", None),
@@ -532,6 +544,19 @@ class Engine:
         self.readback.reset()
         self.kv_cache.release()
         self._cached_ids = []
+
+
+def resolve_max_seq_len(max_seq_len: int | None, config) -> int:
+    """The KV cache's length: `max_seq_len`, or by default the model's
+    max_position_embeddings up to DEFAULT_MAX_SEQ_LEN. Positions past the model's limit
+    are refused: its RoPE was not trained for them."""
+    limit = config.max_position_embeddings
+    if max_seq_len is None:
+        return min(DEFAULT_MAX_SEQ_LEN, limit)
+    if max_seq_len > limit:
+        raise InvalidRequestError(f"max_seq_len {max_seq_len} exceeds the model's "
+                                  f"max_position_embeddings ({limit})")
+    return max_seq_len
 
 
 def make_backend(name: str, weights, kv_cache, max_seq_len: int, **options) -> Backend:
