@@ -6,12 +6,14 @@ cache, and program inspection.
     megakernel program --model random:llama-3.2-1b --num-sms 132
 
 Errors the user can fix print one line on stderr and exit with status 2 (1 for faults
-inside the engine, 130 on Ctrl-C); no traceback. In a chat, a turn's error or a Ctrl-C
+inside the engine, 130 on Ctrl-C, 141 when stdout's reader has gone, as after `| head`);
+no traceback. In a chat, a turn's error or a Ctrl-C
 during its reply ends that turn only.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -34,7 +36,9 @@ def _add_decoding_args(g: argparse.ArgumentParser, max_new_tokens: int) -> None:
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     g.add_argument("--dtype", default=None, help="bfloat16 | float16 | float32 "
                    "(default: bfloat16 on CUDA, float32 on CPU)")
-    g.add_argument("--max-seq-len", type=int, default=4096)
+    g.add_argument("--max-seq-len", type=int, default=None,
+                   help="longest prompt plus new tokens, the KV cache's size (default: the "
+                        "model's max_position_embeddings, at most 4096)")
     g.add_argument("--page-size", type=int, default=None)
     g.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS")
     g.add_argument("--stop", action="append", default=None, metavar="TEXT",
@@ -236,7 +240,8 @@ def _program(args) -> int:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    from megakernel.errors import KernelFaultError, MegakernelError
+    import torch
+    from megakernel.errors import KernelFaultError, MegakernelError, first_line
 
     try:
         if args.command == "generate":
@@ -247,6 +252,14 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # Whoever read stdout stopped (`| head`): end quietly, like other command-line
+        # tools, with stdout pointed at /dev/null so the interpreter's last flush is quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except torch.OutOfMemoryError as e:
+        print(f"error: out of memory: {first_line(e)}", file=sys.stderr)
+        return 2
     except KernelFaultError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -72,6 +72,7 @@ def test_prompt_from_a_file_or_stdin(tmp_path):
     (["--prompt", "hi", "--dtype", "int8"], "dtype"),
     (["--prompt", "hi", "--backend", "reference", "--device", "cuda"], "cuda"),
     (["--prompt", "hi", "--steps-per-launch", "0"], "steps_per_launch"),
+    (["--prompt", "hi", "--max-seq-len", "4097"], "exceeds the model's max_position_embeddings"),
 ])
 def test_errors_are_one_line_without_traceback(args, message):
     r = run_cli("generate", *args)
@@ -79,6 +80,36 @@ def test_errors_are_one_line_without_traceback(args, message):
     assert "Traceback" not in r.stderr
     err = [l for l in r.stderr.splitlines() if l.startswith("error:")]
     assert len(err) == 1 and message.lower() in err[0].lower(), r.stderr
+
+
+def test_out_of_memory_is_one_line(monkeypatch, capsys):
+    import torch
+
+    import megakernel
+    from megakernel.cli import main
+
+    def exhausted(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB.\n"
+                                     "See the allocator's documentation.")
+
+    monkeypatch.setattr(megakernel.Engine, "from_pretrained", exhausted)
+    assert main(["generate", "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == "error: out of memory: CUDA out of memory. Tried to allocate 9.00 GiB."
+
+
+def test_a_closed_stdout_ends_quietly():
+    """`megakernel generate ... | head -c 5`: the reader leaves, the command ends with
+    SIGPIPE's status and no error or traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "megakernel", "generate", "--prompt", "hi",
+                             "--max-new-tokens", "400", "--ignore-eos", "--device", "cpu",
+                             "--max-seq-len", "512"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert len(proc.stdout.read(5)) == 5
+    proc.stdout.close()
+    _out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 141
+    assert b"Traceback" not in err and b"error" not in err, err
 
 
 def test_megakernel_backend_without_cuda_is_a_clear_error():
