@@ -49,9 +49,30 @@ def _add_decoding_args(g: argparse.ArgumentParser, max_new_tokens: int) -> None:
     g.add_argument("--quiet", action="store_true", help="print only the generated text")
 
 
+class _VersionAction(argparse.Action):
+    """--version: what a bug report needs to know about this install."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import torch
+
+        import megakernel
+
+        usable, reason = megakernel.megakernel_available()
+        backend = ("megakernel backend usable on " + torch.cuda.get_device_name() if usable
+                   else f"unusable here: {reason}")
+        print(f"megakernel {megakernel.__version__} (torch {torch.__version__}; {backend})")
+        parser.exit()
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megakernel",
                                 description="Llama decoding in one persistent CUDA kernel")
+    p.add_argument("--version", action=_VersionAction,
+                   help="print the version, torch's, and whether the megakernel backend "
+                        "can run here, then exit")
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate text from one prompt, streaming it")

@@ -112,6 +112,19 @@ def test_a_closed_stdout_ends_quietly():
     assert b"Traceback" not in err and b"error" not in err, err
 
 
+def test_version_names_torch_and_the_backend():
+    import torch
+
+    import megakernel
+
+    r = run_cli("--version")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"megakernel {megakernel.__version__} (torch {torch.__version__}; ")
+    usable, reason = megakernel.megakernel_available()
+    assert ("megakernel backend usable on" in r.stdout) == usable
+    assert reason in r.stdout
+
+
 def test_megakernel_backend_without_cuda_is_a_clear_error():
     import torch
     if torch.cuda.is_available():
