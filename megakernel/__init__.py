@@ -13,9 +13,11 @@ from .engine import (BACKENDS, Engine, GenerationResult, GenerationStats, genera
 from .errors import (BackendUnavailableError, CheckpointError, DeviceHungError,
                      InvalidRequestError, KernelFaultError, KVCacheExhaustedError,
                      MegakernelError, UnsupportedModelError)
+from .generation_stream import GenerationStream
 
 __all__ = [
-    "BACKENDS", "ChatSession", "Engine", "GenerationResult", "GenerationStats", "ModelConfig", "generate",
+    "BACKENDS", "ChatSession", "Engine", "GenerationResult", "GenerationStats",
+    "GenerationStream", "ModelConfig", "generate",
     "megakernel_available", "BackendUnavailableError", "CheckpointError", "DeviceHungError",
     "InvalidRequestError", "KernelFaultError", "KVCacheExhaustedError", "MegakernelError",
     "UnsupportedModelError",

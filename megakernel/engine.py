@@ -16,6 +16,10 @@ through host memory the kernel writes or a pinned copy, and an event behind laun
 (readback.TokenReadback), so the host never leaves the GPU idle between launches. Tokens
 a launch decoded past a stop token are dropped.
 
+generate_stream() returns the same generation as an iterator of text pieces
+(generation_stream.py): it runs as the caller iterates, and generate() itself is that
+iteration with a callback.
+
 generate(..., reuse_prefix=True) keeps the K/V of the longest common prefix of its prompt
 and the last generation's tokens (its prompt and every new token but the last) and
 prefills only the rest: a conversation's next turn prefills only its new messages
@@ -37,6 +41,7 @@ import torch
 
 from .backends.base import Backend, check_step_count
 from .errors import BackendUnavailableError, DeviceHungError, InvalidRequestError
+from .generation_stream import GenerationStream
 from .instructions import MAX_TOP_K, Sampling
 from .kv_cache import PagedKVCache
 from .loading import (load_tokenizer, load_weights, resolve_device, resolve_dtype,
@@ -118,6 +123,9 @@ class Engine:
         # The tokens whose K/V the cache holds at positions 0.. after the last generation
         # (empty after an error, or once a graph capture has written over them).
         self._cached_ids: list[int] = []
+        # The last generation started, run as its stream is iterated; the next one ends it
+        # first if it is still open.
+        self._stream: GenerationStream | None = None
 
     @property
     def backend_name(self) -> str:
@@ -249,6 +257,37 @@ class Engine:
         matmul shapes than a whole prefill would, so logits may differ in the last bits,
         and no prompt graph is captured after it (a capture writes K/V).
         """
+        steps = self._start(prompt, max_new_tokens, temperature, top_p, top_k, seed,
+                            stop_token_ids, ignore_eos, output_logits, chat, reuse_prefix, stop,
+                            text_pieces=stream is not None)
+        try:
+            for piece in steps:
+                if stream is not None:
+                    stream(steps.token_ids[-1], piece)
+        except BaseException:
+            steps.close()       # an error in stream(): the engine recovers, as from its own
+            raise
+        return steps.result
+
+    def generate_stream(self, prompt: str | Sequence[int], **options) -> GenerationStream:
+        """generate() as an iterator of text pieces, one per new token, in order:
+        `for piece in engine.generate_stream(prompt, **options)`. Takes generate()'s
+        options but `stream`, and checks them here, before anything runs. The stream's
+        token_ids grow as tokens arrive; its result is generate()'s once the iteration has
+        ended. Ending the iteration early (close(), a `with` block, or the next generation
+        on this engine) ends the generation there, and the engine goes on."""
+        if "stream" in options:
+            raise InvalidRequestError("generate_stream() takes no stream callback: iterate it")
+        return self._start(prompt, text_pieces=True, **options)
+
+    def _start(self, prompt, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+               temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+               seed: int | None = None, stop_token_ids: Sequence[int] | None = None,
+               ignore_eos: bool = False, output_logits: bool = False, chat: bool = False,
+               reuse_prefix: bool = False, stop: str | Sequence[str] | None = None,
+               text_pieces: bool = False) -> GenerationStream:
+        """Check a generation's arguments, end a stream still open, and return the
+        generation as a stream that runs it as it is iterated."""
         validate_sampling(temperature, top_p, top_k)
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise InvalidRequestError(f"max_new_tokens must be an integer >= 1, "
@@ -270,6 +309,19 @@ class Engine:
             if self.tokenizer is not None:
                 stops |= set(self.tokenizer.eos_token_ids)
 
+        if self._stream is not None:
+            self._stream.end_for_another()
+        self._stream = GenerationStream(self._run(
+            ids, max_new_tokens, temperature, top_p, top_k, seed, stops, stop_strings,
+            output_logits, reuse_prefix, text_pieces))
+        return self._stream
+
+    def _run(self, ids: list[int], max_new_tokens: int, temperature: float, top_p: float,
+             top_k: int, seed: int | None, stops: set[int], stop_strings: tuple[str, ...],
+             output_logits: bool, reuse_prefix: bool, text_pieces: bool):
+        """The generation of checked arguments, a token at a time: yields (token_id,
+        text piece, or None unless text_pieces or stop strings need it) as each token
+        reaches the host, and returns the GenerationResult."""
         self._check_device_idle()
         reused = self._reusable_prefix(ids) if reuse_prefix else 0
         self._cached_ids = []       # until this generation has ended well
@@ -341,11 +393,11 @@ class Engine:
                 for i, token in enumerate(tokens):
                     new_tokens.append(token)
                     last = token in stops or (launched is None and i == len(tokens) - 1)
-                    if stream is not None or stop_strings:
+                    piece = None
+                    if text_pieces or stop_strings:
                         piece = text.push(token, last)
                         last = last or text.stopped
-                        if stream is not None:
-                            stream(token, piece)
+                    yield token, piece
                     if last:
                         finish = "stop" if token in stops or text.stopped else "length"
                         break
@@ -414,6 +466,8 @@ class Engine:
         validate_sampling(temperature, top_p, top_k)
         if temperature == 0:
             return
+        if self._stream is not None:
+            self._stream.end_for_another()
         sampling = self._device_sampling(temperature, top_p, top_k, self.seed)
         if sampling is not None:
             self.backend.prepare(sampling)

@@ -351,6 +351,28 @@ def test_interrupt_and_bad_input_leave_the_kernel_usable(checkpoint):
     assert engine.generate([1, 2, 3], max_new_tokens=20, ignore_eos=True).token_ids == baseline
 
 
+def test_streams_ended_mid_launch_leave_the_kernel_usable(checkpoint):
+    """generate_stream on the kernel: its pieces are generate()'s; closed after 10 tokens
+    (inside the second chained launch of 8, with the third queued), or left open for the
+    next generation, the engine goes on with the same tokens."""
+    path, _ = checkpoint
+    engine = make_engine(path, max_seq_len=256)
+    kw = dict(max_new_tokens=40, ignore_eos=True, temperature=0.8, top_k=20, seed=5)
+    baseline = engine.generate([1, 2, 3], **kw)
+    stream = engine.generate_stream([1, 2, 3], **kw)
+    assert "".join(stream) == baseline.text and stream.token_ids == baseline.token_ids
+    with engine.generate_stream([1, 2, 3], **kw) as stream:
+        for _ in range(10):
+            next(stream)
+    assert not stream.open and stream.token_ids == baseline.token_ids[:10]
+    assert engine.generate([1, 2, 3], **kw).token_ids == baseline.token_ids
+    left_open = engine.generate_stream([1, 2, 3], **kw)
+    next(left_open)
+    assert engine.generate([1, 2, 3], **kw).token_ids == baseline.token_ids
+    with pytest.raises(megakernel.InvalidRequestError, match="later generation"):
+        next(left_open)
+
+
 def test_a_reused_prefix_gives_the_logits_of_the_whole_prompt(checkpoint):
     """generate(..., reuse_prefix=True) on shuffled, NaN-poisoned pages: the kept K/V (a
     prompt prefilled by the prompt path and tokens the kernel decoded) serve the next
