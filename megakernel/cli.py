@@ -13,6 +13,9 @@ during its reply ends that turn only.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import math
 import os
 import sys
 import time
@@ -83,6 +86,8 @@ def _parser() -> argparse.ArgumentParser:
                         "('-': stdin)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's "
                    "chat template")
+    g.add_argument("--json", action="store_true", help="print one JSON object when done "
+                   "(text, token ids, finish reason, stats) instead of streaming the text")
     _add_decoding_args(g, max_new_tokens=128)
 
     c = sub.add_parser("chat", help="a conversation read line by line from stdin; earlier "
@@ -136,10 +141,10 @@ def _stream(_token, piece):
     sys.stdout.flush()
 
 
-def _decoding_kwargs(args) -> dict:
+def _decoding_kwargs(args, stream=_stream) -> dict:
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                 top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                ignore_eos=args.ignore_eos, stop=args.stop, stream=_stream)
+                ignore_eos=args.ignore_eos, stop=args.stop, stream=stream)
 
 
 def _read_prompt_file(path: str) -> str:
@@ -168,15 +173,29 @@ def _generate(args) -> int:
     text = args.prompt if args.prompt_file is None else _read_prompt_file(args.prompt_file)
     # One generation: a prompt graph captured after it would go unused.
     engine = _load_engine(args, prompt_graphs=False)
+    prompt = ids if ids is not None else text
+    if args.json:
+        result = engine.generate(prompt, chat=args.chat, **_decoding_kwargs(args, stream=None))
+        print(json.dumps(_result_record(result)), flush=True)
+        return 0
     try:
-        result = engine.generate(ids if ids is not None else text, chat=args.chat,
-                                 **_decoding_kwargs(args))
+        result = engine.generate(prompt, chat=args.chat, **_decoding_kwargs(args))
     finally:
         sys.stdout.write("\n")
         sys.stdout.flush()
     if not args.quiet:
         print(result.stats.line(), flush=True)
     return 0
+
+
+def _result_record(result) -> dict:
+    """generate --json's object: what a script needs of a GenerationResult."""
+    return {"text": result.text, "token_ids": result.token_ids,
+            "prompt_token_ids": result.prompt_token_ids,
+            "finish_reason": result.finish_reason,
+            # One new token has no ms/token: null, where JSON has no NaN.
+            "stats": {k: None if isinstance(v, float) and math.isnan(v) else v
+                      for k, v in dataclasses.asdict(result.stats).items()}}
 
 
 def _chat(args) -> int:

@@ -33,6 +33,27 @@ def test_generate_matches_api():
     assert r.stdout == expected + "\n"
 
 
+def test_json_output_is_the_api_s_result():
+    import json
+
+    import megakernel
+
+    r = run_cli("generate", "--prompt", "Hello", "--max-new-tokens", "6", "--ignore-eos",
+                "--device", "cpu", "--json")
+    assert r.returncode == 0, r.stderr
+    record = json.loads(r.stdout)
+    expected = megakernel.Engine.from_pretrained("random:tiny", device="cpu").generate(
+        "Hello", max_new_tokens=6, ignore_eos=True)
+    assert record["token_ids"] == expected.token_ids and record["text"] == expected.text
+    assert record["prompt_token_ids"] == expected.prompt_token_ids
+    assert record["finish_reason"] == "length"
+    assert record["stats"]["new_tokens"] == 6 and record["stats"]["ms_per_token"] > 0
+    one = run_cli("generate", "--prompt", "Hello", "--max-new-tokens", "1", "--device", "cpu",
+                  "--json", "--quiet")
+    assert one.returncode == 0 and one.stderr == ""
+    assert json.loads(one.stdout)["stats"]["ms_per_token"] is None     # strict JSON: no NaN
+
+
 def test_stop_string_ends_the_text_before_it():
     import megakernel
 
