@@ -3,6 +3,8 @@
     chat = engine.chat_session(system="You are terse.")
     reply = chat.send("Why is the sky blue?", max_new_tokens=256)
     reply = chat.send("And at sunset?")      # prefills only this turn's new tokens
+    for piece in chat.send_stream("Why?"):   # the reply's text as it is generated
+        print(piece, end="")
 
 Each send() renders the whole conversation with the tokenizer's chat template, then
 generates with reuse_prefix=True: the tokens the last turn left in the cache (its prompt
@@ -40,6 +42,23 @@ class ChatSession:
         chat and reuse_prefix) and add it to the conversation. Returns the
         GenerationResult; its stats.reused_tokens counts the prompt tokens whose K/V the
         earlier turns left in the cache."""
+        messages, ids = self._turn(message, generate_kwargs)
+        result = self.engine.generate(ids, reuse_prefix=True, **generate_kwargs)
+        self._add_reply(messages, result)
+        return result
+
+    def send_stream(self, message: str, **generate_kwargs):
+        """send() as an iterator of the reply's text pieces (Engine.generate_stream): the
+        message and the reply join the conversation once the iteration has ended; a
+        stream closed before then leaves the conversation as it was."""
+        messages, ids = self._turn(message, generate_kwargs)
+        stream = self.engine.generate_stream(ids, reuse_prefix=True, **generate_kwargs)
+        stream.on_result = lambda result: self._add_reply(messages, result)
+        return stream
+
+    def _turn(self, message: str, generate_kwargs: dict) -> tuple[list[dict], list[int]]:
+        """The conversation with `message` added, rendered to token ids; refused before
+        anything runs where the arguments or the length do not allow the turn."""
         if not isinstance(message, str) or not message:
             raise InvalidRequestError("the message must be a non-empty string")
         fixed = {"chat", "reuse_prefix"} & generate_kwargs.keys()
@@ -53,6 +72,7 @@ class ChatSession:
             raise InvalidRequestError(
                 f"the conversation ({len(ids)} tokens) + max_new_tokens ({new}) exceeds "
                 f"max_seq_len {limit}: reset the session, or load with a larger max_seq_len")
-        result = self.engine.generate(ids, reuse_prefix=True, **generate_kwargs)
+        return messages, ids
+
+    def _add_reply(self, messages: list[dict], result) -> None:
         self.messages = messages + [{"role": "assistant", "content": result.text}]
-        return result

@@ -10,7 +10,7 @@ one sequence: a generation it starts, or prepare(), ends a stream still open fir
 """
 from __future__ import annotations
 
-from typing import Generator
+from typing import Callable, Generator
 
 from .errors import InvalidRequestError
 
@@ -26,6 +26,9 @@ class GenerationStream:
         self._superseded = False
         self.token_ids: list[int] = []
         self.result = None
+        # Called with the result when the iteration ends with one (a chat session adds
+        # the reply to its conversation then).
+        self.on_result: Callable[[object], None] | None = None
 
     @property
     def open(self) -> bool:
@@ -43,6 +46,8 @@ class GenerationStream:
             token, piece = next(self._steps)
         except StopIteration as done:
             self.result = done.value
+            if self.result is not None and self.on_result is not None:
+                self.on_result(self.result)
             raise StopIteration from None
         self.token_ids.append(token)
         return piece

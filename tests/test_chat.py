@@ -160,6 +160,31 @@ def test_a_chat_sessions_bad_turn_changes_nothing():
     assert chat.send("ok", max_new_tokens=4).stats.reused_tokens > 0
 
 
+def test_a_streamed_turn_joins_the_conversation_once_it_ends():
+    engine = chat_engine()
+    chat = engine.chat_session()
+    kw = dict(max_new_tokens=6, ignore_eos=True)
+    expected = chat_engine().chat_session().send("hi there", **kw)
+    stream = chat.send_stream("hi there", **kw)
+    first = next(stream)
+    assert chat.messages == []            # not before the reply has ended
+    assert first + "".join(stream) == expected.text
+    assert chat.messages == [{"role": "user", "content": "hi there"},
+                             {"role": "assistant", "content": expected.text}]
+    # Closed part-way, a turn leaves the conversation as it was and, ended as an error
+    # ends a generation, nothing in the cache; the next turns go on from there.
+    before = list(chat.messages)
+    with chat.send_stream("and again", **kw) as cut:
+        next(cut)
+    assert chat.messages == before
+    assert chat.send("and again", **kw).stats.reused_tokens == 0
+    three = chat.send("more", **kw)
+    assert three.stats.reused_tokens >= len(expected.prompt_token_ids)
+    assert len(chat.messages) == 6
+    with pytest.raises(InvalidRequestError, match="non-empty"):
+        chat.send_stream("")
+
+
 def test_a_chat_session_needs_a_chat_template():
     with pytest.raises(InvalidRequestError, match="no chat template"):
         make_engine().chat_session()
