@@ -48,7 +48,7 @@ from .loading import (load_tokenizer, load_weights, resolve_device, resolve_dtyp
                       resolve_model)
 from .memory_check import check_model_fits
 from .readback import TokenReadback, synchronize_or_raise, synchronize_within
-from .sampling import sample, validate_sampling
+from .sampling import check_seed, sample, validate_sampling
 from .stop_strings import StopStringText, check_stop_strings
 
 BACKENDS = ("megakernel", "torch", "reference")
@@ -182,6 +182,9 @@ class Engine:
                                           "steps_per_launch needs megakernel or reference")
             if backend != "torch":
                 backend_options["steps_per_launch"] = steps_per_launch
+        if seed is None or check_seed(seed) is None:
+            raise InvalidRequestError(f"seed must be an integer, got {seed!r}")
+        seed = check_seed(seed)
         page_size = page_size or DEFAULT_PAGE_SIZE
         if not isinstance(page_size, int) or page_size < 1:
             raise InvalidRequestError(f"page_size must be a positive integer, got {page_size}")
@@ -205,6 +208,9 @@ class Engine:
 
     # Prompt handling -----------------------------------------------------------------
     def encode_prompt(self, prompt: str | Sequence[int], chat: bool = False) -> list[int]:
+        if isinstance(prompt, (bytes, bytearray)):
+            raise InvalidRequestError("the prompt must be a string or a list of integer "
+                                      "token ids, not bytes: decode it to a string first")
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise InvalidRequestError(
@@ -257,6 +263,9 @@ class Engine:
         matmul shapes than a whole prefill would, so logits may differ in the last bits,
         and no prompt graph is captured after it (a capture writes K/V).
         """
+        if stream is not None and not callable(stream):
+            raise InvalidRequestError(f"stream must be a callable(token_id, text_piece), "
+                                      f"got {stream!r}")
         steps = self._start(prompt, max_new_tokens, temperature, top_p, top_k, seed,
                             stop_token_ids, ignore_eos, output_logits, chat, reuse_prefix, stop,
                             text_pieces=stream is not None)
@@ -303,7 +312,13 @@ class Engine:
         stop_strings = check_stop_strings(stop)
         if stop_strings and self.tokenizer is None:
             raise InvalidRequestError("stop strings need a tokenizer; this model has none")
-        stops = set(int(t) for t in (stop_token_ids or ()))
+        try:
+            stops = {operator.index(t) for t in (stop_token_ids if stop_token_ids is not None
+                                                 else ())}
+        except TypeError:
+            raise InvalidRequestError(f"stop_token_ids must be a list of integer token ids, "
+                                      f"got {stop_token_ids!r}") from None
+        seed = check_seed(seed)
         if not ignore_eos:
             stops |= set(self.config.eos_token_ids)
             if self.tokenizer is not None:

@@ -6,6 +6,7 @@ reading the chosen token back.
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 
@@ -13,12 +14,30 @@ from .errors import InvalidRequestError
 
 
 def validate_sampling(temperature: float, top_p: float, top_k: int) -> None:
-    if not isinstance(temperature, (int, float)) or math.isnan(temperature) or temperature < 0:
-        raise InvalidRequestError(f"temperature must be >= 0, got {temperature}")
+    if (not isinstance(temperature, (int, float)) or not math.isfinite(temperature)
+            or temperature < 0):
+        raise InvalidRequestError(f"temperature must be a finite number >= 0, got {temperature}")
     if not isinstance(top_p, (int, float)) or not (0.0 < top_p <= 1.0):
         raise InvalidRequestError(f"top_p must be in (0, 1], got {top_p}")
     if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
         raise InvalidRequestError(f"top_k must be an integer >= 0, got {top_k}")
+
+
+# What torch.Generator.manual_seed takes.
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)
+
+
+def check_seed(seed) -> int | None:
+    """`seed` as an int torch's generators take, or None (the engine's seed)."""
+    if seed is None:
+        return None
+    try:
+        value = operator.index(seed)
+    except TypeError:
+        value = None
+    if isinstance(seed, bool) or value is None or not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
+        raise InvalidRequestError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}")
+    return value
 
 
 # torch.topk of one long vector runs in few thread blocks (~58 us for a 128K vocabulary on

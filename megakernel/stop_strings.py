@@ -18,7 +18,11 @@ def check_stop_strings(stop) -> tuple[str, ...]:
     InvalidRequestError on anything but non-empty strings."""
     if stop is None:
         return ()
-    strings = (stop,) if isinstance(stop, str) else tuple(stop)
+    try:
+        strings = (stop,) if isinstance(stop, str) else tuple(stop)
+    except TypeError:
+        raise InvalidRequestError(f"stop must be a string or a list of strings, "
+                                  f"got {stop!r}") from None
     for s in strings:
         if not isinstance(s, str) or not s:
             raise InvalidRequestError(f"stop strings must be non-empty strings, got {s!r}")

@@ -108,6 +108,15 @@ BAD_REQUESTS = [
     (dict(prompt="Hello", top_p=1.5), "top_p"),
     (dict(prompt="Hello", top_k=-1), "top_k"),
     (dict(prompt="Hello", chat=True), "chat template"),
+    (dict(prompt=b"Hello"), "not bytes"),
+    (dict(prompt="Hello", temperature=float("inf")), "finite"),
+    (dict(prompt="Hello", max_new_tokens=4, stop_token_ids=["a"]), "stop_token_ids"),
+    (dict(prompt="Hello", max_new_tokens=4, stop_token_ids=5), "stop_token_ids"),
+    (dict(prompt="Hello", max_new_tokens=4, stop=5), "stop must be a string or a list"),
+    (dict(prompt="Hello", max_new_tokens=4, seed="x"), "seed"),
+    (dict(prompt="Hello", max_new_tokens=4, seed=1.5), "seed"),
+    (dict(prompt="Hello", max_new_tokens=4, seed=1 << 64), "seed"),
+    (dict(prompt="Hello", stream=5), "stream must be a callable"),
 ]
 
 
@@ -117,6 +126,17 @@ def test_bad_requests_fail_clearly_and_engine_keeps_working(engine, baseline, kw
         engine.generate(**kwargs)
     again = engine.generate("Hello", max_new_tokens=12, ignore_eos=True)
     assert again.token_ids == baseline.token_ids
+
+
+def test_integer_like_arguments_are_taken(engine, baseline):
+    import numpy as np
+
+    r = engine.generate(np.array(baseline.prompt_token_ids), max_new_tokens=12, ignore_eos=True,
+                        stop_token_ids=torch.tensor([baseline.token_ids[5]]))
+    assert r.token_ids == baseline.token_ids[:baseline.token_ids.index(baseline.token_ids[5]) + 1]
+    sampled = engine.generate("Hello", max_new_tokens=6, temperature=1.0, seed=np.int64(7))
+    assert sampled.token_ids == engine.generate("Hello", max_new_tokens=6, temperature=1.0,
+                                                seed=7).token_ids
 
 
 def test_text_prompt_without_tokenizer(tmp_path):
@@ -191,6 +211,9 @@ def test_backend_choice_errors():
         megakernel.Engine.from_pretrained("random:tiny", backend="nope", device="cpu")
     with pytest.raises(InvalidRequestError, match="max_seq_len"):
         megakernel.Engine.from_pretrained("random:tiny", device="cpu", max_seq_len=0)
+    for seed in (None, "0", 0.5):
+        with pytest.raises(InvalidRequestError, match="seed must be an integer"):
+            megakernel.Engine.from_pretrained("random:tiny", device="cpu", seed=seed)
     if not torch.cuda.is_available():
         with pytest.raises(BackendUnavailableError, match="megakernel"):
             megakernel.Engine.from_pretrained("random:tiny", backend="megakernel")
