@@ -474,7 +474,19 @@ def resolve_device(device) -> torch.device:
     """torch.device for `device`; None means CUDA when available, else the CPU."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    usage = "use 'cuda', 'cuda:N' or 'cpu'"
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InvalidRequestError(f"unknown device {device!r} ({usage})") from None
+    if resolved.type not in ("cpu", "cuda"):
+        raise InvalidRequestError(f"device {device!r} is not supported ({usage})")
+    if resolved.type == "cuda" and resolved.index is not None and torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        if resolved.index >= count:
+            raise InvalidRequestError(f"device {device!r} does not exist: this machine has "
+                                      f"{count} CUDA device{'s' if count != 1 else ''}")
+    return resolved
 
 
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:

@@ -211,6 +211,14 @@ def test_backend_choice_errors():
         megakernel.Engine.from_pretrained("random:tiny", backend="nope", device="cpu")
     with pytest.raises(InvalidRequestError, match="max_seq_len"):
         megakernel.Engine.from_pretrained("random:tiny", device="cpu", max_seq_len=0)
+    for device, message in (("banana", "unknown device 'banana'"),
+                            ("meta", "device 'meta' is not supported"),
+                            ("cuda:x", "unknown device")):
+        with pytest.raises(InvalidRequestError, match=message):
+            megakernel.Engine.from_pretrained("random:tiny", device=device)
+    if torch.cuda.is_available():
+        with pytest.raises(InvalidRequestError, match="does not exist: this machine has"):
+            megakernel.Engine.from_pretrained("random:tiny", device="cuda:64")
     for seed in (None, "0", 0.5):
         with pytest.raises(InvalidRequestError, match="seed must be an integer"):
             megakernel.Engine.from_pretrained("random:tiny", device="cpu", seed=seed)
