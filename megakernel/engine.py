@@ -185,8 +185,8 @@ class Engine:
         if seed is None or check_seed(seed) is None:
             raise InvalidRequestError(f"seed must be an integer, got {seed!r}")
         seed = check_seed(seed)
-        page_size = page_size or DEFAULT_PAGE_SIZE
-        if not isinstance(page_size, int) or page_size < 1:
+        page_size = DEFAULT_PAGE_SIZE if page_size is None else page_size
+        if not isinstance(page_size, int) or isinstance(page_size, bool) or page_size < 1:
             raise InvalidRequestError(f"page_size must be a positive integer, got {page_size}")
 
         config, source = resolve_model(model)

@@ -219,6 +219,9 @@ def test_backend_choice_errors():
     if torch.cuda.is_available():
         with pytest.raises(InvalidRequestError, match="does not exist: this machine has"):
             megakernel.Engine.from_pretrained("random:tiny", device="cuda:64")
+    for page_size in (0, -4, 2.0):
+        with pytest.raises(InvalidRequestError, match="page_size must be a positive integer"):
+            megakernel.Engine.from_pretrained("random:tiny", device="cpu", page_size=page_size)
     for seed in (None, "0", 0.5):
         with pytest.raises(InvalidRequestError, match="seed must be an integer"):
             megakernel.Engine.from_pretrained("random:tiny", device="cpu", seed=seed)

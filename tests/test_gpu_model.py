@@ -65,6 +65,21 @@ def test_parity_with_transformers(checkpoint, prompt_len):
     assert torch.equal(chosen[clear], expected.argmax(-1)[clear])
 
 
+@pytest.mark.parametrize("page_size", [1, 7, 64])
+def test_parity_with_transformers_at_other_page_sizes(checkpoint, page_size):
+    """Pages of 1, 7 and 64 tokens (the default is 16) through the prompt path, the
+    whole-context program and past its limit (192 positions at head_dim 64, 96 at 128)
+    the split one."""
+    path, model = checkpoint
+    engine = megakernel.Engine.from_pretrained(str(path), device="cuda", backend="megakernel",
+                                               max_seq_len=512, page_size=page_size,
+                                               shuffle_pages_seed=5, poison_cache=True)
+    prompt = torch.randint(3, 200, (170,), generator=torch.Generator().manual_seed(7)).tolist()
+    result = engine.generate(prompt, max_new_tokens=40, ignore_eos=True, output_logits=True)
+    expected = hf_logits(model, prompt, result.token_ids)
+    assert relative_error(result.logits, expected) < MODEL_RELATIVE_TOLERANCE[torch.bfloat16]
+
+
 @pytest.mark.slow
 def test_parity_at_8k_context(checkpoint):
     path, model = checkpoint
