@@ -148,6 +148,22 @@ def test_generate_repeats_itself_through_the_graphs(engine):
         assert relative_error(r.logits, results[0].logits) < BF16
 
 
+def test_a_last_chunk_whose_bucket_passes_max_seq_len_runs_unpadded():
+    """max_seq_len 1020 in pages of 16 gives 1024 positions of pages but 1020 of RoPE
+    tables: a 990-token prompt's second chunk (478 tokens from 512) would pad to 1024. It
+    runs unpadded instead, and gives the logits of an engine with room to pad."""
+    ids = prompt(990, seed=9).tolist()
+    results = []
+    for max_seq_len in (1020, 2048):
+        engine = megakernel.Engine.from_pretrained("random:tiny", device="cuda",
+                                                   max_seq_len=max_seq_len, page_size=16)
+        results.append([engine.generate(ids, max_new_tokens=6, ignore_eos=True,
+                                        output_logits=True) for _ in range(2)])
+    tight, roomy = results
+    assert tight[0].token_ids == tight[1].token_ids
+    assert relative_error(tight[0].logits, roomy[0].logits) < BF16
+
+
 def test_an_engine_without_prompt_graphs_captures_none():
     engine = megakernel.Engine.from_pretrained("random:tiny", device="cuda", backend="torch",
                                                max_seq_len=256, page_size=16,
