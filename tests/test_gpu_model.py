@@ -65,6 +65,21 @@ def test_parity_with_transformers(checkpoint, prompt_len):
     assert torch.equal(chosen[clear], expected.argmax(-1)[clear])
 
 
+def test_parity_with_transformers_through_long_prefill_chunks(checkpoint):
+    """A 4700-token prompt prefills in two long chunks of 2048 tokens (unpadded, no graph),
+    one of 512 and a padded last one of 92; twice, the second replaying the short chunks'
+    graphs."""
+    path, model = checkpoint
+    engine = make_engine(path, max_seq_len=4800)
+    prompt = torch.randint(3, 200, (4700,), generator=torch.Generator().manual_seed(3)).tolist()
+    results = [engine.generate(prompt, max_new_tokens=16, ignore_eos=True, output_logits=True)
+               for _ in range(2)]
+    expected = hf_logits(model, prompt, results[0].token_ids)
+    for result in results:
+        assert result.token_ids == results[0].token_ids
+        assert relative_error(result.logits, expected) < MODEL_RELATIVE_TOLERANCE[torch.bfloat16]
+
+
 @pytest.mark.parametrize("page_size", [1, 7, 64])
 def test_parity_with_transformers_at_other_page_sizes(checkpoint, page_size):
     """Pages of 1, 7 and 64 tokens (the default is 16) through the prompt path, the

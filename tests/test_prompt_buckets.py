@@ -9,7 +9,7 @@ import torch
 import megakernel
 from megakernel.backends import torch_backend
 from megakernel.backends.prompt_graphs import (MIN_BUCKET, PromptGraphs, padded_prompt_end,
-                                               warm_up_buckets)
+                                               prompt_chunks, warm_up_buckets)
 from megakernel.backends.prompt_prefill import prefill_chunk
 from tolerances import RELATIVE_TOLERANCE, relative_error
 
@@ -35,6 +35,36 @@ def test_padded_prompt_end_covers_the_last_chunk_s_bucket(num_tokens, chunk, end
     assert padded_prompt_end(num_tokens, chunk) == end
 
 
+@pytest.mark.parametrize("num_tokens, long_chunk, spans, end", [
+    (700, None, [(0, 512), (512, 188)], 768),
+    (700, 2048, [(0, 512), (512, 188)], 768),
+    (2047, 2048, [(0, 512), (512, 512), (1024, 512), (1536, 511)], 2048),
+    (2048, 2048, [(0, 2048)], 2048),
+    (2100, 2048, [(0, 2048), (2048, 52)], 2112),
+    (4700, 2048, [(0, 2048), (2048, 2048), (4096, 512), (4608, 92)], 4736),
+])
+def test_long_chunks_come_first_and_run_unpadded(num_tokens, long_chunk, spans, end):
+    assert prompt_chunks(num_tokens, 512, long_chunk) == spans
+    assert padded_prompt_end(num_tokens, 512, long_chunk) == end
+
+
+def test_a_prompt_in_long_chunks_gives_the_logits_of_short_ones(engine, monkeypatch):
+    """The CPU has no long chunks; given some (64 tokens), a 200-token prompt prefills in
+    three of them and one of 8, with the logits of chunks of 512 (float32: rounding)."""
+    ids = torch.randint(3, 200, (200,), generator=torch.Generator().manual_seed(2)).tolist()
+    want = engine.generate(ids, max_new_tokens=4, ignore_eos=True, output_logits=True)
+    lengths = []
+    real = torch_backend.prefill_chunk
+    monkeypatch.setattr(torch_backend, "prefill_chunk",
+                        lambda backend, chunk, *a, **k: lengths.append(chunk.shape[0]) or
+                        real(backend, chunk, *a, **k))
+    monkeypatch.setattr(torch_backend.TorchBackend, "long_chunk", property(lambda self: 64))
+    got = engine.generate(ids, max_new_tokens=4, ignore_eos=True, output_logits=True)
+    assert lengths == [64, 64, 64, 8]
+    assert got.token_ids == want.token_ids
+    assert relative_error(got.logits, want.logits) < RELATIVE_TOLERANCE[torch.float32]
+
+
 def test_the_warm_up_runs_each_bucket_up_to_the_longest_chunk(engine, monkeypatch):
     lengths = []
     real = torch_backend.prefill_padded
@@ -51,6 +81,29 @@ def test_the_warm_up_runs_each_bucket_up_to_the_longest_chunk(engine, monkeypatc
         monkeypatch.setattr(torch_backend, "PREFILL_CHUNK", 32)
         engine.backend.warm_up(256)
         assert lengths == [16, 32]
+    finally:
+        kv.release()
+
+
+def test_the_warm_up_runs_a_long_chunk_where_it_fits(engine, monkeypatch):
+    padded, plain = [], []
+    real_padded, real_plain = torch_backend.prefill_padded, torch_backend.prefill_chunk
+    monkeypatch.setattr(torch_backend, "prefill_padded",
+                        lambda backend, ids, *a, **k: padded.append(ids.shape[0]) or
+                        real_padded(backend, ids, *a, **k))
+    monkeypatch.setattr(torch_backend, "prefill_chunk",
+                        lambda backend, ids, *a, **k: plain.append(ids.shape[0]) or
+                        real_plain(backend, ids, *a, **k))
+    monkeypatch.setattr(torch_backend.TorchBackend, "long_chunk", property(lambda self: 128))
+    assert engine.backend.warm_up_tokens == 128
+    kv = engine.kv_cache
+    kv.reserve(256)
+    try:
+        engine.backend.warm_up(100)
+        assert padded == [16, 32, 64] and plain == []
+        padded.clear()
+        assert torch.isfinite(engine.backend.warm_up(128)).all()
+        assert padded == [16, 32, 64, 128] and plain == [128]
     finally:
         kv.release()
 

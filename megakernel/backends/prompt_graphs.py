@@ -56,12 +56,29 @@ def warm_up_buckets(max_tokens: int) -> list[int]:
     return buckets
 
 
-def padded_prompt_end(num_tokens: int, chunk: int) -> int:
-    """The position after a prompt of num_tokens prefilled in chunks of `chunk` tokens
-    (a bucket) with its last chunk padded to its bucket: the positions that need pages for
-    that chunk to run padded, or from a graph."""
-    last_start = (num_tokens - 1) // chunk * chunk
-    return last_start + bucket_of(num_tokens - last_start)
+def prompt_chunks(num_tokens: int, chunk: int,
+                  long_chunk: int | None = None) -> list[tuple[int, int]]:
+    """(begin, length) of the chunks a prompt of num_tokens prefills in: first, where
+    long_chunk is given, as many chunks of long_chunk tokens as fit (run unpadded, without
+    graphs: long prompts are bound by the GPU's work, which larger chunks cut), then the
+    rest in chunks of `chunk` tokens (a bucket), the last of them padded to its bucket."""
+    spans, begin = [], 0
+    if long_chunk is not None:
+        while num_tokens - begin >= long_chunk:
+            spans.append((begin, long_chunk))
+            begin += long_chunk
+    while begin < num_tokens:
+        spans.append((begin, min(chunk, num_tokens - begin)))
+        begin += chunk
+    return spans
+
+
+def padded_prompt_end(num_tokens: int, chunk: int, long_chunk: int | None = None) -> int:
+    """The position after a prompt of num_tokens prefilled in prompt_chunks() with its
+    last chunk padded to its bucket (a long one runs unpadded): the positions that need
+    pages for that chunk to run padded, or from a graph."""
+    begin, length = prompt_chunks(num_tokens, chunk, long_chunk)[-1]
+    return begin + (length if length > chunk else bucket_of(length))
 
 
 class _Graph:

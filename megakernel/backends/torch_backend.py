@@ -21,12 +21,19 @@ import torch.nn.functional as F
 from megakernel.instructions.base import rms_norm
 
 from .base import Backend, StepOutput
-from .prompt_graphs import PromptGraphs, padded_prompt_end, prefill_padded, warm_up_buckets
+from .prompt_graphs import (PromptGraphs, padded_prompt_end, prefill_padded, prompt_chunks,
+                            warm_up_buckets)
 from .prompt_prefill import prefill_chunk
 
 # Prompt tokens per prefill chunk: bounds the [chunk, context] attention scores in memory.
 # A power of two: the largest prompt-graph bucket (prompt_graphs.py).
 PREFILL_CHUNK = 512
+# On CUDA, whose attention materializes no scores, a prompt's first tokens prefill in
+# chunks of this many while that many remain: on an H100 a 1B prompt of 4096 tokens took
+# 21 ms to its first token against 27 in chunks of 512, 8192 took 50 against 63
+# (benchmarks/RESULTS.md, entry 93). Shorter prompts keep PREFILL_CHUNK's buckets, which
+# pad less.
+LONG_PREFILL_CHUNK = 2048
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -97,21 +104,33 @@ class TorchBackend(Backend):
         out = torch.einsum("tkgs,skd->tkgd", probs, values)
         return out.reshape(T, c.q_size)
 
-    warm_up_tokens = PREFILL_CHUNK
+    @property
+    def long_chunk(self) -> int | None:
+        """LONG_PREFILL_CHUNK on CUDA; None on the CPU, whose attention materializes the
+        [chunk, context] scores."""
+        return LONG_PREFILL_CHUNK if self.kv_cache.device.type == "cuda" else None
+
+    @property
+    def warm_up_tokens(self) -> int:
+        return self.long_chunk or PREFILL_CHUNK
 
     def prompt_positions(self, num_tokens: int) -> int:
         """The last chunk runs padded to its bucket (prompt_graphs.py)."""
-        return padded_prompt_end(num_tokens, PREFILL_CHUNK)
+        return padded_prompt_end(num_tokens, PREFILL_CHUNK, self.long_chunk)
 
     def warm_up(self, num_tokens: int) -> torch.Tensor | None:
         """Every prompt bucket of at most num_tokens (and PREFILL_CHUNK) tokens once,
-        through the padded path that a chunk without a graph takes (prompt_graphs.py), so
-        that its matmul shapes and its kernels have all been met: a first use cost ~3 ms
-        per new matmul shape and ~45 ms for the index of the last token's row."""
+        through the padded path that a chunk without a graph takes (prompt_graphs.py), then
+        a long chunk where num_tokens holds one, so that their matmul shapes and kernels
+        have all been met: a first use cost ~3 ms per new matmul shape and ~45 ms for the
+        index of the last token's row."""
+        device = self.kv_cache.device
         logits = None
         for bucket in warm_up_buckets(min(num_tokens, PREFILL_CHUNK)):
-            logits = prefill_padded(self, torch.zeros(bucket, dtype=torch.int64,
-                                                      device=self.kv_cache.device))
+            logits = prefill_padded(self, torch.zeros(bucket, dtype=torch.int64, device=device))
+        if self.long_chunk is not None and num_tokens >= self.long_chunk:
+            logits = prefill_chunk(self, torch.zeros(self.long_chunk, dtype=torch.int64,
+                                                     device=device))
         return logits
 
     def capture_prompt_graphs(self) -> int:
@@ -124,14 +143,15 @@ class TorchBackend(Backend):
             self._prompt_graphs.pending.clear()
 
     def prefill(self, token_ids: torch.Tensor, start_position: int) -> StepOutput:
-        """Tokens [T] at positions start_position.. in chunks of PREFILL_CHUNK, each in few
-        launches (prompt_prefill.py); on CUDA padded to its bucket and, where an earlier
-        generation captured its graph, replayed from it (prompt_graphs.py)."""
+        """Tokens [T] at positions start_position.. in chunks (prompt_chunks(): on CUDA
+        long ones first, then ones of PREFILL_CHUNK), each in few launches
+        (prompt_prefill.py); on CUDA the short ones padded to their bucket and, where an
+        earlier generation captured its graph, replayed from it (prompt_graphs.py)."""
         device = self.kv_cache.device
         token_ids = token_ids.to(device)
         logits = None
-        for begin in range(0, token_ids.shape[0], PREFILL_CHUNK):
-            chunk = token_ids[begin:begin + PREFILL_CHUNK]
+        for begin, length in prompt_chunks(token_ids.shape[0], PREFILL_CHUNK, self.long_chunk):
+            chunk = token_ids[begin:begin + length]
             first = start_position + begin
             logits = None
             if device.type == "cuda":

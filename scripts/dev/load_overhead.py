@@ -6,9 +6,9 @@ and prompt graphs.
                                          [--max-seq-len 4096]
 
 Per model, in one process: the driver's free memory before the load, then the engine
-loaded and run through what allocates (a 600-token prompt: two prefill chunks; greedy,
-top-k 40 and top-k 100 generations; the same prompt again, replaying the graphs the
-first captured). Prints the weights' and the cache's bytes, and what else the driver's
+loaded and run through what allocates (a 2600-token prompt: a long prefill chunk and
+two short ones; greedy, top-k 40 and top-k 100 generations; the same prompt again,
+replaying the graphs the first captured). Prints the weights' and the cache's bytes, and what else the driver's
 free count and torch's peak allocation lost.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
         free_before, _ = torch.cuda.mem_get_info()
         engine = megakernel.Engine.from_pretrained(model, max_seq_len=args.max_seq_len)
-        prompt = torch.randint(0, engine.config.vocab_size, (600,),
+        prompt = torch.randint(0, engine.config.vocab_size, (2600,),
                                generator=torch.Generator().manual_seed(0)).tolist()
         for kw in (dict(), dict(temperature=0.8, top_k=40), dict(temperature=0.8, top_k=100),
                    dict()):
