@@ -7,8 +7,7 @@ cache, and program inspection.
 
 Errors the user can fix print one line on stderr and exit with status 2 (1 for faults
 inside the engine, 130 on Ctrl-C, 141 when stdout's reader has gone, as after `| head`);
-no traceback. In a chat, a turn's error or a Ctrl-C
-during its reply ends that turn only.
+no traceback. In a chat, a turn's error or a Ctrl-C during its reply ends that turn only.
 """
 from __future__ import annotations
 

@@ -56,7 +56,8 @@ BACKENDS = ("megakernel", "torch", "reference")
 RECOVER_TIMEOUT_S = 10.0
 DEFAULT_PAGE_SIZE = 16
 # max_seq_len when none is given, for models trained on longer contexts: the KV cache is
-# allocated whole at load, and 4096 tokens of it take 128 MiB on Llama-3.2-1B, 512 MiB on 8B in bf16.
+# allocated whole at load, and 4096 tokens of it take 128 MiB on Llama-3.2-1B, 512 MiB on
+# 8B (bf16).
 DEFAULT_MAX_SEQ_LEN = 4096
 DEFAULT_MAX_NEW_TOKENS = 128
 # Where the load's warm-up decode launch runs: a short position, like most first steps'
@@ -182,8 +183,8 @@ class Engine:
                                           "steps_per_launch needs megakernel or reference")
             if backend != "torch":
                 backend_options["steps_per_launch"] = steps_per_launch
-        if seed is None or check_seed(seed) is None:
-            raise InvalidRequestError(f"seed must be an integer, got {seed!r}")
+        if seed is None:
+            raise InvalidRequestError("seed must be an integer, got None")
         seed = check_seed(seed)
         page_size = DEFAULT_PAGE_SIZE if page_size is None else page_size
         if not isinstance(page_size, int) or isinstance(page_size, bool) or page_size < 1:

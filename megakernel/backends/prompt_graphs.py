@@ -113,8 +113,8 @@ class PromptGraphs:
         positions start.. padded to its bucket: through a graph, or, where the graph is not
         captured yet, through the plain path on the same padded tokens, which leaves its
         (start, bucket) pending. None where the bucket runs past the longest chunk, the
-        pages or the RoPE tables (the caller then prefills the chunk unpadded). The logits live in the graph's
-        buffer until its next replay."""
+        pages or the RoPE tables (the caller then prefills the chunk unpadded). The logits
+        live in the graph's buffer until its next replay."""
         n = token_ids.shape[0]
         bucket = bucket_of(n)
         if bucket > self.max_tokens or start + bucket > self._padded_positions():

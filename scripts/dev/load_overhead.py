@@ -8,8 +8,8 @@ and prompt graphs.
 Per model, in one process: the driver's free memory before the load, then the engine
 loaded and run through what allocates (a 2600-token prompt: a long prefill chunk and
 two short ones; greedy, top-k 40 and top-k 100 generations; the same prompt again,
-replaying the graphs the first captured). Prints the weights' and the cache's bytes, and what else the driver's
-free count and torch's peak allocation lost.
+replaying the graphs the first captured). Prints the weights' and the cache's bytes, and
+what else the driver's free count and torch's peak allocation lost.
 """
 from __future__ import annotations
 
