@@ -550,8 +550,7 @@ class Engine:
         loaded, its mapped results read) would otherwise fall inside a time to first
         token (benchmarks/RESULTS.md, entry 90)."""
         steps = self.backend.steps_per_launch
-        limit = min(self.kv_cache.capacity(), self.max_seq_len)
-        position = min(position, limit - steps)
+        position = min(position, self.kv_cache.capacity() - steps)
         if position < 0:
             return
         out = self.backend.decode_steps(token, position, steps, sampling=sampling)

@@ -68,8 +68,10 @@ class PagedKVCache:
         return self.k.device
 
     def capacity(self, seq: int = 0) -> int:
-        """Positions sequence `seq` can hold with the pages it has now."""
-        return len(self._pages[seq]) * self.page_size
+        """Positions sequence `seq` can hold with the pages it has now. Pages are whole, so
+        the last one may reach past max_seq_len; those positions do not count (nothing may
+        write them: the RoPE tables, for one, end at max_seq_len)."""
+        return min(len(self._pages[seq]) * self.page_size, self.max_seq_len)
 
     def reserve(self, seq_len: int, seq: int = 0) -> None:
         """Make sure positions [0, seq_len) of sequence `seq` have pages."""

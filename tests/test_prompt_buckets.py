@@ -8,6 +8,8 @@ import torch
 
 import megakernel
 from megakernel.backends import torch_backend
+from megakernel.kv_cache import PagedKVCache
+from megakernel.presets import PRESETS
 from megakernel.backends.prompt_graphs import (MIN_BUCKET, PromptGraphs, padded_prompt_end,
                                                prompt_chunks, warm_up_buckets)
 from megakernel.backends.prompt_prefill import prefill_chunk
@@ -136,6 +138,17 @@ def test_a_chunk_without_a_graph_runs_padded_and_is_left_pending(engine):
         assert graphs.pending == {(0, 32)}
     finally:
         kv.release()
+
+
+def test_capacity_stops_at_max_seq_len_inside_a_whole_page():
+    """Pages of 16 for max_seq_len 1020: the last page's slots 1020-1023 exist, but no
+    position past max_seq_len does (the RoPE tables end there), so a chunk padded to 1024
+    must not count on them (tests/test_gpu_prefill.py runs that prompt on a GPU)."""
+    cache = PagedKVCache(PRESETS["tiny"], max_seq_len=1020, page_size=16)
+    cache.reserve(1000)
+    assert cache.capacity() == 1008
+    cache.reserve(1020)
+    assert len(cache.pages()) == 64 and cache.capacity() == 1020
 
 
 def test_generate_reserves_the_pages_of_the_padded_prompt(engine, monkeypatch):

@@ -98,11 +98,6 @@ class PromptGraphs:
         self._pool = None
         self.captures = 0                # graphs captured so far (tests read it)
 
-    def _padded_positions(self) -> int:
-        """Positions a padded chunk may reach: those with pages (whole pages, which can run
-        past max_seq_len) and with RoPE table rows (max_seq_len of them)."""
-        return min(self.backend.kv_cache.capacity(), self.backend.weights.rope_cos.shape[0])
-
     def _addresses(self) -> tuple[int, ...]:
         w, kv = self.backend.weights, self.backend.kv_cache
         tensors = [getattr(w, name) for name in w.MATRIX_NAMES + ("rope_cos", "rope_sin")]
@@ -112,12 +107,12 @@ class PromptGraphs:
         """The logits [V] of the chunk token_ids (int64 [T] on the device) prefilled at
         positions start.. padded to its bucket: through a graph, or, where the graph is not
         captured yet, through the plain path on the same padded tokens, which leaves its
-        (start, bucket) pending. None where the bucket runs past the longest chunk, the
-        pages or the RoPE tables (the caller then prefills the chunk unpadded). The logits
+        (start, bucket) pending. None where the bucket runs past the longest chunk or the
+        cache's capacity (the caller then prefills the chunk unpadded). The logits
         live in the graph's buffer until its next replay."""
         n = token_ids.shape[0]
         bucket = bucket_of(n)
-        if bucket > self.max_tokens or start + bucket > self._padded_positions():
+        if bucket > self.max_tokens or start + bucket > self.backend.kv_cache.capacity():
             return None
         key = (start, bucket)
         entry = self._graphs.get(key)
@@ -140,7 +135,7 @@ class PromptGraphs:
         captured = 0
         for key in sorted(self.pending):
             start, bucket = key
-            if start + bucket <= self._padded_positions():
+            if start + bucket <= self.backend.kv_cache.capacity():
                 # Replayed once here: a graph's first launch uploads it (~0.6 ms on an
                 # H100), which would otherwise fall in the next prompt's TTFT.
                 self._capture(key, device, addresses).graph.replay()
