@@ -40,7 +40,7 @@ def _add_decoding_args(g: argparse.ArgumentParser, max_new_tokens: int) -> None:
                    "(default: bfloat16 on CUDA, float32 on CPU)")
     g.add_argument("--max-seq-len", type=int, default=None,
                    help="longest prompt plus new tokens, the KV cache's size (default: the "
-                        "model's max_position_embeddings, at most 4096)")
+                        "model's max_position_embeddings or sliding window, at most 4096)")
     g.add_argument("--page-size", type=int, default=None)
     g.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS")
     g.add_argument("--stop", action="append", default=None, metavar="TEXT",

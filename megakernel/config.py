@@ -1,8 +1,10 @@
 """Model configuration: the subset of Llama that the engine supports, validated once.
 
 A ModelConfig is built from a Hugging Face config.json (dict) or from a preset. Anything
-the engine cannot run exactly (biases, sliding windows, MoE, other RoPE scalings) is
-refused here with an error naming the offending field, before any weight is read.
+the engine cannot run exactly (biases, MoE, other RoPE scalings) is refused here with an
+error naming the offending field, before any weight is read. Mistral checkpoints are the
+same architecture under another name; a sliding attention window is exact as long as no
+sequence outgrows it, so it only bounds the KV cache (engine.resolve_max_seq_len).
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ from typing import Any
 from .errors import UnsupportedModelError
 
 SUPPORTED_HEAD_DIMS = (64, 128)
+# model_type -> its causal-LM architecture: the same layers and weight names.
+SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,9 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    # Mistral's attention window: each token sees at most this many (itself included).
+    # None: the whole sequence.
+    sliding_window: int | None = None
 
     def __post_init__(self):
         def need(ok: bool, name: str, msg: str):
@@ -49,6 +56,8 @@ class ModelConfig:
              f"num_key_value_heads={self.num_kv_heads}")
         need(self.rms_norm_eps > 0, "rms_norm_eps", "must be positive")
         need(self.rope_theta > 0, "rope_theta", "must be positive")
+        need(self.sliding_window is None or self.sliding_window > 0, "sliding_window",
+             "must be a positive integer or null")
         if self.rope_scaling is not None:
             for key in ("factor", "low_freq_factor", "high_freq_factor",
                         "original_max_position_embeddings"):
@@ -93,21 +102,26 @@ class ModelConfig:
     # Hugging Face config.json ---------------------------------------------------------
     @classmethod
     def from_hf_dict(cls, hf: dict[str, Any]) -> "ModelConfig":
-        """Validate a Hugging Face Llama config dict and convert it."""
+        """Validate a Hugging Face Llama or Mistral config dict and convert it."""
         def refuse(name: str, msg: str):
             raise UnsupportedModelError(f"config field '{name}': {msg}")
 
         model_type = hf.get("model_type")
-        if model_type != "llama":
-            refuse("model_type", f"'{model_type}' is not supported (only 'llama')")
-        archs = hf.get("architectures") or ["LlamaForCausalLM"]
-        if any(a != "LlamaForCausalLM" for a in archs):
-            refuse("architectures", f"{archs} is not supported (only LlamaForCausalLM)")
+        if model_type not in SUPPORTED_ARCHITECTURES:
+            refuse("model_type", f"'{model_type}' is not supported (supported: "
+                   f"{', '.join(repr(t) for t in SUPPORTED_ARCHITECTURES)})")
+        arch = SUPPORTED_ARCHITECTURES[model_type]
+        archs = hf.get("architectures") or [arch]
+        if any(a != arch for a in archs):
+            refuse("architectures", f"{archs} is not supported for model_type "
+                   f"'{model_type}' (only {arch})")
         for name in ("attention_bias", "mlp_bias"):
             if hf.get(name):
                 refuse(name, "biases are not supported")
-        if hf.get("sliding_window") not in (None, 0):
-            refuse("sliding_window", "sliding-window attention is not supported")
+        # transformers' Llama has no window; a Llama config naming one is not what it runs.
+        window = hf.get("sliding_window") or None
+        if window is not None and model_type != "mistral":
+            refuse("sliding_window", "sliding-window attention is supported for Mistral only")
         for name in ("num_local_experts", "num_experts", "n_routed_experts"):
             if hf.get(name):
                 refuse(name, "mixture-of-experts models are not supported")
@@ -164,6 +178,7 @@ class ModelConfig:
             max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=tuple(int(e) for e in eos_ids),
+            sliding_window=None if window is None else int(window),
         )
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -188,6 +203,9 @@ class ModelConfig:
             "attention_bias": False,
             "mlp_bias": False,
         }
+        if self.sliding_window is not None:     # only Mistral's config names one
+            d.update(architectures=["MistralForCausalLM"], model_type="mistral",
+                     sliding_window=self.sliding_window)
         if self.bos_token_id is not None:
             d["bos_token_id"] = self.bos_token_id
         if self.eos_token_ids:

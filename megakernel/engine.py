@@ -150,9 +150,10 @@ class Engine:
         of it) had no CUDA graph of its length bucket, capture one (tens of ms, after the
         last token), which later prompts of that bucket replay; pass False in a process
         that generates once. max_seq_len: the longest prompt plus new tokens, which sizes
-        the KV cache (default: the model's max_position_embeddings, at most
-        DEFAULT_MAX_SEQ_LEN); larger than the model's max_position_embeddings, or than the
-        device's free memory holds beside the weights, it is refused before loading."""
+        the KV cache (default: the model's max_position_embeddings, or its sliding
+        attention window if shorter, at most DEFAULT_MAX_SEQ_LEN); larger than either, or
+        than the device's free memory holds beside the weights, it is refused before
+        loading."""
         device = resolve_device(device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise BackendUnavailableError("device 'cuda' requested but CUDA is not available")
@@ -618,13 +619,16 @@ class Engine:
 def resolve_max_seq_len(max_seq_len: int | None, config) -> int:
     """The KV cache's length: `max_seq_len`, or by default the model's
     max_position_embeddings up to DEFAULT_MAX_SEQ_LEN. Positions past the model's limit
-    are refused: its RoPE was not trained for them."""
-    limit = config.max_position_embeddings
+    are refused: its RoPE was not trained for them. So are sequences longer than a sliding
+    attention window: within it the whole-sequence attention is exactly the model's."""
+    limit, what = config.max_position_embeddings, "max_position_embeddings"
+    if config.sliding_window is not None and config.sliding_window < limit:
+        limit, what = config.sliding_window, "sliding_window"
     if max_seq_len is None:
         return min(DEFAULT_MAX_SEQ_LEN, limit)
     if max_seq_len > limit:
         raise InvalidRequestError(f"max_seq_len {max_seq_len} exceeds the model's "
-                                  f"max_position_embeddings ({limit})")
+                                  f"{what} ({limit})")
     return max_seq_len
 
 

@@ -19,9 +19,10 @@ def pytest_collection_modifyitems(config, items):
 
 def hf_llama_config(num_heads=4, num_kv_heads=2, head_dim=64, hidden=None, layers=2,
                     intermediate=96, vocab=300, tied=False, rope_scaling=False,
-                    rope_theta=10000.0):
-    """A transformers LlamaConfig for a small model (rope_scaling=True: llama3)."""
-    from transformers import LlamaConfig
+                    rope_theta=10000.0, mistral_window=None):
+    """A transformers LlamaConfig for a small model (rope_scaling=True: llama3), or with
+    mistral_window a MistralConfig of that sliding window (0: none)."""
+    from transformers import LlamaConfig, MistralConfig
 
     kwargs = dict(
         vocab_size=vocab, hidden_size=hidden or num_heads * head_dim,
@@ -36,16 +37,19 @@ def hf_llama_config(num_heads=4, num_kv_heads=2, head_dim=64, hidden=None, layer
                 "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 64}
     kwargs["rope_parameters"] = rope
+    if mistral_window is not None:
+        return MistralConfig(sliding_window=mistral_window or None, **kwargs)
     return LlamaConfig(**kwargs)
 
 
 def write_hf_checkpoint(path, hf_config, seed=0, dtype=torch.float32, logit_scale=1.0):
-    """Save a randomly initialised LlamaForCausalLM; returns the fp32 model (with the
-    weights as saved, i.e. rounded to `dtype`). logit_scale > 1 makes logits peaked."""
-    from transformers import LlamaForCausalLM
+    """Save a randomly initialised causal LM of hf_config's architecture (Llama or
+    Mistral); returns the fp32 model (with the weights as saved, i.e. rounded to `dtype`).
+    logit_scale > 1 makes logits peaked."""
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(hf_config).to(torch.float32).eval()
+    model = AutoModelForCausalLM.from_config(hf_config).to(torch.float32).eval()
     # The default init (std 0.02) gives nearly flat logits; widen it so greedy choices
     # are decided by clear margins and the comparison tests real structure.
     with torch.no_grad():
@@ -58,7 +62,7 @@ def write_hf_checkpoint(path, hf_config, seed=0, dtype=torch.float32, logit_scal
     model.to(dtype).save_pretrained(path)
     # Reload rather than upcast: casting the module to bf16 also rounds its RoPE inverse
     # frequencies, an error that grows with position and is not in the checkpoint.
-    return LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 def make_hf_tokenizer(chat: bool):

@@ -47,10 +47,8 @@ def make_engine(path, max_seq_len, **backend_options):
                                              **backend_options)
 
 
-@pytest.mark.parametrize("prompt_len", [1, 37, 1500])
-def test_parity_with_transformers(checkpoint, prompt_len):
-    path, model = checkpoint
-    engine = make_engine(path, max_seq_len=2048)
+def check_parity(engine, model, prompt_len):
+    """24 greedy tokens after a seeded prompt of prompt_len tokens, against transformers."""
     prompt = torch.randint(3, 200, (prompt_len,), generator=torch.Generator().manual_seed(
         prompt_len)).tolist()
     result = engine.generate(prompt, max_new_tokens=24, ignore_eos=True, output_logits=True)
@@ -63,6 +61,24 @@ def test_parity_with_transformers(checkpoint, prompt_len):
     assert clear.sum() >= len(clear) // 2
     chosen = torch.tensor(result.token_ids)
     assert torch.equal(chosen[clear], expected.argmax(-1)[clear])
+
+
+@pytest.mark.parametrize("prompt_len", [1, 37, 1500])
+def test_parity_with_transformers(checkpoint, prompt_len):
+    path, model = checkpoint
+    check_parity(make_engine(path, max_seq_len=2048), model, prompt_len)
+
+
+def test_mistral_parity_with_transformers(tmp_path):
+    """A MistralForCausalLM checkpoint whose sliding window is the engine's max_seq_len."""
+    hf_config = hf_llama_config(num_heads=8, num_kv_heads=2, head_dim=128, hidden=512,
+                                intermediate=1376, rope_theta=1e6, mistral_window=2048)
+    model = write_hf_checkpoint(tmp_path, hf_config, seed=3, dtype=torch.bfloat16,
+                                logit_scale=3.0)
+    engine = make_engine(tmp_path, max_seq_len=None)
+    assert engine.max_seq_len == 2048
+    for prompt_len in (1, 37, 1500):
+        check_parity(engine, model, prompt_len)
 
 
 def test_parity_with_transformers_through_long_prefill_chunks(checkpoint):

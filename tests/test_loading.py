@@ -257,6 +257,38 @@ def test_saved_checkpoint_loads_in_transformers(tmp_path, tied):
                        w.gate_up[0, TINY.intermediate_size:])
 
 
+def test_mistral_checkpoint_loads_and_its_window_bounds_the_sequence(tmp_path):
+    """A MistralForCausalLM checkpoint is a Llama under another name: it loads with its
+    weights where Llama's are, and its sliding window, when shorter than its positions,
+    is the longest max_seq_len (the default stops there too), where the whole-sequence
+    attention is still exactly the model's. Saved again, it is a Mistral checkpoint."""
+    import megakernel
+    from conftest import hf_llama_config, write_hf_checkpoint
+    from megakernel.engine import resolve_max_seq_len
+
+    model = write_hf_checkpoint(tmp_path, hf_llama_config(mistral_window=1024))
+    w, _ = load_model(str(tmp_path), dtype=torch.float32, max_positions=64)
+    assert type(model).__name__ == "MistralForCausalLM"
+    assert (w.config.sliding_window, w.config.max_position_embeddings) == (1024, 2048)
+    attn = model.model.layers[1].self_attn
+    assert torch.equal(w.qkv[1], torch.cat([attn.q_proj.weight, attn.k_proj.weight,
+                                            attn.v_proj.weight]))
+    assert resolve_max_seq_len(None, w.config) == 1024
+    assert resolve_max_seq_len(1024, w.config) == 1024
+    with pytest.raises(InvalidRequestError,
+                       match=r"max_seq_len 1025 exceeds the model's sliding_window \(1024\)"):
+        megakernel.Engine.from_pretrained(str(tmp_path), device="cpu", max_seq_len=1025)
+    wide = dataclasses.replace(w.config, sliding_window=8192)   # past its positions: moot
+    assert resolve_max_seq_len(None, wide) == 2048
+    assert resolve_max_seq_len(None, dataclasses.replace(w.config, sliding_window=None)) == 2048
+    save_pretrained(w, tmp_path / "again")
+    saved = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert (saved["model_type"], saved["architectures"], saved["sliding_window"]) == \
+        ("mistral", ["MistralForCausalLM"], 1024)
+    assert_same_weights(w, load_model(str(tmp_path / "again"), dtype=torch.float32,
+                                      max_positions=64)[0])
+
+
 # Bad inputs ---------------------------------------------------------------------------
 
 @pytest.fixture
@@ -319,7 +351,9 @@ def test_config_not_json(tmp_path):
 
 
 @pytest.mark.parametrize("change, field", [
-    ({"model_type": "mistral"}, "model_type"),
+    ({"model_type": "qwen2"}, "model_type"),
+    ({"architectures": ["MistralForCausalLM"]}, "architectures"),
+    ({"sliding_window": 4096}, "sliding_window"),
     ({"attention_bias": True}, "attention_bias"),
     ({"head_dim": 96}, "head_dim"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling"),

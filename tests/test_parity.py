@@ -1,5 +1,6 @@
 """Whole-model parity on the CPU: torch and reference backends against transformers'
-LlamaForCausalLM in float32, teacher-forced on the tokens the engine generated."""
+LlamaForCausalLM (and MistralForCausalLM) in float32, teacher-forced on the tokens the
+engine generated."""
 from __future__ import annotations
 
 import pytest
@@ -17,6 +18,9 @@ CONFIGS = {
     "gqa8-hd64": dict(num_heads=8, num_kv_heads=1, head_dim=64, hidden=256),
     "gqa2-hd128-tied-llama3rope": dict(num_heads=2, num_kv_heads=1, head_dim=128, tied=True,
                                        rope_scaling=True, layers=3),
+    # Mistral: the same layers; its window holds every position the engine keeps.
+    "mistral-gqa4-hd128-window": dict(num_heads=8, num_kv_heads=2, head_dim=128, hidden=512,
+                                      mistral_window=64, rope_theta=1e6),
 }
 PROMPT = [1, 17, 42, 99, 7, 250, 3, 64, 5, 11, 200]
 NEW_TOKENS = 34          # crosses several pages of size 8
