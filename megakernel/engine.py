@@ -426,9 +426,12 @@ class Engine:
             # The pipelined launch after a stop token may still run.
             synchronize_or_raise(self.device, self.readback.timeout_s, "a decode step")
             self.backend.check_error()
-        except BaseException:
-            # Ctrl-C, a kernel fault or any other error: leave the engine usable.
-            self._recover()
+        except BaseException as error:
+            # Ctrl-C, a stream closed early, a kernel fault or any other error: leave the
+            # engine usable. An end the caller chose keeps the K/V of the tokens every
+            # finished launch fed, for reuse_prefix (a chat turn stopped with Ctrl-C).
+            early = isinstance(error, (GeneratorExit, KeyboardInterrupt))
+            self._recover(keep=ids + new_tokens[:-1] if early and new_tokens else None)
             raise
         t_end = time.perf_counter()
 
@@ -599,21 +602,29 @@ class Engine:
         self.hung = False
         self._recover()
 
-    def _recover(self) -> None:
+    def _recover(self, keep: list[int] | None = None) -> None:
         """Leave the engine usable after an error: wait for the device (at most
         recover_timeout_s), then reset the backend, the readback and the KV pages. A device
-        still busy then is marked hung, and nothing that would wait for it is touched."""
+        still busy then is marked hung, and nothing that would wait for it is touched.
+        keep: the tokens whose K/V the cache holds at positions [0, len(keep)), kept for
+        reuse_prefix once every launch has finished without a fault."""
         try:
             idle = synchronize_within(self.device, self.recover_timeout_s)
         except Exception:
             idle = True     # a device fault: the resets below report it if it persists
+            keep = None
         if not idle:
             self.hung = True
             return
+        if keep:
+            try:
+                self.backend.check_error()
+            except Exception:
+                keep = None
         self.backend.reset()
         self.readback.reset()
-        self.kv_cache.release()
-        self._cached_ids = []
+        self.kv_cache.truncate(len(keep) if keep else 0)
+        self._cached_ids = keep or []
 
 
 def resolve_max_seq_len(max_seq_len: int | None, config) -> int:

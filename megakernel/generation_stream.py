@@ -53,8 +53,9 @@ class GenerationStream:
         return piece
 
     def close(self) -> None:
-        """End the generation where it is; the engine recovers as after an error (the
-        launches in flight finish, the KV cache keeps nothing for reuse_prefix)."""
+        """End the generation where it is. The launches in flight finish, and the KV cache
+        keeps the prompt and the new tokens before the last one delivered, for a next
+        generation with reuse_prefix (unless a launch faulted)."""
         self._steps.close()
 
     def end_for_another(self) -> None:

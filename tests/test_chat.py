@@ -70,7 +70,8 @@ def test_only_the_common_prefix_is_reused():
                            reuse_prefix=True).stats.reused_tokens == 3
 
 
-def test_a_bad_request_keeps_the_cache_and_a_failed_generation_drops_it():
+def test_a_bad_request_or_an_interrupt_keeps_the_cache_and_a_failed_generation_drops_it(
+        monkeypatch):
     engine = make_engine()
     first = engine.generate(PROMPT, max_new_tokens=6, ignore_eos=True)
     follow = PROMPT + first.token_ids
@@ -79,12 +80,36 @@ def test_a_bad_request_keeps_the_cache_and_a_failed_generation_drops_it():
     assert engine.generate(follow, max_new_tokens=3, ignore_eos=True,
                            reuse_prefix=True).stats.reused_tokens == len(follow) - 1
 
-    def interrupt(_token, _piece):
-        raise KeyboardInterrupt
+    # Ctrl-C in the stream callback at the third new token: the cache keeps the prompt
+    # and the two tokens before it, whose K/V finished steps wrote.
+    seen = []
+
+    def interrupt(token, _piece):
+        seen.append(token)
+        if len(seen) == 3:
+            raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        engine.generate(follow, max_new_tokens=3, reuse_prefix=True, stream=interrupt)
-    r = engine.generate(follow, max_new_tokens=3, ignore_eos=True, reuse_prefix=True,
+        engine.generate(follow, max_new_tokens=8, ignore_eos=True, reuse_prefix=True,
+                        stream=interrupt)
+    after = follow + seen + [9]
+    r = engine.generate(after, max_new_tokens=3, ignore_eos=True, reuse_prefix=True,
+                        output_logits=True)
+    assert r.stats.reused_tokens == len(follow) + 2
+    whole = make_engine().generate(after, max_new_tokens=3, ignore_eos=True,
+                                   output_logits=True)
+    assert r.token_ids == whole.token_ids
+    torch.testing.assert_close(r.logits, whole.logits, rtol=1e-4, atol=1e-4)
+
+    # A step of the engine's own that fails: nothing is kept.
+    def fail(*_args, **_kwargs):
+        raise RuntimeError("a step failed")
+
+    with monkeypatch.context() as m:
+        m.setattr(engine.backend, "decode_steps", fail)
+        with pytest.raises(RuntimeError, match="a step failed"):
+            engine.generate(after, max_new_tokens=3, ignore_eos=True, reuse_prefix=True)
+    r = engine.generate(after, max_new_tokens=3, ignore_eos=True, reuse_prefix=True,
                         output_logits=True)
     assert r.stats.reused_tokens == 0
     assert not torch.isnan(r.logits).any()
@@ -171,13 +196,14 @@ def test_a_streamed_turn_joins_the_conversation_once_it_ends():
     assert first + "".join(stream) == expected.text
     assert chat.messages == [{"role": "user", "content": "hi there"},
                              {"role": "assistant", "content": expected.text}]
-    # Closed part-way, a turn leaves the conversation as it was and, ended as an error
-    # ends a generation, nothing in the cache; the next turns go on from there.
+    # Closed part-way, a turn leaves the conversation as it was; the cache keeps its
+    # prompt, so the same message again prefills only its last token.
     before = list(chat.messages)
     with chat.send_stream("and again", **kw) as cut:
         next(cut)
     assert chat.messages == before
-    assert chat.send("and again", **kw).stats.reused_tokens == 0
+    again = chat.send("and again", **kw)
+    assert again.stats.reused_tokens == len(again.prompt_token_ids) - 1
     three = chat.send("more", **kw)
     assert three.stats.reused_tokens >= len(expected.prompt_token_ids)
     assert len(chat.messages) == 6

@@ -95,6 +95,19 @@ def test_an_error_in_a_generate_callback_leaves_the_engine_usable(engine, baseli
     assert engine.generate(PROMPT, **KW).token_ids == baseline.token_ids
 
 
+def test_a_closed_stream_leaves_the_prefix_its_finished_steps_wrote(engine, baseline):
+    """Closed after 5 pieces (on the reference backend inside its first launch of 8, the
+    next one already run), the cache keeps the prompt and the first 4 new tokens; the next
+    generation reuses them and gives the tokens it would have given."""
+    with engine.generate_stream(PROMPT, **KW) as stream:
+        for _ in range(5):
+            next(stream)
+    follow_up = baseline.prompt_token_ids + baseline.token_ids[:5]
+    again = engine.generate(follow_up, reuse_prefix=True, max_new_tokens=4, ignore_eos=True)
+    assert again.stats.reused_tokens == len(baseline.prompt_token_ids) + 4
+    assert again.token_ids == baseline.token_ids[5:9]
+
+
 def test_a_finished_stream_leaves_its_prefix_for_reuse(engine, baseline):
     list(engine.generate_stream(PROMPT, **KW))
     follow_up = baseline.prompt_token_ids + baseline.token_ids[:-1] + [7, 8]

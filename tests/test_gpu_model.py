@@ -453,6 +453,25 @@ def test_a_reused_prefix_gives_the_logits_of_the_whole_prompt(checkpoint):
     check(engine.generate(follow, reuse_prefix=True, **kw), len(follow) - 1)
 
 
+def test_a_stream_closed_mid_launch_keeps_the_prefix_its_finished_launches_wrote(checkpoint):
+    """Closed after 10 tokens (inside the second chained launch of 8, the third queued),
+    a stream leaves the prompt and its first 9 new tokens in the cache, once the launches
+    in flight have finished: the next prompt reuses them and its logits match
+    transformers' over the whole prompt."""
+    path, model = checkpoint
+    engine = make_engine(path, max_seq_len=256)
+    prompt = [1, 5, 9, 33, 7, 70, 71, 72, 73, 74, 75]
+    with engine.generate_stream(prompt, max_new_tokens=40, ignore_eos=True) as stream:
+        for _ in range(10):
+            next(stream)
+    follow = prompt + stream.token_ids + [11, 12]
+    result = engine.generate(follow, reuse_prefix=True, max_new_tokens=24, ignore_eos=True,
+                             output_logits=True)
+    assert result.stats.reused_tokens == len(prompt) + 9
+    expected = hf_logits(model, follow, result.token_ids)
+    assert relative_error(result.logits, expected) < MODEL_RELATIVE_TOLERANCE[torch.bfloat16]
+
+
 def test_a_stop_string_drops_the_tokens_launches_decoded_past_it():
     """8 greedy steps a launch: the text ends before the stop string, and the tokens end
     with the one that completed it, whichever step of its launch that was."""
