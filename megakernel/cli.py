@@ -1,8 +1,9 @@
 """Command line: low-latency single-prompt decoding, a chat whose history stays in the KV
-cache, and program inspection.
+cache, an OpenAI-style HTTP server, and program inspection.
 
     megakernel generate --model random:tiny --prompt "Hello" --max-new-tokens 32
     megakernel chat --model ./llama-1b --system "You are terse."
+    megakernel serve --model ./llama-1b --port 8000
     megakernel program --model random:llama-3.2-1b --num-sms 132
 
 Errors the user can fix print one line on stderr and exit with status 2 (1 for faults
@@ -24,15 +25,23 @@ DEFAULT_MODEL = "random:tiny"
 
 def _add_decoding_args(g: argparse.ArgumentParser, max_new_tokens: int) -> None:
     """The model, engine and sampling options that generate and chat share."""
-    g.add_argument("--model", default=DEFAULT_MODEL,
-                   help="checkpoint dir, hub id, or random:<tiny|llama-3.2-1b|llama-3.2-3b|"
-                        "llama-3.1-8b> (default: %(default)s)")
+    _add_engine_args(g)
     g.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS")
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop where the text contains TEXT, which is not printed (repeatable)")
+
+
+def _add_engine_args(g: argparse.ArgumentParser) -> None:
+    """The model and engine options of every command that loads one."""
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help="checkpoint dir, hub id, or random:<tiny|llama-3.2-1b|llama-3.2-3b|"
+                        "llama-3.1-8b> (default: %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="weights seed for random: models and "
-                   "sampling seed")
+                   "the sampling seed (serve: for requests that name none)")
     g.add_argument("--backend", choices=["megakernel", "torch", "reference"], default=None,
                    help="default: megakernel on a supported GPU, else torch")
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
@@ -42,13 +51,11 @@ def _add_decoding_args(g: argparse.ArgumentParser, max_new_tokens: int) -> None:
                    help="longest prompt plus new tokens, the KV cache's size (default: the "
                         "model's max_position_embeddings or sliding window, at most 4096)")
     g.add_argument("--page-size", type=int, default=None)
-    g.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS")
-    g.add_argument("--stop", action="append", default=None, metavar="TEXT",
-                   help="stop where the text contains TEXT, which is not printed (repeatable)")
     g.add_argument("--steps-per-launch", type=int, default=None,
                    help="decode steps chained in one kernel launch, greedy or sampled "
                         "(top-k up to 64), 1-16 (default: the backend's, 8 for megakernel)")
-    g.add_argument("--quiet", action="store_true", help="print only the generated text")
+    g.add_argument("--quiet", action="store_true", help="no loading progress or stats: only "
+                   "the generated text (serve: no line per request)")
 
 
 class _VersionAction(argparse.Action):
@@ -94,6 +101,16 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--system", default=None, help="system message")
     _add_decoding_args(c, max_new_tokens=512)
 
+    sv = sub.add_parser("serve", help="serve OpenAI's /v1/completions and "
+                        "/v1/chat/completions over HTTP, one request at a time")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on "
+                    "(default: %(default)s; 0.0.0.0 for every interface)")
+    sv.add_argument("--port", type=int, default=8000, help="default: %(default)s; 0 picks "
+                    "a free one")
+    sv.add_argument("--model-name", default=None, help="the model's id in responses and "
+                    "/v1/models (default: --model)")
+    _add_engine_args(sv)
+
     pr = sub.add_parser("program", help="print the compiled instruction stream of a model")
     pr.add_argument("--model", default=DEFAULT_MODEL)
     pr.add_argument("--num-sms", type=int, default=None,
@@ -127,7 +144,9 @@ def _load_engine(args, prompt_graphs: bool):
         max_seq_len=args.max_seq_len, page_size=args.page_size, seed=args.seed,
         progress=progress, steps_per_launch=args.steps_per_launch,
         prompt_graphs=prompt_graphs)
-    engine.prepare(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    # serve's requests sample at OpenAI's default temperature 1 unless they say otherwise.
+    engine.prepare(temperature=getattr(args, "temperature", 1.0),
+                   top_p=getattr(args, "top_p", 1.0), top_k=getattr(args, "top_k", 0))
     if not quiet:
         dtype = str(engine.weights.dtype).replace("torch.", "")
         print(f"loaded in {time.perf_counter() - t0:.1f} s: backend {engine.backend_name}, "
@@ -242,6 +261,37 @@ def _chat(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    """Serve until Ctrl-C, one line per generation (or refused request) on stderr."""
+    from megakernel.server import CompletionServer
+
+    if not 0 <= args.port <= 65535:
+        from megakernel.errors import InvalidRequestError
+        raise InvalidRequestError(f"--port must be in [0, 65535], got {args.port}")
+    # Listen first: a port in use is refused before a model takes its time to load.
+    try:
+        server = CompletionServer(None, (args.host, args.port), args.model_name or args.model,
+                                  log=None if args.quiet else sys.stderr)
+    except OSError as e:
+        raise OSError(f"cannot listen on {args.host}:{args.port}: "
+                      f"{e.strerror or e}") from None
+    try:
+        server.engine = _load_engine(args, prompt_graphs=True)
+    except BaseException:
+        server.server_close()
+        raise
+    # stdout, so a script that started the server (on port 0) can read where it listens.
+    print(f"serving {server.model_name} at {server.url} (POST /v1/completions, "
+          "/v1/chat/completions; GET /v1/models, /health); Ctrl-C stops", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("stopped", file=sys.stderr, flush=True)
+    finally:
+        server.server_close()
+    return 0
+
+
 def _program(args) -> int:
     import torch
     from megakernel.loading import resolve_model
@@ -287,6 +337,8 @@ def main(argv=None) -> int:
             return _generate(args)
         if args.command == "chat":
             return _chat(args)
+        if args.command == "serve":
+            return _serve(args)
         return _program(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -340,7 +340,7 @@ class Engine:
         text piece, or None unless text_pieces or stop strings need it) as each token
         reaches the host, and returns the GenerationResult."""
         self._check_device_idle()
-        reused = self._reusable_prefix(ids) if reuse_prefix else 0
+        reused = self.reusable_prefix(ids) if reuse_prefix else 0
         self._cached_ids = []       # until this generation has ended well
         # The last step's K/V lands at position len(ids) + max_new_tokens - 1 at most;
         # the pipelined extra step may write one further position, which must exist.
@@ -580,10 +580,11 @@ class Engine:
                             float(top_p))
         return None
 
-    def _reusable_prefix(self, ids: list[int]) -> int:
-        """How many leading tokens of `ids` keep their K/V from the last generation: their
-        common prefix with its tokens, short of the last prompt token at least (the prompt
-        path must run one token for the first new token's logits)."""
+    def reusable_prefix(self, ids: list[int]) -> int:
+        """How many leading tokens of the prompt `ids` would keep their K/V from the last
+        generation with reuse_prefix=True: their common prefix with its tokens, short of
+        the last prompt token at least (the prompt path must run one token for the first
+        new token's logits)."""
         cached, n = self._cached_ids, 0
         limit = min(len(ids) - 1, len(cached))
         while n < limit and ids[n] == cached[n]:
