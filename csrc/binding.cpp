@@ -314,7 +314,7 @@ void launch(const at::Tensor& instructions, at::Tensor counters, at::Tensor queu
 void prefill_rope_append(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
                          const at::Tensor& page_table_row, int64_t start,
                          at::Tensor k_cache_layer, at::Tensor v_cache_layer, at::Tensor q_out,
-                         at::Tensor k_out) {
+                         at::Tensor k_out, const c10::optional<at::Tensor>& start_on_device) {
   const auto device = qkv.device();
   const auto bf16 = at::ScalarType::BFloat16;
   check_tensor(q_out, "q_out", bf16, 3, device);
@@ -338,12 +338,21 @@ void prefill_rope_append(const at::Tensor& qkv, const at::Tensor& cos, const at:
              "megakernel: the RoPE tables must be [", T, ", ", hd / 2, "]");
   }
   check_tensor(page_table_row, "page_table_row", at::ScalarType::Int, 1, device);
-  MK_CHECK(start >= 0 && (T == 0 || (start + T - 1) / page_size < page_table_row.size(0)),
-           "megakernel: positions [", start, ", ", start + T, ") are past the page table");
+  const int64_t* device_start = nullptr;
+  if (start_on_device.has_value()) {
+    // Read by the kernel: positions past the table are skipped there.
+    check_tensor(*start_on_device, "start_on_device", at::ScalarType::Long, 1, device);
+    MK_CHECK(start_on_device->numel() == 1, "megakernel: 'start_on_device' must hold one value");
+    device_start = start_on_device->data_ptr<int64_t>();
+  } else {
+    MK_CHECK(start >= 0 && (T == 0 || (start + T - 1) / page_size < page_table_row.size(0)),
+             "megakernel: positions [", start, ", ", start + T, ") are past the page table");
+  }
   const c10::cuda::CUDAGuard guard(device);
   mk::launch_rope_append(qkv.data_ptr(), ptr<const float>(cos), ptr<const float>(sin),
-                         ptr<const int32_t>(page_table_row), as_int(start, "start"),
-                         as_int(page_size, "page size"), as_int(pages, "page count"),
+                         ptr<const int32_t>(page_table_row),
+                         as_int(page_table_row.size(0), "page table length"),
+                         as_int(start, "start"), device_start, as_int(page_size, "page size"), as_int(pages, "page count"),
                          k_cache_layer.data_ptr(), v_cache_layer.data_ptr(), q_out.data_ptr(),
                          k_out.data_ptr(), as_int(T, "tokens"), as_int(nq, "query heads"),
                          as_int(nkv, "KV heads"), as_int(hd, "head_dim"),
@@ -445,10 +454,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("sample_threshold") = py::none());
   m.def("prefill_rope_append", &prefill_rope_append,
         "RoPE on a prompt chunk's fused QKV rows: q heads to q_out, k heads to k_out, k and v "
-        "heads into the cache layer's slots of positions start.. (csrc/prefill_ops.h).",
+        "heads into the cache layer's slots of positions start.. (or start_on_device[0]..: "
+        "int64 [1] on the device, read by the kernel) (csrc/prefill_ops.h).",
         py::arg("qkv"), py::arg("cos"), py::arg("sin"), py::arg("page_table_row"),
         py::arg("start"), py::arg("k_cache_layer"), py::arg("v_cache_layer"), py::arg("q_out"),
-        py::arg("k_out"));
+        py::arg("k_out"), py::arg("start_on_device") = py::none());
   m.def("prefill_silu_mul", &prefill_silu_mul, "out = bf16(silu(gate) * up) of gate_up [T, 2I].",
         py::arg("gate_up"), py::arg("out"));
   m.def("prefill_add_rms_norm", &prefill_add_rms_norm,

@@ -18,7 +18,8 @@ __device__ __forceinline__ float load_bf16(const __nv_bfloat16* p) {
 __global__ void __launch_bounds__(kPrefillThreads)
     rope_append_kernel(const __nv_bfloat16* __restrict__ qkv, const float* __restrict__ cos,
                        const float* __restrict__ sin, const int32_t* __restrict__ page_table_row,
-                       int start, int page_size, int num_pages, __nv_bfloat16* k_cache,
+                       int start, const int64_t* __restrict__ start_on_device,
+                       int table_length, int page_size, int num_pages, __nv_bfloat16* k_cache,
                        __nv_bfloat16* v_cache, __nv_bfloat16* __restrict__ q_out,
                        __nv_bfloat16* __restrict__ k_out, int num_heads, int num_kv_heads,
                        int head_dim) {
@@ -26,8 +27,9 @@ __global__ void __launch_bounds__(kPrefillThreads)
   const int half = head_dim / 2;
   const int kv_size = num_kv_heads * head_dim;
   const __nv_bfloat16* row = qkv + static_cast<size_t>(t) * (num_heads * head_dim + 2 * kv_size);
-  const int position = start + t;
-  const int page = page_table_row[position / page_size];
+  const int64_t position = (start_on_device != nullptr ? *start_on_device : start) + t;
+  const int64_t entry = position / page_size;
+  const int page = position >= 0 && entry < table_length ? page_table_row[entry] : -1;
   const bool cached = page >= 0 && page < num_pages;
   const size_t slot =
       (static_cast<size_t>(page) * page_size + position % page_size) * kv_size;
@@ -115,14 +117,15 @@ __global__ void __launch_bounds__(kPrefillThreads)
 }  // namespace
 
 void launch_rope_append(const void* qkv, const float* cos, const float* sin,
-                        const int32_t* page_table_row, int start, int page_size, int num_pages,
+                        const int32_t* page_table_row, int table_length, int start,
+                        const int64_t* start_on_device, int page_size, int num_pages,
                         void* k_cache_layer, void* v_cache_layer, void* q_out, void* k_out,
                         int tokens, int num_heads, int num_kv_heads, int head_dim,
                         cudaStream_t stream) {
   if (tokens <= 0) return;
   rope_append_kernel<<<tokens, kPrefillThreads, 0, stream>>>(
-      static_cast<const __nv_bfloat16*>(qkv), cos, sin, page_table_row, start, page_size,
-      num_pages, static_cast<__nv_bfloat16*>(k_cache_layer),
+      static_cast<const __nv_bfloat16*>(qkv), cos, sin, page_table_row, start, start_on_device,
+      table_length, page_size, num_pages, static_cast<__nv_bfloat16*>(k_cache_layer),
       static_cast<__nv_bfloat16*>(v_cache_layer), static_cast<__nv_bfloat16*>(q_out),
       static_cast<__nv_bfloat16*>(k_out), num_heads, num_kv_heads, head_dim);
 }

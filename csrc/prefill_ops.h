@@ -12,15 +12,18 @@
 
 namespace mk {
 
-// For each of T tokens (token t at position start + t): rotates the q and k heads of its
-// fused QKV row (bf16 [T, (nq + 2 nkv) * hd]) by RoPE (cos/sin float32 [T, hd / 2],
-// rotate-half), writes the rotated q heads to q_out (bf16 [T, nq, hd]), the rotated k
-// heads to k_out (bf16 [T, nkv, hd]), and those k heads and the v heads to the token's
-// slot of the cache layer (bf16 [num_pages, page_size, nkv, hd]) through page_table_row
-// (int32; pages outside [0, num_pages) are skipped). Rounded as the PyTorch expression it
-// replaces: float32 products and sums, each rounded on its own, then bf16.
+// For each of T tokens (token t at position start + t, or *start_on_device + t where that
+// is given: a CUDA graph's chunk at a position set before each replay): rotates the q and
+// k heads of its fused QKV row (bf16 [T, (nq + 2 nkv) * hd]) by RoPE (cos/sin float32
+// [T, hd / 2], rotate-half), writes the rotated q heads to q_out (bf16 [T, nq, hd]), the
+// rotated k heads to k_out (bf16 [T, nkv, hd]), and those k heads and the v heads to the
+// token's slot of the cache layer (bf16 [num_pages, page_size, nkv, hd]) through
+// page_table_row (int32 [table_length]; positions past the table and pages outside
+// [0, num_pages) are skipped). Rounded as the PyTorch expression it replaces: float32
+// products and sums, each rounded on its own, then bf16.
 void launch_rope_append(const void* qkv, const float* cos, const float* sin,
-                        const int32_t* page_table_row, int start, int page_size, int num_pages,
+                        const int32_t* page_table_row, int table_length, int start,
+                        const int64_t* start_on_device, int page_size, int num_pages,
                         void* k_cache_layer, void* v_cache_layer, void* q_out, void* k_out,
                         int tokens, int num_heads, int num_kv_heads, int head_dim,
                         cudaStream_t stream);

@@ -444,22 +444,23 @@ class Engine:
             tokens_per_s=1000.0 / ms_per_token if n > 1 and ms_per_token > 0 else float("nan"),
             total_ms=(t_end - t_start) * 1000, backend=self.backend.name,
             reused_tokens=reused)
-        captured = 0
-        if reuse_prefix:
+        # The last new token was never fed to the model: its K/V is not in the cache.
+        kept = ids + new_tokens[:-1]
+        overwrote = False
+        if reused:
             self.backend.drop_pending_prompt_graphs()
-        elif self.prompt_graphs:
+        if self.prompt_graphs:
             # After the last token (streamed already) and outside the stats: no time to
             # first token ever includes a capture. Waited for only when one was queued.
             try:
-                captured = self.backend.capture_prompt_graphs()
+                captured, overwrote = self.backend.capture_prompt_graphs(len(kept))
                 if captured:
                     synchronize_or_raise(self.device, self.readback.timeout_s,
                                          "the prompt graphs' capture")
             except BaseException:
                 self._recover()
                 raise
-        # The last new token was never fed to the model: its K/V is not in the cache.
-        self._cached_ids = [] if captured else ids + new_tokens[:-1]
+        self._cached_ids = [] if overwrote else kept
         return GenerationResult(
             token_ids=new_tokens,
             text=text.text if text.stopped else self.decode_text(new_tokens),

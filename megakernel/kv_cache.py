@@ -8,6 +8,7 @@ work is launched.
 """
 from __future__ import annotations
 
+import contextlib
 import random
 
 import torch
@@ -103,6 +104,28 @@ class PagedKVCache:
         index = torch.tensor(pages, dtype=torch.long, device=self.device)
         self.k.index_fill_(1, index, self.fill)
         self.v.index_fill_(1, index, self.fill)
+
+    @contextlib.contextmanager
+    def spared(self, first_entry: int, count: int, seq: int = 0):
+        """Point page-table entries [first_entry, first_entry + count) of sequence `seq` at
+        free pages while the block runs, then back: K/V written there meanwhile (a CUDA
+        graph's capture) lands in those pages, not in the sequence's. Yields whether it
+        could: False, and nothing changed, where the pool has fewer than `count` free."""
+        if count <= 0:
+            yield True
+            return
+        if count > self.allocator.num_free:
+            yield False
+            return
+        scratch = self.allocator.allocate(count)
+        entries = slice(first_entry, first_entry + count)
+        saved = self.page_table[seq, entries].clone()
+        self.page_table[seq, entries] = torch.tensor(scratch, dtype=torch.int32)
+        try:
+            yield True
+        finally:
+            self.page_table[seq, entries] = saved
+            self.allocator.release(scratch)
 
     def pages(self, seq: int = 0) -> list[int]:
         return list(self._pages[seq])

@@ -128,6 +128,26 @@ def test_truncate_keeps_the_leading_pages():
     assert cache.pages() == [] and cache.allocator.num_free == cache.num_pages
 
 
+def test_spared_entries_point_at_free_pages_then_back():
+    """What a prompt graph's capture runs inside: page-table entries 2-4 of the sequence
+    point at free pages (none of the sequence's), then at its own again, the pages freed;
+    where the pool has too few free pages nothing changes."""
+    cache = PagedKVCache(PRESETS["tiny"], max_seq_len=64, page_size=4, shuffle_seed=5)
+    cache.reserve(40)                    # 10 of 16 pages
+    table = cache.page_table[0].tolist()
+    with cache.spared(2, 3) as ok:
+        assert ok
+        during = cache.page_table[0].tolist()
+        assert during[:2] == table[:2] and during[5:] == table[5:]
+        assert not set(during[2:5]) & set(cache.pages()) and cache.allocator.num_free == 3
+    assert cache.page_table[0].tolist() == table and cache.allocator.num_free == 6
+    with cache.spared(0, 7) as ok:
+        assert not ok and cache.page_table[0].tolist() == table
+    with cache.spared(3, 0) as ok:
+        assert ok and cache.page_table[0].tolist() == table
+    assert cache.pages() == table[:10] and cache.allocator.num_free == 6
+
+
 def test_byte_chat_format_renders_a_conversation():
     tok = ByteTokenizer(256, 257, chat_format=CHAT_FORMAT)
     ids = tok.apply_chat_template([{"role": "user", "content": "hi"},

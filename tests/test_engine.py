@@ -351,13 +351,18 @@ def test_prompt_graphs_are_captured_after_the_last_token_unless_turned_off(monke
     from megakernel.backends.torch_backend import TorchBackend
 
     events = []
-    monkeypatch.setattr(TorchBackend, "capture_prompt_graphs",
-                        lambda self: events.append("capture"))
+    def capture(self, keep_positions):
+        events.append(("capture", keep_positions))
+        return 0, False
+
+    monkeypatch.setattr(TorchBackend, "capture_prompt_graphs", capture)
     engine = megakernel.Engine.from_pretrained("random:tiny", device="cpu", backend="torch",
                                                max_seq_len=128)
     engine.generate("Hello", max_new_tokens=12, ignore_eos=True,
                     stream=lambda token, piece: events.append(token))
-    assert events == baseline.token_ids + ["capture"]
+    # It spares the K/V the cache keeps: the prompt's and the new tokens' but the last.
+    kept = len(baseline.prompt_token_ids) + len(baseline.token_ids) - 1
+    assert events == baseline.token_ids + [("capture", kept)]
 
     def interrupt(token, piece):
         raise KeyboardInterrupt

@@ -422,10 +422,10 @@ def test_streams_ended_mid_launch_leave_the_kernel_usable(checkpoint):
 def test_a_reused_prefix_gives_the_logits_of_the_whole_prompt(checkpoint):
     """generate(..., reuse_prefix=True) on shuffled, NaN-poisoned pages: the kept K/V (a
     prompt prefilled by the prompt path and tokens the kernel decoded) serve the next
-    prompt, whose logits match transformers' over the whole prompt; they leave no prompt
-    graph pending, and a prompt graph's capture, which writes K/V, leaves nothing to
-    reuse. (Each generation is checked on its
-    own tokens: a bf16 near-tie may pick another one where the K/V were rounded apart.)"""
+    prompt, whose logits match transformers' over the whole prompt; the graphs their
+    chunks leave pending serve any start of their window, and a capture after a
+    generation leaves its K/V to reuse. (Each generation is checked on its own tokens: a
+    bf16 near-tie may pick another one where the K/V were rounded apart.)"""
     path, model = checkpoint
     engine = make_engine(path, max_seq_len=256)
     prompt = [1, 5, 9, 33, 7, 70, 71, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 83]
@@ -439,18 +439,24 @@ def test_a_reused_prefix_gives_the_logits_of_the_whole_prompt(checkpoint):
         ref = hf_logits(model, follow, result.token_ids)
         assert relative_error(result.logits, ref) < tolerance
 
-    check(engine.generate(follow, reuse_prefix=True, **kw), len(prompt) + 40 - 1)
     graphs = engine.backend._prefill_backend._prompt_graphs
     captures = graphs.captures
+    kept = engine.generate(follow, reuse_prefix=True, **kw)   # a 4-token chunk at 58
+    check(kept, len(prompt) + 40 - 1)
+    # Its chunk's graph (bucket 16, the window of the cache's 256 positions) was captured
+    # after it, in a spare page.
+    assert graphs.captures == captures + 1 and (16, 256) in graphs._windowed
     whole = engine.generate(follow, **kw)      # its bucket's graph is captured after it
     check(whole, 0)
-    # Only its own: the chunks the kept-prefix generations ran left no graph pending.
-    assert graphs.captures == captures + 1
-    after_capture = engine.generate(follow, reuse_prefix=True, **kw)
-    assert after_capture.stats.reused_tokens == 0
-    assert after_capture.token_ids == whole.token_ids
-    torch.testing.assert_close(after_capture.logits, whole.logits, rtol=0, atol=0)
-    check(engine.generate(follow, reuse_prefix=True, **kw), len(follow) - 1)
+    assert graphs.captures == captures + 2
+    # The next chunk at another start of the window replays that graph; the capture after
+    # the whole prompt left its K/V in the cache.
+    turn = follow + whole.token_ids + [14, 15]
+    replayed = engine.generate(turn, reuse_prefix=True, **kw)
+    assert replayed.stats.reused_tokens == len(follow) + 24 - 1
+    assert graphs.captures == captures + 2
+    ref = hf_logits(model, turn, replayed.token_ids)
+    assert relative_error(replayed.logits, ref) < tolerance
 
 
 def test_a_stream_closed_mid_launch_keeps_the_prefix_its_finished_launches_wrote(checkpoint):

@@ -57,7 +57,7 @@ def test_a_bucket_is_pending_after_its_first_prompt_and_replays_match(engine):
         got = prefill(engine, lambda: graphs.run(ids), n)
         first_of_bucket = i in (0, 4)
         assert graphs.pending == ({(0, bucket_of(n))} if first_of_bucket else set())
-        assert graphs.capture_pending() == (1 if first_of_bucket else 0)
+        assert graphs.capture_pending() == ((1 if first_of_bucket else 0), False)
         assert graphs.captures == (1 if i < 4 else 2) and not graphs.pending
         for g, w in zip(got, want):
             assert relative_error(g, w) < BF16
@@ -69,7 +69,7 @@ def test_a_bucket_s_first_prompt_gets_the_bits_of_its_replays(engine):
     graphs = PromptGraphs(engine.backend, max_tokens=512)
     ids = prompt(37, seed=12)                            # bucket 64
     first = prefill(engine, lambda: graphs.run(ids), 37)
-    assert graphs.pending == {(0, 64)} and graphs.capture_pending() == 1
+    assert graphs.pending == {(0, 64)} and graphs.capture_pending() == (1, False)
     replay = prefill(engine, lambda: graphs.run(ids), 37)
     assert graphs.captures == 1 and not graphs.pending
     for a, b in zip(first, replay):
@@ -77,9 +77,9 @@ def test_a_bucket_s_first_prompt_gets_the_bits_of_its_replays(engine):
 
 
 def test_later_chunks_have_graphs_of_their_own(engine):
-    """A chunk after 48 cached positions: captured after its first use of (start, bucket),
-    its padded runs equal the plain path; a chunk whose bucket runs past the pages runs
-    unpadded (None here) and gets no graph."""
+    """A chunk after 48 cached positions: captured after its first use of (bucket,
+    window), its padded runs equal the plain path; a chunk whose bucket runs past the pages
+    runs unpadded (None here) and gets no graph."""
     graphs = PromptGraphs(engine.backend, max_tokens=512)
     before = prompt(48, seed=11)
     for i, n in enumerate([20, 30, 25]):                 # bucket 32 at start 48
@@ -87,7 +87,7 @@ def test_later_chunks_have_graphs_of_their_own(engine):
         want = prefill(engine, lambda: prefill_chunk(engine.backend, ids, 48), 48 + n,
                        before=before)
         got = prefill(engine, lambda: graphs.run(ids, 48), 48 + n, before=before)
-        assert graphs.pending == ({(48, 32)} if i == 0 else set())
+        assert graphs.pending_windows == ({(32, 256)} if i == 0 else set())
         graphs.capture_pending()
         assert graphs.captures == 1
         for g, w in zip(got, want):
@@ -96,8 +96,59 @@ def test_later_chunks_have_graphs_of_their_own(engine):
     for _ in range(3):                                   # pages for [0, 80), bucket [52, 84)
         assert prefill(engine, lambda: graphs.run(ids, 52), 72, reserve=72,
                        before=before)[0] is None
-        assert not graphs.pending and graphs.capture_pending() == 0
+        assert not graphs.pending_windows and graphs.capture_pending() == (0, False)
     assert graphs.captures == 1
+
+
+def test_a_windowed_graph_serves_its_bucket_at_any_start_in_its_window():
+    """Later chunks of one bucket at starts 100, 137, 500 and 100 again (windows 512, 512,
+    1024, 512): each window's first run through the graphs gives the bits of its replay, and
+    every run matches the plain path at that start within bf16 rounding; one graph per
+    (bucket, window)."""
+    engine = megakernel.Engine.from_pretrained("random:tiny", device="cuda", backend="torch",
+                                               max_seq_len=1024, page_size=16)
+    graphs = PromptGraphs(engine.backend, max_tokens=512)
+    for i, (start, n) in enumerate([(100, 20), (137, 27), (500, 17), (100, 30)]):
+        before, ids = prompt(start, seed=40 + i), prompt(n, seed=50 + i)
+        want = prefill(engine, lambda: prefill_chunk(engine.backend, ids, start), start + n,
+                       reserve=1024, before=before)
+        first = prefill(engine, lambda: graphs.run(ids, start), start + n, reserve=1024,
+                        before=before)
+        new_window = i in (0, 2)
+        assert graphs.pending_windows == ({(32, 512 if i == 0 else 1024)} if new_window
+                                          else set())
+        assert graphs.capture_pending() == ((1, False) if new_window else (0, False))
+        replay = prefill(engine, lambda: graphs.run(ids, start), start + n, reserve=1024,
+                         before=before)
+        for a, b, w in zip(first, replay, want):
+            assert torch.equal(a, b) if new_window else relative_error(a, b) < BF16
+            assert relative_error(b, w) < BF16
+    assert graphs.captures == 2
+
+
+@pytest.mark.parametrize("reserve, keep, captured", [
+    (320, 300, 1),     # the window's last chunk, in 2 spare pages of the 44 free
+    (1024, 300, 1),    # in the sequence's own pages past the kept positions
+    (1024, 500, 0),    # neither: no page free, and positions 480-511 are kept
+])
+def test_a_capture_spares_the_positions_the_cache_keeps(reserve, keep, captured):
+    """A windowed graph (bucket 32, window 512) captured after a generation whose first
+    `keep` positions the cache keeps: its chunk's K/V land where no kept position is, and
+    the kept K/V stay as they were; where it cannot, it waits for a later capture."""
+    engine = megakernel.Engine.from_pretrained("random:tiny", device="cuda", backend="torch",
+                                               max_seq_len=1024, page_size=16)
+    graphs = PromptGraphs(engine.backend, max_tokens=512)
+    kv = engine.kv_cache
+    kv.reserve(reserve)
+    prefill_chunk(engine.backend, prompt(280, seed=60))
+    assert graphs.run(prompt(20, seed=61), 280) is not None
+    kept = kv.page_table[0, :-(-keep // 16)].long()
+    k, v = kv.k[:, kept].clone(), kv.v[:, kept].clone()
+    assert graphs.capture_pending(keep_positions=keep) == (captured, False)
+    assert graphs.captures == captured and not graphs.pending_windows
+    assert torch.equal(kv.k[:, kept], k) and torch.equal(kv.v[:, kept], v)
+    assert kv.allocator.num_free == 64 - reserve // 16
+    assert kv.page_table[0, :reserve // 16].tolist() == kv.pages()
 
 
 def test_a_graph_is_captured_again_when_a_weight_moves(engine):
@@ -113,7 +164,7 @@ def test_a_graph_is_captured_again_when_a_weight_moves(engine):
     try:
         want = prefill(engine, lambda: prefill_chunk(engine.backend, ids), 10)
         prefill(engine, lambda: graphs.run(ids), 10)
-        assert graphs.pending == {(0, 16)} and graphs.capture_pending() == 1
+        assert graphs.pending == {(0, 16)} and graphs.capture_pending() == (1, False)
         got = prefill(engine, lambda: graphs.run(ids), 10)
     finally:
         weights.down = original
@@ -127,7 +178,7 @@ def test_no_graph_for_a_bucket_past_the_reserved_pages(engine):
     ids = prompt(33, seed=3)                             # bucket 64, pages for 48 positions
     for _ in range(3):
         assert prefill(engine, lambda: graphs.run(ids), 33, reserve=34)[0] is None
-        assert graphs.capture_pending() == 0
+        assert graphs.capture_pending() == (0, False)
     assert graphs.captures == 0
 
 
@@ -243,6 +294,22 @@ def test_rope_append_rounds_as_the_torch_ops(ops, nq, nkv, hd):
         assert torch.isnan(k_cache[~written].float()).all()
         assert torch.isnan(v_cache[~written].float()).all()
         assert int(cached.sum()) == (T if int(table[1]) == 0 else T - 3)
+        # The start read on the device (a windowed graph's): the same writes.
+        k_dev, v_dev = torch.full_like(k_cache, float("nan")), torch.full_like(v_cache,
+                                                                              float("nan"))
+        q_dev, k_out = torch.empty_like(q), torch.empty_like(k)
+        ops.prefill_rope_append(qkv, cos, sin, table, 0, k_dev, v_dev, q_dev, k_out,
+                                torch.tensor([start], device="cuda"))
+        assert torch.equal(q_dev, q) and torch.equal(k_out, k)
+        assert torch.equal(k_dev.isnan(), k_cache.isnan()) and torch.equal(
+            k_dev.nan_to_num(), k_cache.nan_to_num())
+        assert torch.equal(v_dev.nan_to_num(), v_cache.nan_to_num())
+    # Device-read positions past the page table are skipped, not read out of bounds:
+    # positions 18-24 are entries 4, 4, 5, 5, 5, 5 and 6 of a 6-entry table.
+    k_cache.fill_(float("nan"))
+    ops.prefill_rope_append(qkv, cos, sin, table, 0, k_cache, k_cache.clone(), q, k,
+                            torch.tensor([18], device="cuda"))
+    assert int((~k_cache.float().isnan().view(6 * ps, -1).all(1)).sum()) == 6
 
 
 def test_silu_mul_and_add_rms_norm_against_the_torch_ops(ops):

@@ -120,18 +120,19 @@ class Backend:
         the last prompt's logits [V], or None where nothing ran (nothing here)."""
         return None
 
-    def capture_prompt_graphs(self) -> int:
+    def capture_prompt_graphs(self, keep_positions: int = 0) -> tuple[int, bool]:
         """Capture the CUDA graphs of the prompt chunks that ran without one since the last
-        call (prompt_graphs.py) and return how many were captured. The engine calls it
-        after a generation's last token, when the cache's contents are no longer needed:
-        the captures write K/V. Nothing to capture here."""
-        return 0
+        call (prompt_graphs.py). The engine calls it after a generation's last token. A
+        capture writes K/V; positions [0, keep_positions) are spared where the cache has
+        pages to spare. Returns (graphs captured, whether a capture wrote over those
+        positions). Nothing to capture here."""
+        return 0, False
 
     def drop_pending_prompt_graphs(self) -> None:
-        """Forget the prompt chunks that ran without a graph since the last capture, so
-        that no capture is made for them (the engine calls it after a generation that
-        kept a prefix: its chunks start where that prefix ended, a position later prompts
-        rarely start at again). Nothing pending here."""
+        """Forget the prompt chunks keyed by their start that ran without a graph since the
+        last capture, so that no capture is made for them (the engine calls it after a
+        generation that kept a prefix: its chunks start where that prefix ended, a
+        position later prompts rarely start at again). Nothing pending here."""
 
     def prepare(self, sampling=None) -> None:
         """Build ahead whatever decode_steps(..., sampling) will launch, so the first

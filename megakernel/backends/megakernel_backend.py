@@ -549,10 +549,10 @@ class MegakernelBackend(Backend):
             return self._prompt_backend().warm_up(num_tokens)
         return None
 
-    def capture_prompt_graphs(self) -> int:
+    def capture_prompt_graphs(self, keep_positions: int = 0) -> tuple[int, bool]:
         if self._prefill_backend is None:
-            return 0
-        return self._prefill_backend.capture_prompt_graphs()
+            return 0, False
+        return self._prefill_backend.capture_prompt_graphs(keep_positions)
 
     def drop_pending_prompt_graphs(self) -> None:
         if self._prefill_backend is not None:

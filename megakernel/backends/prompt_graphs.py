@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from .prompt_prefill import prefill_chunk
+from .prompt_prefill import context_window, fused_ops, prefill_chunk
 
 MIN_BUCKET = 16
 
@@ -35,15 +35,22 @@ def bucket_of(num_tokens: int) -> int:
     return max(MIN_BUCKET, 1 << (num_tokens - 1).bit_length())
 
 
-def prefill_padded(backend, token_ids: torch.Tensor, start: int = 0) -> torch.Tensor:
+def prefill_padded(backend, token_ids: torch.Tensor, start: int = 0,
+                   window: int | None = None) -> torch.Tensor:
     """prefill_chunk() of token_ids (int64 [T] on the device) padded with token 0 to its
     bucket, as a graph of it runs: the logits [V] of the last real token. Positions
-    [start, start + bucket) must have pages; the padding's K/V lands past the chunk."""
+    [start, start + bucket) must have pages; the padding's K/V lands past the chunk.
+    window: a fused later chunk's context window, as its graph's (default: its own)."""
     n = token_ids.shape[0]
-    padded = torch.zeros(bucket_of(n), dtype=torch.int64, device=token_ids.device)
+    device = token_ids.device
+    padded = torch.zeros(bucket_of(n), dtype=torch.int64, device=device)
     padded[:n].copy_(token_ids)
-    last_index = torch.full((1,), n - 1, dtype=torch.int64, device=token_ids.device)
-    return prefill_chunk(backend, padded, start, last_index)
+    last_index = torch.full((1,), n - 1, dtype=torch.int64, device=device)
+    if window is None:
+        return prefill_chunk(backend, padded, start, last_index)
+    start_on_device = torch.full((1,), start, dtype=torch.int64, device=device)
+    return prefill_chunk(backend, padded, start, last_index, start_on_device=start_on_device,
+                         window=window)
 
 
 def warm_up_buckets(max_tokens: int) -> list[int]:
@@ -82,19 +89,24 @@ def padded_prompt_end(num_tokens: int, chunk: int, long_chunk: int | None = None
 
 
 class _Graph:
-    def __init__(self, graph, token_ids, last_index, logits, addresses):
+    def __init__(self, graph, token_ids, last_index, logits, addresses, start_on_device):
         self.graph, self.token_ids, self.last_index = graph, token_ids, last_index
         self.logits, self.addresses = logits, addresses
+        self.start_on_device = start_on_device     # a windowed graph's start, else None
 
 
 class PromptGraphs:
-    """CUDA graphs of prefill_chunk(backend, ...) by (start, bucket); see the module doc."""
+    """CUDA graphs of prefill_chunk(backend, ...) by (start, bucket), and, for later chunks
+    on the fused path, by (bucket, window) at any start; see the module doc."""
 
     def __init__(self, backend, max_tokens: int):
         self.backend = backend
         self.max_tokens = max_tokens     # longest prompt chunk (a power of two)
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self.pending: set[tuple[int, int]] = set()   # (start, bucket) run without a graph
+        # Later chunks on the fused path: (bucket, window) run without a graph.
+        self._windowed: dict[tuple[int, int], _Graph] = {}
+        self.pending_windows: set[tuple[int, int]] = set()
         self._pool = None
         self.captures = 0                # graphs captured so far (tests read it)
 
@@ -112,54 +124,100 @@ class PromptGraphs:
         live in the graph's buffer until its next replay."""
         n = token_ids.shape[0]
         bucket = bucket_of(n)
-        if bucket > self.max_tokens or start + bucket > self.backend.kv_cache.capacity():
+        kv = self.backend.kv_cache
+        if bucket > self.max_tokens or start + bucket > kv.capacity():
             return None
-        key = (start, bucket)
-        entry = self._graphs.get(key)
+        if start and fused_ops(self.backend) is not None:
+            key = (bucket, context_window(start + bucket, kv))
+            graphs, pending, window = self._windowed, self.pending_windows, key[1]
+        else:
+            key, graphs, pending, window = (start, bucket), self._graphs, self.pending, None
+        entry = graphs.get(key)
         if entry is None or entry.addresses != self._addresses():
-            self.pending.add(key)
-            return prefill_padded(self.backend, token_ids, start)
+            pending.add(key)
+            return prefill_padded(self.backend, token_ids, start, window)
         entry.token_ids[:n].copy_(token_ids)
         entry.token_ids[n:].zero_()
         entry.last_index.fill_(n - 1)
+        if entry.start_on_device is not None:
+            entry.start_on_device.fill_(start)
         entry.graph.replay()
         return entry.logits
 
-    def capture_pending(self) -> int:
-        """Capture the pending graphs whose positions have pages in the cache now (the
-        others are dropped: a later chunk leaves them pending again). Each capture writes
-        the K/V of its positions: call it when the cache's contents are no longer needed
-        (after a generation). Returns how many were captured."""
+    def capture_pending(self, keep_positions: int = 0) -> tuple[int, bool]:
+        """Capture the pending graphs whose chunks could run now (the others are dropped: a
+        later chunk leaves them pending again). A capture runs its chunk, which writes
+        K/V: those of positions [0, keep_positions) go to spare pages meanwhile
+        (PagedKVCache.spared), where the pool has enough free; a windowed graph runs at a
+        start of its window whose positions the sequence holds past keep_positions, or
+        else writes spare pages, or else waits for a later call. Call it after a
+        generation. Returns (graphs captured, whether any capture wrote over positions
+        [0, keep_positions))."""
         device = self.backend.kv_cache.device
+        kv = self.backend.kv_cache
+        ps = kv.page_size
+        kept_entries = -(-keep_positions // ps)
         addresses = self._addresses()
-        captured = 0
-        for key in sorted(self.pending):
-            start, bucket = key
-            if start + bucket <= self.backend.kv_cache.capacity():
+        captured, overwrote = 0, False
+        for start, bucket in sorted(self.pending):
+            if start + bucket > kv.capacity():
+                continue
+            first = start // ps
+            with kv.spared(first, min(kept_entries, -(-(start + bucket) // ps)) - first) as ok:
                 # Replayed once here: a graph's first launch uploads it (~0.6 ms on an
                 # H100), which would otherwise fall in the next prompt's TTFT.
-                self._capture(key, device, addresses).graph.replay()
-                captured += 1
+                self._capture(start, bucket, None, device, addresses).graph.replay()
+            captured += 1
+            overwrote |= not ok
+        for bucket, window in sorted(self.pending_windows):
+            # A chunk whose window this is: the last one the sequence's own pages hold
+            # past the kept positions, or else the window's last, its K/V in spare pages
+            # (page-table entries past the sequence's pages are stale: they may name pages
+            # it holds now).
+            start = min(window, kv.capacity()) - bucket
+            owned = start >= keep_positions and context_window(start + bucket, kv) == window
+            if not owned:
+                start = window - bucket
+            first = start // ps
+            with kv.spared(first, 0 if owned else -(-window // ps) - first) as ok:
+                if ok:
+                    self._capture(start, bucket, window, device, addresses).graph.replay()
+                    captured += 1
         self.pending.clear()
-        return captured
+        self.pending_windows.clear()
+        return captured, overwrote
 
-    def _capture(self, key: tuple[int, int], device, addresses) -> _Graph:
-        start, bucket = key
+    def drop_pending_starts(self) -> None:
+        """Forget the pending graphs keyed by a start past 0: after a generation that kept
+        a prefix, whose chunks start where it ended, a position later prompts rarely start
+        at again (windowed graphs serve any start and stay pending)."""
+        self.pending = {key for key in self.pending if key[0] == 0}
+
+    def _capture(self, start: int, bucket: int, window: int | None, device,
+                 addresses) -> _Graph:
         token_ids = torch.zeros(bucket, dtype=torch.int64, device=device)
         last_index = torch.zeros(1, dtype=torch.int64, device=device)
+        start_on_device = None
+        options = {}
+        if window is not None:
+            start_on_device = torch.full((1,), start, dtype=torch.int64, device=device)
+            options = dict(start_on_device=start_on_device, window=window)
         # One run outside the capture, on a side stream, so that lazily created state
         # (library handles, workspaces) is not captured. It writes the K/V of positions
         # [start, start + bucket), which the replay that follows writes again.
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
-            prefill_chunk(self.backend, token_ids, start, last_index)
+            prefill_chunk(self.backend, token_ids, start, last_index, **options)
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            logits = prefill_chunk(self.backend, token_ids, start, last_index)
+            logits = prefill_chunk(self.backend, token_ids, start, last_index, **options)
         self._pool = graph.pool()
         self.captures += 1
-        entry = _Graph(graph, token_ids, last_index, logits, addresses)
-        self._graphs[key] = entry
+        entry = _Graph(graph, token_ids, last_index, logits, addresses, start_on_device)
+        if window is None:
+            self._graphs[(start, bucket)] = entry
+        else:
+            self._windowed[(bucket, window)] = entry
         return entry

@@ -120,20 +120,40 @@ def fused_ops(backend):
     return _FUSED_OPS[index]
 
 
+# A later chunk through the fused kernels reads the K/V of a window of positions [0, W),
+# W its end rounded up to a multiple of this: one CUDA graph then serves a bucket's chunks
+# at any start whose end falls in the same window (prompt_graphs.py), such as a chat
+# turn's new tokens after the conversation kept in the cache.
+CONTEXT_STEP = 512
+
+
+def context_window(end: int, kv) -> int:
+    """The window of K/V positions a fused chunk ending at position `end` reads: `end`
+    rounded up to CONTEXT_STEP, within the page table's reach."""
+    return min(-(-end // CONTEXT_STEP) * CONTEXT_STEP, kv.max_pages_per_seq * kv.page_size)
+
+
 def prefill_chunk(backend, token_ids: torch.Tensor, start: int = 0,
                   last_index: torch.Tensor | None = None,
-                  fused: bool | None = None) -> torch.Tensor:
+                  fused: bool | None = None, start_on_device: torch.Tensor | None = None,
+                  window: int | None = None) -> torch.Tensor:
     """Tokens [T] (int64, on the device) at positions start..start+T-1, after the K/V of
     positions [0, start) in the backend's cache: appends their K/V and returns the logits
     [V] float32 of token last_index ([1] int64 on the device; default the last token).
     Positions [0, start + T) must have pages. fused: through the fused kernels (True), the
-    PyTorch ops (False), or the first where they can run (None)."""
+    PyTorch ops (False), or the first where they can run (None). Fused only:
+    start_on_device (int64 [1] on the device) gives the start instead, read on the device
+    (a graph replayed at other starts), with `window`, the context_window() every start
+    it takes must fit."""
     ops = fused_ops(backend) if fused is not False else None
-    if fused and ops is None:
+    if (fused or start_on_device is not None) and ops is None:
         raise RuntimeError("the fused prefill kernels need bf16 weights and cache on an "
                            "sm_90 GPU with the megakernel extension built")
     if ops is not None:
-        return _prefill_chunk_fused(backend, ops, token_ids, start, last_index)
+        if start_on_device is not None or start:
+            return _prefill_chunk_at(backend, ops, token_ids, start, last_index,
+                                     start_on_device, window)
+        return _prefill_chunk_fused(backend, ops, token_ids, 0, last_index)
     c, w, kv = backend.config, backend.weights, backend.kv_cache
     dt = w.dtype
     T, hd, nq, nkv, half = token_ids.shape[0], c.head_dim, c.num_heads, c.num_kv_heads, \
@@ -183,18 +203,44 @@ def prefill_chunk(backend, token_ids: torch.Tensor, start: int = 0,
     return (xn.to(dt) @ w.lm_head.t()).float()
 
 
+def _prefill_chunk_at(backend, ops, token_ids: torch.Tensor, start: int,
+                      last_index: torch.Tensor | None, start_on_device: torch.Tensor | None,
+                      window: int | None) -> torch.Tensor:
+    """A later chunk through the fused kernels, its start read on the device: RoPE from the
+    tables at its positions, the K/V of the window's pages, and the attention by the flash
+    kernel's variable-length form, whose key length (start + T, on the device) bounds what
+    it reads and aligns the causal mask at the chunk's end. With start given on the host
+    it runs the window a graph of that chunk would, so the two give the same bits."""
+    w, kv = backend.weights, backend.kv_cache
+    T, device = token_ids.shape[0], token_ids.device
+    if start_on_device is None:
+        start_on_device = torch.full((1,), start, dtype=torch.int64, device=device)
+        window = context_window(start + T, kv)
+    # Padding tokens of a replay may run past the tables: their rows are never used.
+    positions = (start_on_device + torch.arange(T, device=device)).clamp_(
+        max=w.rope_cos.shape[0] - 1)
+    rope = (w.rope_cos.index_select(0, positions), w.rope_sin.index_select(0, positions))
+    key_lengths = torch.cat([torch.zeros(1, dtype=torch.int32, device=device),
+                             (start_on_device + T).to(torch.int32)])
+    query_lengths = torch.arange(0, 2 * T, T, dtype=torch.int32, device=device)   # [0, T]
+    at = (start_on_device, rope, _context_pages(kv, window), window, query_lengths,
+          key_lengths)
+    return _prefill_chunk_fused(backend, ops, token_ids, 0, last_index, at)
+
+
 def _prefill_chunk_fused(backend, ops, token_ids: torch.Tensor, start: int,
-                         last_index: torch.Tensor | None) -> torch.Tensor:
-    """prefill_chunk() through the extension's fused kernels (see the module doc)."""
+                         last_index: torch.Tensor | None, at=None) -> torch.Tensor:
+    """prefill_chunk() through the extension's fused kernels (see the module doc); `at`:
+    _prefill_chunk_at()'s chunk after position 0."""
     c, w, kv = backend.config, backend.weights, backend.kv_cache
     T, hd, eps = token_ids.shape[0], c.head_dim, c.rms_norm_eps
     device, dt = token_ids.device, w.dtype
     cos, sin = w.rope_cos[start:start + T], w.rope_sin[start:start + T]
     attn_norm, mlp_norm = w.attn_norm.float(), w.mlp_norm.float()
     final_norm = w.final_norm.float()
-    if start:
-        context = start + T
-        pages = _context_pages(kv, context)
+    start_on_device = None
+    if at is not None:
+        start_on_device, (cos, sin), pages, window, query_lengths, key_lengths = at
 
     x = w.embed[token_ids].float()                                 # [T, H] residual stream
     xn = torch.empty(T, c.hidden_size, dtype=dt, device=device)    # its norm, for a matmul
@@ -206,13 +252,15 @@ def _prefill_chunk_fused(backend, ops, token_ids: torch.Tensor, start: int,
         for layer in range(c.num_layers):
             qkv = xn @ w.qkv[layer].t()
             ops.prefill_rope_append(qkv, cos, sin, kv.page_table[0], start, kv.k[layer],
-                                    kv.v[layer], q, k)
-            if start:
-                keys, values = _cached_kv(kv, layer, pages, context)
+                                    kv.v[layer], q, k, start_on_device)
+            if at is not None:
+                keys, values = _cached_kv(kv, layer, pages, window)
+                attn = torch.ops.aten._flash_attention_forward(
+                    q, keys, values, query_lengths, key_lengths, T, window, 0.0, True,
+                    False)[0].reshape(T, c.q_size)
             else:
-                keys = k
                 values = qkv[:, c.q_size + c.kv_size:].view(T, c.num_kv_heads, hd)
-            attn = _attention(q, keys, values, c.group_size).reshape(T, c.q_size)
+                attn = _attention(q, k, values, c.group_size).reshape(T, c.q_size)
             ops.prefill_add_rms_norm(x, attn @ w.o_proj[layer].t(), mlp_norm[layer], eps, xn)
             ops.prefill_silu_mul(xn @ w.gate_up[layer].t(), act)
             after = attn_norm[layer + 1] if layer + 1 < c.num_layers else final_norm

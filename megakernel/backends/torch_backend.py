@@ -133,14 +133,14 @@ class TorchBackend(Backend):
                                                      device=device))
         return logits
 
-    def capture_prompt_graphs(self) -> int:
+    def capture_prompt_graphs(self, keep_positions: int = 0) -> tuple[int, bool]:
         if self._prompt_graphs is None:
-            return 0
-        return self._prompt_graphs.capture_pending()
+            return 0, False
+        return self._prompt_graphs.capture_pending(keep_positions)
 
     def drop_pending_prompt_graphs(self) -> None:
         if self._prompt_graphs is not None:
-            self._prompt_graphs.pending.clear()
+            self._prompt_graphs.drop_pending_starts()
 
     def prefill(self, token_ids: torch.Tensor, start_position: int) -> StepOutput:
         """Tokens [T] at positions start_position.. in chunks (prompt_chunks(): on CUDA
