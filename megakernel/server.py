@@ -81,6 +81,9 @@ class CompletionServer(ThreadingHTTPServer):
 class CompletionHandler(BaseHTTPRequestHandler):
     server: CompletionServer
     server_version = "megakernel"
+    # Each streamed piece is a small write: sent at once, not held back by Nagle's
+    # algorithm until the client acknowledges the one before.
+    disable_nagle_algorithm = True
 
     # Routing --------------------------------------------------------------------------
     def do_GET(self) -> None:
