@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from megakernel.instructions.base import rms_norm
 
 from .base import Backend, StepOutput
-from .prompt_graphs import (PromptGraphs, padded_prompt_end, prefill_padded, prompt_chunks,
-                            warm_up_buckets)
-from .prompt_prefill import prefill_chunk
+from .prompt_graphs import (MIN_BUCKET, PromptGraphs, padded_prompt_end, prefill_padded,
+                            prompt_chunks, warm_up_buckets)
+from .prompt_prefill import context_window, fused_ops, prefill_chunk
 
 # Prompt tokens per prefill chunk: bounds the [chunk, context] attention scores in memory.
 # A power of two: the largest prompt-graph bucket (prompt_graphs.py).
@@ -121,8 +121,8 @@ class TorchBackend(Backend):
     def warm_up(self, num_tokens: int) -> torch.Tensor | None:
         """Every prompt bucket of at most num_tokens (and PREFILL_CHUNK) tokens once,
         through the padded path that a chunk without a graph takes (prompt_graphs.py), then
-        a long chunk where num_tokens holds one, so that their matmul shapes and kernels
-        have all been met: a first use cost ~3 ms per new matmul shape and ~45 ms for the
+        a long chunk where num_tokens holds one, and short and long chunks after position
+        0 on the fused path, so that their matmul shapes and kernels have all been met: a first use cost ~3 ms per new matmul shape and ~45 ms for the
         index of the last token's row."""
         device = self.kv_cache.device
         logits = None
@@ -131,6 +131,14 @@ class TorchBackend(Backend):
         if self.long_chunk is not None and num_tokens >= self.long_chunk:
             logits = prefill_chunk(self, torch.zeros(self.long_chunk, dtype=torch.int64,
                                                      device=device))
+        if fused_ops(self) is not None and num_tokens >= 2 * PREFILL_CHUNK:
+            # Chunks after position 0 (a chat turn's new tokens), short and long, as
+            # windowed graphs run them: their attention's kernels loaded here, not inside
+            # the first turn's time to first token.
+            for bucket in (MIN_BUCKET, PREFILL_CHUNK):
+                window = context_window(bucket + PREFILL_CHUNK, self.kv_cache)
+                prefill_padded(self, torch.zeros(bucket, dtype=torch.int64, device=device),
+                               PREFILL_CHUNK, window)
         return logits
 
     def capture_prompt_graphs(self, keep_positions: int = 0) -> tuple[int, bool]:

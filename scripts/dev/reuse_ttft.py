@@ -54,7 +54,9 @@ def main() -> None:
         median = statistics.median(ttfts)
         slow = sum(t > 2 * median for t in ttfts)
         print(f"turns 1-{args.conversation - 1}: median TTFT {median:.2f} ms, "
-              f"{slow} turns over twice that (max {max(ttfts):.2f})")
+              f"{slow} turns over twice that: "
+              + ", ".join(f"turn {i + 1} {t:.2f}" for i, t in enumerate(ttfts)
+                          if t > 2 * median))
         return
     print("history  next prompt  reused  TTFT reused (ms)  TTFT whole (ms)")
     for history_len in (int(h) for h in args.history.split(",")):
