@@ -262,8 +262,7 @@ class Engine:
         reuse_prefix: keep the K/V of the prompt's longest common prefix with the last
         generation's tokens (its prompt and its new tokens but the last) and prefill only
         the rest (stats.reused_tokens counts the kept ones). The prompt then runs in other
-        matmul shapes than a whole prefill would, so logits may differ in the last bits,
-        and no prompt graph is captured after it (a capture writes K/V).
+        matmul shapes than a whole prefill would, so logits may differ in the last bits.
         """
         if stream is not None and not callable(stream):
             raise InvalidRequestError(f"stream must be a callable(token_id, text_piece), "

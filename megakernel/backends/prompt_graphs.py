@@ -2,16 +2,20 @@
 
 prefill_chunk() launches ~45 kernels per layer, and for a short prompt the host's
 launching takes several times the GPU's work (benchmarks/RESULTS.md, entry 48). A graph
-of it per chunk start and length bucket (a power of two, at least MIN_BUCKET tokens)
+of it per chunk start and length bucket (a power of two, at least MIN_BUCKET tokens), or,
+for a chunk after position 0 on the fused path, per bucket and context window
+(prompt_prefill.context_window: the chunk's start is read on the device, so one graph
+serves every start in the window, such as a chat turn's new tokens; entry 94),
 replays all of them in one launch: the chunk goes into the graph's token buffer padded
 with token 0, and the logits come from the last real token. The padding's K/V lands at
 positions past the chunk, which later chunks or the decode steps overwrite before any
 step attends to them; only a bucket whose positions all have pages in the cache is used.
 
-A chunk with no graph runs the plain path on the same padded tokens and leaves its
-(start, bucket) pending; capture_pending() captures those graphs. The engine calls it
+A chunk with no graph runs the plain path on the same padded tokens (and window) and
+leaves its key pending; capture_pending() captures those graphs. The engine calls it
 after a generation's last token (Engine.generate), so a capture (on an H100 ~30 ms,
-80-110 for a process's first) falls inside no time to first token: a bucket's first
+80-110 for a process's first) falls inside no time to first token, and the K/V the cache
+keeps for the next generation are spared (PagedKVCache.spared): a bucket's first
 prompt runs the plain path, every later one a replay (benchmarks/RESULTS.md, entry 72).
 The plain path runs padded because cuBLAS pays ~3 ms the first time a process multiplies
 a new shape, four shapes per prompt length: padded, a process sees only the buckets'
@@ -127,7 +131,10 @@ class PromptGraphs:
         kv = self.backend.kv_cache
         if bucket > self.max_tokens or start + bucket > kv.capacity():
             return None
-        if start and fused_ops(self.backend) is not None:
+        # A later chunk of a whole prompt starts at a multiple of the chunk size, which
+        # recurs: keyed by its start. Any other start (a chat turn's new tokens) rarely
+        # does: keyed by its window, on the fused path, where a graph serves any start.
+        if start % self.max_tokens and fused_ops(self.backend) is not None:
             key = (bucket, context_window(start + bucket, kv))
             graphs, pending, window = self._windowed, self.pending_windows, key[1]
         else:

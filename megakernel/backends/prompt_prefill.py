@@ -16,7 +16,10 @@ the extension runs (megakernel._C, csrc/prefill_ops.cu), the elementwise steps b
 matmuls run fused instead: RoPE with the cache append, the residual add with the next
 RMSNorm, SiLU with its product, ~9 kernels per layer where the PyTorch ops take ~26
 (benchmarks/RESULTS.md, entry 73); rounded as those ops are, but for the order of a norm's
-sum of squares and SiLU's exp.
+sum of squares and SiLU's exp. On that path a chunk can also read its start on the device
+and attend over a window of the cache's K/V through the flash kernel's variable-length
+form (_prefill_chunk_at), so that a CUDA graph of it serves any start in its window: a
+chat turn's new tokens (entry 94).
 """
 from __future__ import annotations
 
@@ -120,10 +123,11 @@ def fused_ops(backend):
     return _FUSED_OPS[index]
 
 
-# A later chunk through the fused kernels reads the K/V of a window of positions [0, W),
-# W its end rounded up to a multiple of this: one CUDA graph then serves a bucket's chunks
-# at any start whose end falls in the same window (prompt_graphs.py), such as a chat
-# turn's new tokens after the conversation kept in the cache.
+# A chunk whose start is read on the device (_prefill_chunk_at) reads the K/V of a window
+# of positions [0, W), W its end rounded up to a multiple of this: one CUDA graph then
+# serves a bucket's chunks at any start whose end falls in the same window
+# (prompt_graphs.py), such as a chat turn's new tokens after the conversation kept in the
+# cache.
 CONTEXT_STEP = 512
 
 
@@ -144,16 +148,18 @@ def prefill_chunk(backend, token_ids: torch.Tensor, start: int = 0,
     PyTorch ops (False), or the first where they can run (None). Fused only:
     start_on_device (int64 [1] on the device) gives the start instead, read on the device
     (a graph replayed at other starts), with `window`, the context_window() every start
-    it takes must fit."""
+    it takes must fit: through _prefill_chunk_at(), ~0.25 ms slower than the other form
+    for a 1B chunk of 512 tokens at position 512 (the later chunks of a long prompt,
+    which keep that form: their starts recur), and the form a chat turn's graph needs."""
     ops = fused_ops(backend) if fused is not False else None
     if (fused or start_on_device is not None) and ops is None:
         raise RuntimeError("the fused prefill kernels need bf16 weights and cache on an "
                            "sm_90 GPU with the megakernel extension built")
     if ops is not None:
-        if start_on_device is not None or start:
-            return _prefill_chunk_at(backend, ops, token_ids, start, last_index,
-                                     start_on_device, window)
-        return _prefill_chunk_fused(backend, ops, token_ids, 0, last_index)
+        if start_on_device is not None:
+            return _prefill_chunk_at(backend, ops, token_ids, last_index, start_on_device,
+                                     window)
+        return _prefill_chunk_fused(backend, ops, token_ids, start, last_index)
     c, w, kv = backend.config, backend.weights, backend.kv_cache
     dt = w.dtype
     T, hd, nq, nkv, half = token_ids.shape[0], c.head_dim, c.num_heads, c.num_kv_heads, \
@@ -203,19 +209,15 @@ def prefill_chunk(backend, token_ids: torch.Tensor, start: int = 0,
     return (xn.to(dt) @ w.lm_head.t()).float()
 
 
-def _prefill_chunk_at(backend, ops, token_ids: torch.Tensor, start: int,
-                      last_index: torch.Tensor | None, start_on_device: torch.Tensor | None,
-                      window: int | None) -> torch.Tensor:
+def _prefill_chunk_at(backend, ops, token_ids: torch.Tensor,
+                      last_index: torch.Tensor | None, start_on_device: torch.Tensor,
+                      window: int) -> torch.Tensor:
     """A later chunk through the fused kernels, its start read on the device: RoPE from the
     tables at its positions, the K/V of the window's pages, and the attention by the flash
     kernel's variable-length form, whose key length (start + T, on the device) bounds what
-    it reads and aligns the causal mask at the chunk's end. With start given on the host
-    it runs the window a graph of that chunk would, so the two give the same bits."""
+    it reads and aligns the causal mask at the chunk's end."""
     w, kv = backend.weights, backend.kv_cache
     T, device = token_ids.shape[0], token_ids.device
-    if start_on_device is None:
-        start_on_device = torch.full((1,), start, dtype=torch.int64, device=device)
-        window = context_window(start + T, kv)
     # Padding tokens of a replay may run past the tables: their rows are never used.
     positions = (start_on_device + torch.arange(T, device=device)).clamp_(
         max=w.rope_cos.shape[0] - 1)
@@ -241,6 +243,9 @@ def _prefill_chunk_fused(backend, ops, token_ids: torch.Tensor, start: int,
     start_on_device = None
     if at is not None:
         start_on_device, (cos, sin), pages, window, query_lengths, key_lengths = at
+    elif start:
+        context = start + T
+        pages = _context_pages(kv, context)
 
     x = w.embed[token_ids].float()                                 # [T, H] residual stream
     xn = torch.empty(T, c.hidden_size, dtype=dt, device=device)    # its norm, for a matmul
@@ -259,8 +264,12 @@ def _prefill_chunk_fused(backend, ops, token_ids: torch.Tensor, start: int,
                     q, keys, values, query_lengths, key_lengths, T, window, 0.0, True,
                     False)[0].reshape(T, c.q_size)
             else:
-                values = qkv[:, c.q_size + c.kv_size:].view(T, c.num_kv_heads, hd)
-                attn = _attention(q, k, values, c.group_size).reshape(T, c.q_size)
+                if start:
+                    keys, values = _cached_kv(kv, layer, pages, context)
+                else:
+                    keys = k
+                    values = qkv[:, c.q_size + c.kv_size:].view(T, c.num_kv_heads, hd)
+                attn = _attention(q, keys, values, c.group_size).reshape(T, c.q_size)
             ops.prefill_add_rms_norm(x, attn @ w.o_proj[layer].t(), mlp_norm[layer], eps, xn)
             ops.prefill_silu_mul(xn @ w.gate_up[layer].t(), act)
             after = attn_norm[layer + 1] if layer + 1 < c.num_layers else final_norm
