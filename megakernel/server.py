@@ -33,8 +33,9 @@ from .errors import DeviceHungError, InvalidRequestError, KernelFaultError, Mega
 MAX_BODY_BYTES = 16 << 20
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16     # OpenAI's default for /v1/completions
 # A prompt keeps what the last generation left in the KV cache when that is at least this
-# many tokens; a shorter one runs whole, through its length bucket's prompt graph, which a
-# generation that keeps a prefix neither replays nor captures.
+# many tokens. Below it the whole prompt from its graph is as fast (1B on an H100: 2.0-2.3
+# ms for prompts of 88-152 tokens, against 2.3-2.7 for a kept prefix's new tokens;
+# benchmarks/RESULTS.md, entry 94) and gives the bits a fresh engine would.
 REUSE_MIN_TOKENS = 128
 # Request fields that would change what is generated in ways the engine does not offer,
 # with the value that means "off" (a request may send that one).

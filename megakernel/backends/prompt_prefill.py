@@ -148,9 +148,9 @@ def prefill_chunk(backend, token_ids: torch.Tensor, start: int = 0,
     PyTorch ops (False), or the first where they can run (None). Fused only:
     start_on_device (int64 [1] on the device) gives the start instead, read on the device
     (a graph replayed at other starts), with `window`, the context_window() every start
-    it takes must fit: through _prefill_chunk_at(), ~0.25 ms slower than the other form
-    for a 1B chunk of 512 tokens at position 512 (the later chunks of a long prompt,
-    which keep that form: their starts recur), and the form a chat turn's graph needs."""
+    it takes must fit: through _prefill_chunk_at(), the form a chat turn's graph needs,
+    ~0.25 ms slower on 1B per later chunk of a 600-2100-token prompt than the other form,
+    which such chunks keep (their starts recur, so their graphs are keyed by start)."""
     ops = fused_ops(backend) if fused is not False else None
     if (fused or start_on_device is not None) and ops is None:
         raise RuntimeError("the fused prefill kernels need bf16 weights and cache on an "
