@@ -81,6 +81,15 @@ def stream(server, path: str, body: dict) -> list:
     return out
 
 
+def assert_still_answers(server, engine):
+    """A completion after whatever went before is still the engine's own generation."""
+    status, body = request(server, "POST", "/v1/completions",
+                           {"prompt": "Hello", "max_tokens": 5, **GREEDY})
+    assert status == 200
+    assert body["choices"][0]["text"] == engine.generate("Hello", max_new_tokens=5,
+                                                         **GREEDY).text
+
+
 def test_a_completion_is_the_engine_s_generation(served):
     server, engine = served
     expected = engine.generate("Hello", max_new_tokens=12, **GREEDY)
@@ -169,11 +178,7 @@ def test_a_bad_request_gets_its_status_and_one_line_and_the_server_goes_on(
     assert message in payload["error"]["message"]
     assert "\n" not in payload["error"]["message"]
     assert payload["error"]["type"] == "invalid_request_error"
-    got, payload = request(server, "POST", "/v1/completions",
-                           {"prompt": "Hello", "max_tokens": 3, **GREEDY})
-    assert got == 200
-    assert payload["choices"][0]["text"] == engine.generate("Hello", max_new_tokens=3,
-                                                            **GREEDY).text
+    assert_still_answers(server, engine)
 
 
 def test_a_bad_request_streamed_gets_its_status_before_any_event(served):
@@ -211,11 +216,7 @@ def test_a_client_gone_mid_stream_ends_its_generation_and_the_next_request_goes_
     server.engine_lock.release()
     kept = server.engine.reusable_prefix(sequence)
     assert len(whole.prompt_token_ids) < kept < len(sequence) - 100
-    status, body = request(server, "POST", "/v1/completions",
-                           {"prompt": "Hello", "max_tokens": 5, **GREEDY})
-    assert status == 200
-    assert body["choices"][0]["text"] == engine.generate("Hello", max_new_tokens=5,
-                                                         **GREEDY).text
+    assert_still_answers(server, engine)
 
 
 def test_requests_that_arrive_together_take_turns(served):
