@@ -3,9 +3,10 @@
 prefill_chunk() launches ~45 kernels per layer, and for a short prompt the host's
 launching takes several times the GPU's work (benchmarks/RESULTS.md, entry 48). A graph
 of it per chunk start and length bucket (a power of two, at least MIN_BUCKET tokens), or,
-for a chunk after position 0 on the fused path, per bucket and context window
-(prompt_prefill.context_window: the chunk's start is read on the device, so one graph
-serves every start in the window, such as a chat turn's new tokens; entry 94),
+on the fused path for a chunk at a start that is not a multiple of the chunk size (a chat
+turn's new tokens; a whole prompt's chunks start at multiples), per bucket and context
+window (prompt_prefill.context_window: the chunk's start is read on the device, so one
+graph serves every start in the window; entry 94),
 replays all of them in one launch: the chunk goes into the graph's token buffer padded
 with token 0, and the logits come from the last real token. The padding's K/V lands at
 positions past the chunk, which later chunks or the decode steps overwrite before any
@@ -100,15 +101,16 @@ class _Graph:
 
 
 class PromptGraphs:
-    """CUDA graphs of prefill_chunk(backend, ...) by (start, bucket), and, for later chunks
-    on the fused path, by (bucket, window) at any start; see the module doc."""
+    """CUDA graphs of prefill_chunk(backend, ...) by (start, bucket), and, for chunks at
+    other starts than multiples of max_tokens on the fused path, by (bucket, window) at
+    any start; see the module doc."""
 
     def __init__(self, backend, max_tokens: int):
         self.backend = backend
         self.max_tokens = max_tokens     # longest prompt chunk (a power of two)
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self.pending: set[tuple[int, int]] = set()   # (start, bucket) run without a graph
-        # Later chunks on the fused path: (bucket, window) run without a graph.
+        # Chunks at other starts on the fused path: (bucket, window) run without a graph.
         self._windowed: dict[tuple[int, int], _Graph] = {}
         self.pending_windows: set[tuple[int, int]] = set()
         self._pool = None
