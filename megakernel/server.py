@@ -28,7 +28,8 @@ import uuid
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from .errors import DeviceHungError, InvalidRequestError, KernelFaultError, MegakernelError
+from .errors import (DeviceHungError, InvalidRequestError, KernelFaultError, MegakernelError,
+                     first_line)
 
 MAX_BODY_BYTES = 16 << 20
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16     # OpenAI's default for /v1/completions
@@ -120,8 +121,8 @@ class CompletionHandler(BaseHTTPRequestHandler):
                 self._stream(prompt, options, chat)
             else:
                 result = engine.generate(prompt, **options)
+                self._log_result(path, result)     # before the client can see the answer
                 self._send_json(completion_record(result, chat, self.server.model_name))
-                self._log_result(path, result)
 
     def _answer(self, handle) -> None:
         """Run a route; errors become an OpenAI-style error object with their status."""
@@ -137,6 +138,10 @@ class CompletionHandler(BaseHTTPRequestHandler):
             self._send_error_json(HTTPStatus.INTERNAL_SERVER_ERROR, str(e))
         except (BrokenPipeError, ConnectionResetError):
             pass                # the client went away; its generation has ended
+        except Exception as e:  # anything else: one line to the client and the log, and
+            # the engine, which recovers from its own errors, serves the next request
+            self._send_error_json(HTTPStatus.INTERNAL_SERVER_ERROR,
+                                  f"{type(e).__name__}: {first_line(e)}")
 
     # Streaming ------------------------------------------------------------------------
     def _stream(self, prompt, options: dict, chat: bool) -> None:
@@ -166,13 +171,13 @@ class CompletionHandler(BaseHTTPRequestHandler):
                 self._event({"error": error_object(str(e), HTTPStatus.INTERNAL_SERVER_ERROR)})
                 return
         result = generation.result
+        self._log_result(self.path, result)
         last = chunk(ident, kind, name, {} if chat else "", result.finish_reason, chat)
         last["usage"] = usage(result)
         last["stats"] = stats_record(result)
         self._event(last)
         self.wfile.write(b"data: [DONE]\n\n")
         self.wfile.flush()
-        self._log_result(self.path, result)
 
     def _event(self, payload: dict) -> None:
         self.wfile.write(b"data: " + json.dumps(payload).encode() + b"\n\n")

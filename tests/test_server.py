@@ -191,6 +191,23 @@ def test_a_bad_request_streamed_gets_its_status_before_any_event(served):
     assert "max_new_tokens" in json.loads(response.read())["error"]["message"]
 
 
+def test_an_unexpected_failure_is_a_500_with_one_line_and_the_server_goes_on(
+        served, monkeypatch):
+    server, engine = served
+
+    def fail(*_args, **_kwargs):
+        raise RuntimeError("something broke\nwith a second line")
+
+    with monkeypatch.context() as m:
+        m.setattr(server.engine, "generate", fail)
+        status, body = request(server, "POST", "/v1/completions",
+                               {"prompt": "Hello", "max_tokens": 3})
+    assert status == 500
+    assert body["error"] == {"message": "RuntimeError: something broke",
+                             "type": "server_error", "code": 500}
+    assert_still_answers(server, engine)
+
+
 def test_models_and_health(served):
     server, _ = served
     status, body = request(server, "GET", "/v1/models")
