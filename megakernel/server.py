@@ -28,8 +28,7 @@ import uuid
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from .errors import (DeviceHungError, InvalidRequestError, KernelFaultError, MegakernelError,
-                     first_line)
+from .errors import DeviceHungError, InvalidRequestError, MegakernelError, first_line
 
 MAX_BODY_BYTES = 16 << 20
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16     # OpenAI's default for /v1/completions
@@ -134,14 +133,11 @@ class CompletionHandler(BaseHTTPRequestHandler):
             self._send_error_json(HTTPStatus.BAD_REQUEST, str(e))
         except DeviceHungError as e:
             self._send_error_json(HTTPStatus.SERVICE_UNAVAILABLE, str(e))
-        except (KernelFaultError, MegakernelError) as e:
-            self._send_error_json(HTTPStatus.INTERNAL_SERVER_ERROR, str(e))
         except (BrokenPipeError, ConnectionResetError):
             pass                # the client went away; its generation has ended
-        except Exception as e:  # anything else: one line to the client and the log, and
-            # the engine, which recovers from its own errors, serves the next request
-            self._send_error_json(HTTPStatus.INTERNAL_SERVER_ERROR,
-                                  f"{type(e).__name__}: {first_line(e)}")
+        except Exception as e:  # the engine's faults, or anything else: one line to the
+            # client and the log; the engine recovers from its own errors and goes on
+            self._send_error_json(HTTPStatus.INTERNAL_SERVER_ERROR, one_line_error(e))
 
     # Streaming ------------------------------------------------------------------------
     def _stream(self, prompt, options: dict, chat: bool) -> None:
@@ -167,8 +163,12 @@ class CompletionHandler(BaseHTTPRequestHandler):
                     if piece:
                         content = {"content": piece} if chat else piece
                         self._event(chunk(ident, kind, name, content, None, chat))
-            except MegakernelError as e:
-                self._event({"error": error_object(str(e), HTTPStatus.INTERNAL_SERVER_ERROR)})
+            except (BrokenPipeError, ConnectionResetError):
+                raise
+            except Exception as e:      # after the headers: the error as the last event
+                message = one_line_error(e)
+                self.server.log(f"POST {self.path}: 500 {message}")
+                self._event({"error": error_object(message, HTTPStatus.INTERNAL_SERVER_ERROR)})
                 return
         result = generation.result
         self._log_result(self.path, result)
@@ -281,6 +281,11 @@ def number(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidRequestError(f"'{name}' must be a number, got {value!r}")
     return float(value)
+
+
+def one_line_error(e: Exception) -> str:
+    """The engine's own errors as they read; anything else with its type's name."""
+    return str(e) if isinstance(e, MegakernelError) else f"{type(e).__name__}: {first_line(e)}"
 
 
 def new_id(chat: bool) -> str:

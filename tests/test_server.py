@@ -206,6 +206,15 @@ def test_an_unexpected_failure_is_a_500_with_one_line_and_the_server_goes_on(
     assert body["error"] == {"message": "RuntimeError: something broke",
                              "type": "server_error", "code": 500}
     assert_still_answers(server, engine)
+    # Streamed, the failure comes after the headers: the stream's last event.
+    with monkeypatch.context() as m:
+        m.setattr(server.engine.backend, "decode_steps", fail)
+        got = stream(server, "/v1/completions", {"prompt": "Hello", "max_tokens": 8,
+                                                 **GREEDY})
+    assert got[-1] == {"error": {"message": "RuntimeError: something broke",
+                                 "type": "server_error", "code": 500}}
+    assert "[DONE]" not in got
+    assert_still_answers(server, engine)
 
 
 def test_models_and_health(served):
