@@ -13,9 +13,7 @@ no traceback. In a chat, a turn's error or a Ctrl-C during its reply ends that t
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -210,10 +208,7 @@ def _result_record(result) -> dict:
     """generate --json's object: what a script needs of a GenerationResult."""
     return {"text": result.text, "token_ids": result.token_ids,
             "prompt_token_ids": result.prompt_token_ids,
-            "finish_reason": result.finish_reason,
-            # One new token has no ms/token: null, where JSON has no NaN.
-            "stats": {k: None if isinstance(v, float) and math.isnan(v) else v
-                      for k, v in dataclasses.asdict(result.stats).items()}}
+            "finish_reason": result.finish_reason, "stats": result.stats.as_json()}
 
 
 def _chat(args) -> int:

@@ -32,9 +32,10 @@ recovers by itself once the device is idle.
 """
 from __future__ import annotations
 
+import math
 import operator
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -75,6 +76,12 @@ class GenerationStats:
     total_ms: float
     backend: str
     reused_tokens: int = 0    # prompt tokens whose K/V came from the last generation's
+
+    def as_json(self) -> dict:
+        """The fields as a JSON object: NaN (one new token has no ms/token) as null, where
+        JSON has no NaN."""
+        return {k: None if isinstance(v, float) and math.isnan(v) else v
+                for k, v in asdict(self).items()}
 
     def line(self) -> str:
         reused = f" ({self.reused_tokens} cached)" if self.reused_tokens else ""

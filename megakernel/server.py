@@ -20,7 +20,6 @@ stays in the cache), and the next request goes on.
 from __future__ import annotations
 
 import json
-import math
 import sys
 import threading
 import time
@@ -302,13 +301,13 @@ def usage(result) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": new, "total_tokens": prompt + new}
 
 
+STATS_FIELDS = ("ttft_ms", "ms_per_token", "tokens_per_s", "reused_tokens")
+
+
 def stats_record(result) -> dict:
-    """The generation's timing (JSON has no NaN: one new token has no ms/token)."""
-    s = result.stats
-    fields = {"ttft_ms": s.ttft_ms, "ms_per_token": s.ms_per_token,
-              "tokens_per_s": s.tokens_per_s, "reused_tokens": s.reused_tokens}
-    return {k: None if isinstance(v, float) and math.isnan(v) else v
-            for k, v in fields.items()}
+    """The generation's timing, as JSON (GenerationStats.as_json)."""
+    stats = result.stats.as_json()
+    return {name: stats[name] for name in STATS_FIELDS}
 
 
 def chunk(ident: str, kind: str, model: str, content, finish_reason, chat: bool) -> dict:

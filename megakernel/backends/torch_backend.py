@@ -122,8 +122,9 @@ class TorchBackend(Backend):
         """Every prompt bucket of at most num_tokens (and PREFILL_CHUNK) tokens once,
         through the padded path that a chunk without a graph takes (prompt_graphs.py), then
         a long chunk where num_tokens holds one, and short and long chunks after position
-        0 on the fused path, so that their matmul shapes and kernels have all been met: a first use cost ~3 ms per new matmul shape and ~45 ms for the
-        index of the last token's row."""
+        0 on the fused path, so that their matmul shapes and kernels have all been met: a
+        first use cost ~3 ms per new matmul shape and ~45 ms for the index of the last
+        token's row."""
         device = self.kv_cache.device
         logits = None
         for bucket in warm_up_buckets(min(num_tokens, PREFILL_CHUNK)):
